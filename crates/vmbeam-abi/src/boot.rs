@@ -1,0 +1,210 @@
+//! The boot-information page L0 writes for each guest hypervisor.
+//!
+//! It tells L1 everything it cannot discover: its memory map, where the
+//! nested pool, grant window and channel are, its role (first boot or
+//! successor in a rejuvenation), which nested guests to start, and it holds
+//! the control word through which L0 asks L1 to hand over.
+
+use crate::{Pod, NAME_LEN};
+
+/// `BootInfo::magic`.
+pub const BOOT_MAGIC: u64 = 0x766d_6265_616d_4249; // "vmbeamBI"
+/// First guest hypervisor of a host: starts the nested guests in `nested`.
+pub const ROLE_PRIMARY: u32 = 0;
+/// Freshly booted successor: waits for guests on the channel.
+pub const ROLE_SUCCESSOR: u32 = 1;
+
+/// Control word values (L0 → L1).
+pub mod control {
+    /// Nothing asked.
+    pub const NONE: u32 = 0;
+    /// Hand every nested guest over to the successor on the channel.
+    pub const HANDOVER: u32 = 1;
+    /// The handover was aborted: keep (or resume) every guest.
+    pub const ABORT: u32 = 2;
+    /// Successor: the aged VM is revoked; resume the adopted guests.
+    pub const COMMIT: u32 = 3;
+}
+
+/// Fault-injection flags for tests (`BootInfo::flags`); zero in production.
+pub mod fault {
+    /// Successor rejects the first guest offered.
+    pub const REJECT_FIRST: u64 = 1 << 0;
+    /// Successor triple-faults before adopting anything.
+    pub const CRASH_BEFORE_ADOPT: u64 = 1 << 1;
+    /// Successor triple-faults after adopting the first guest.
+    pub const CRASH_AFTER_FIRST: u64 = 1 << 2;
+    /// Successor never says it is ready.
+    pub const HANG_AT_BOOT: u64 = 1 << 3;
+}
+
+/// Kinds of workload images.
+pub mod workload {
+    /// Fills and verifies memory, prints counter and checksum.
+    pub const MEMTOUCH: u32 = 1;
+    /// Prints a count and a timestamp.
+    pub const TICKER: u32 = 2;
+}
+
+/// A workload image placed by L0 in L1's module area, flattened.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Module {
+    /// One of [`workload`].
+    pub kind: u32,
+    /// Reserved.
+    pub _pad: u32,
+    /// Where the flat image is in L1 memory.
+    pub gpa: u64,
+    /// Image length in bytes.
+    pub size: u64,
+    /// Nested GPA the image must be copied to.
+    pub load_addr: u64,
+    /// Nested entry point.
+    pub entry: u64,
+}
+
+/// A nested guest L1 should start at first boot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NestedSpec {
+    /// Name (unique on the host).
+    pub name: [u8; NAME_LEN],
+    /// RAM in bytes (multiple of the extent size).
+    pub mem_bytes: u64,
+    /// Index into `BootInfo::modules`.
+    pub module: u32,
+    /// Reserved.
+    pub _pad: u32,
+    /// Pattern seed for L0's fill of bulk memory.
+    pub seed: u64,
+    /// Workload parameter (memtouch: rounds before halting, 0 = forever;
+    /// ticker: ticks before a deliberate fault, 0 = never).
+    pub param0: u64,
+    /// Second workload parameter (reserved).
+    pub param1: u64,
+}
+
+/// Most modules.
+pub const MAX_MODULES: usize = 4;
+/// Most nested guests per guest hypervisor.
+pub const MAX_NESTED: usize = 16;
+
+/// The boot-information page.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`crate::ABI_VERSION`].
+    pub abi_version: u32,
+    /// [`ROLE_PRIMARY`] or [`ROLE_SUCCESSOR`].
+    pub role: u32,
+    /// 1 for the first guest hypervisor of a host VM line, +1 per rejuvenation.
+    pub generation: u32,
+    /// vCPUs of this host VM.
+    pub vcpus: u32,
+    /// Host VM name.
+    pub name: [u8; NAME_LEN],
+    /// Bytes of RAM at GPA 0.
+    pub ram_size: u64,
+    /// Nested pool start.
+    pub pool_base: u64,
+    /// Nested pool size.
+    pub pool_size: u64,
+    /// Grant window start.
+    pub grant_base: u64,
+    /// Grant window size.
+    pub grant_size: u64,
+    /// Channel start (0 if none).
+    pub channel_base: u64,
+    /// Channel size.
+    pub channel_size: u64,
+    /// First hypercall page.
+    pub hypercall_page_base: u64,
+    /// TSC frequency in kHz (for timestamps).
+    pub tsc_khz: u64,
+    /// Fault-injection flags ([`fault`]).
+    pub flags: u64,
+    /// Control word written by L0 at any time ([`control`]).
+    pub control: u32,
+    /// Number of valid `modules`.
+    pub module_count: u32,
+    /// Number of valid `nested`.
+    pub nested_count: u32,
+    /// Time slice L1 should ask for per RUN, in µs.
+    pub slice_us: u32,
+    /// Workload images.
+    pub modules: [Module; MAX_MODULES],
+    /// Nested guests to start (primary only).
+    pub nested: [NestedSpec; MAX_NESTED],
+}
+
+/// Byte offset of `control` inside the page.
+pub const CONTROL_OFFSET: usize = core::mem::offset_of!(BootInfo, control);
+
+impl BootInfo {
+    /// An empty boot info with magic and version set.
+    pub fn new() -> Self {
+        BootInfo {
+            magic: BOOT_MAGIC,
+            abi_version: crate::ABI_VERSION,
+            role: ROLE_PRIMARY,
+            generation: 1,
+            vcpus: 1,
+            name: [0; NAME_LEN],
+            ram_size: 0,
+            pool_base: 0,
+            pool_size: 0,
+            grant_base: 0,
+            grant_size: 0,
+            channel_base: 0,
+            channel_size: 0,
+            hypercall_page_base: 0,
+            tsc_khz: 0,
+            flags: 0,
+            control: control::NONE,
+            module_count: 0,
+            nested_count: 0,
+            slice_us: 0,
+            modules: [Module::default(); MAX_MODULES],
+            nested: [NestedSpec::default(); MAX_NESTED],
+        }
+    }
+}
+
+impl Default for BootInfo {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// SAFETY: `#[repr(C)]`, integers and arrays of integers only.
+unsafe impl Pod for BootInfo {}
+// SAFETY: as above.
+unsafe impl Pod for Module {}
+// SAFETY: as above.
+unsafe impl Pod for NestedSpec {}
+
+const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
+const _: () = assert!(core::mem::size_of::<NestedSpec>() == 56);
+const _: () = assert!(core::mem::size_of::<Module>() == 40);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_info_round_trips() {
+        let mut b = BootInfo::new();
+        b.role = ROLE_SUCCESSOR;
+        b.nested_count = 2;
+        b.nested[1].name = crate::name_to_bytes("l2-1");
+        b.nested[1].mem_bytes = 64 << 20;
+        let c: BootInfo = crate::from_bytes(crate::as_bytes(&b)).unwrap();
+        assert_eq!(c.magic, BOOT_MAGIC);
+        assert_eq!(c.role, ROLE_SUCCESSOR);
+        assert_eq!(c.nested[1], b.nested[1]);
+        assert_eq!(CONTROL_OFFSET % 4, 0);
+    }
+}

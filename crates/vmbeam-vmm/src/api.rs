@@ -1,0 +1,323 @@
+//! The control API: HTTP/1.1 with JSON bodies on a Unix socket (like
+//! Firecracker and Cloud Hypervisor), and the small client the CLI uses.
+//! `docs/api.yaml` is its OpenAPI description.
+//!
+//! Routes: `GET /status`, `POST /rejuvenate`, `POST /checksum`,
+//! `PUT /shutdown`. The socket is created owner-only (0600).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use vmbeam_abi::boot::fault;
+
+use crate::rejuvenate::{Mode, RejuvenateOptions};
+use crate::vmm::{Vmm, VmmError};
+
+/// Errors of the API server and client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket path is taken by something live.
+    #[error("API socket {0} is in use by another process")]
+    InUse(PathBuf),
+    /// Binding failed.
+    #[error("cannot create API socket {path}: {source}")]
+    Bind {
+        /// Path.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Connecting failed.
+    #[error("cannot connect to the vmbeam API at {path}: {source} (is `vmbeam run --api-sock {path}` running?)", path = .path.display())]
+    Connect {
+        /// Path.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// I/O on a connection failed.
+    #[error("API connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer sent something that is not HTTP.
+    #[error("malformed HTTP: {0}")]
+    Malformed(String),
+}
+
+/// Request body of `POST /rejuvenate`.
+#[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RejuvenateRequest {
+    /// Host VM line (default: the first).
+    pub vm: Option<String>,
+    /// Mode (default zero-copy).
+    pub mode: Option<Mode>,
+    /// Hash guests before/after (default true).
+    pub verify: Option<bool>,
+    /// Fault to inject into the successor (tests): reject-first,
+    /// crash-before-adopt, crash-after-first, hang-at-boot.
+    pub fault: Option<String>,
+    /// Give up after this many seconds (default 60).
+    pub timeout_secs: Option<u64>,
+}
+
+/// Request body of `POST /checksum`.
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksumRequest {
+    /// Nested guest.
+    pub guest: String,
+    /// Nested guest-physical start (8-aligned).
+    pub gpa: u64,
+    /// Length (multiple of 8).
+    pub len: u64,
+}
+
+/// Parses a fault name.
+pub fn parse_fault(s: &str) -> Option<u64> {
+    Some(match s {
+        "reject-first" => fault::REJECT_FIRST,
+        "crash-before-adopt" => fault::CRASH_BEFORE_ADOPT,
+        "crash-after-first" => fault::CRASH_AFTER_FIRST,
+        "hang-at-boot" => fault::HANG_AT_BOOT,
+        _ => return None,
+    })
+}
+
+/// A bound API socket.
+pub struct ApiServer {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Set by `PUT /shutdown`.
+    pub shutdown: AtomicBool,
+}
+
+impl ApiServer {
+    /// Binds `path` (owner-only); a stale socket file is replaced.
+    pub fn bind(path: &Path) -> Result<ApiServer, ApiError> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ApiError::InUse(path.to_path_buf()));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let bind_err = |source| ApiError::Bind {
+            path: path.to_path_buf(),
+            source,
+        };
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        Ok(ApiServer {
+            listener,
+            path: path.to_path_buf(),
+            shutdown: AtomicBool::new(false),
+        })
+    }
+
+    /// The listening socket (for the event loop).
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+
+    /// Serves every pending connection.
+    pub fn accept_all(&self, vmm: &Vmm) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            let _ = self.serve(vmm, stream);
+        }
+    }
+
+    fn serve(&self, vmm: &Vmm, stream: UnixStream) -> Result<(), ApiError> {
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let (method, path, body) = match read_request(&mut reader) {
+            Ok(r) => r,
+            Err(e) => {
+                return respond(&stream, 400, &err_json(&e.to_string()));
+            }
+        };
+        let (code, body) = self.route(vmm, &method, &path, &body);
+        // The client may have gone away; that changes nothing here.
+        let _ = respond(&stream, code, &body);
+        Ok(())
+    }
+
+    /// Handles one request; returns status code and JSON body.
+    pub fn route(&self, vmm: &Vmm, method: &str, path: &str, body: &str) -> (u16, String) {
+        match (method, path) {
+            ("GET", "/status") => (200, to_json(&vmm.status())),
+            ("POST", "/rejuvenate") => {
+                let req: RejuvenateRequest = if body.trim().is_empty() {
+                    RejuvenateRequest::default()
+                } else {
+                    match serde_json::from_str(body) {
+                        Ok(r) => r,
+                        Err(e) => return (400, err_json(&format!("bad rejuvenate request: {e}"))),
+                    }
+                };
+                let mut opts = RejuvenateOptions {
+                    mode: req.mode.unwrap_or(Mode::ZeroCopy),
+                    verify: req.verify.unwrap_or(true),
+                    ..Default::default()
+                };
+                if let Some(t) = req.timeout_secs {
+                    opts.timeout = Duration::from_secs(t.clamp(1, 3600));
+                }
+                if let Some(f) = &req.fault {
+                    match parse_fault(f) {
+                        Some(v) => opts.fault = v,
+                        None => return (400, err_json(&format!("unknown fault '{f}'"))),
+                    }
+                }
+                match vmm.rejuvenate(req.vm.as_deref(), &opts) {
+                    Ok(r) => (200, to_json(&r)),
+                    Err(e) => (error_code(&e), err_json(&e.to_string())),
+                }
+            }
+            ("POST", "/checksum") => {
+                let req: ChecksumRequest = match serde_json::from_str(body) {
+                    Ok(r) => r,
+                    Err(e) => return (400, err_json(&format!("bad checksum request: {e}"))),
+                };
+                match vmm.checksum(&req.guest, req.gpa, req.len) {
+                    Ok(c) => (200, format!("{{\"checksum\":\"{c:016x}\"}}")),
+                    Err(e) => (error_code(&e), err_json(&e.to_string())),
+                }
+            }
+            ("PUT", "/shutdown") => {
+                self.shutdown.store(true, Ordering::SeqCst);
+                (200, "{\"ok\":true}".into())
+            }
+            (_, "/status" | "/rejuvenate" | "/checksum" | "/shutdown") => (
+                405,
+                err_json(&format!("method {method} not allowed on {path}")),
+            ),
+            _ => (404, err_json(&format!("no such endpoint: {method} {path}"))),
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn error_code(e: &VmmError) -> u16 {
+    match e {
+        VmmError::NoSuchVm(_) | VmmError::NoSuchGuest(_) => 404,
+        VmmError::Busy => 409,
+        VmmError::Inspect { .. } => 400,
+        VmmError::Rejuvenate(crate::rejuvenate::RejuvenateError::ModeUnavailable(_)) => 400,
+        _ => 500,
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| err_json(&e.to_string()))
+}
+
+fn err_json(msg: &str) -> String {
+    serde_json::json!({ "error": msg }).to_string()
+}
+
+const MAX_BODY: usize = 1 << 20;
+
+fn read_request(r: &mut impl BufRead) -> Result<(String, String, String), ApiError> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let method = parts
+        .next()
+        .ok_or_else(|| ApiError::Malformed("empty request".into()))?;
+    let path = parts
+        .next()
+        .ok_or_else(|| ApiError::Malformed("no path".into()))?;
+    let (method, path) = (method.to_string(), path.to_string());
+    let len = read_headers(r)?;
+    if len > MAX_BODY {
+        return Err(ApiError::Malformed(format!(
+            "body of {len} bytes is too large"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    let body =
+        String::from_utf8(body).map_err(|_| ApiError::Malformed("body is not UTF-8".into()))?;
+    Ok((method, path, body))
+}
+
+fn read_headers(r: &mut impl BufRead) -> Result<usize, ApiError> {
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 {
+            return Err(ApiError::Malformed("connection closed in headers".into()));
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            return Ok(len);
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("content-length") {
+                len = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| ApiError::Malformed("bad Content-Length".into()))?;
+            }
+        }
+    }
+}
+
+fn respond(mut s: &UnixStream, code: u16, body: &str) -> Result<(), ApiError> {
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        _ => "Internal Server Error",
+    };
+    write!(
+        s,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    s.flush()?;
+    Ok(())
+}
+
+/// Sends one request to the API at `sock`; returns status code and body.
+pub fn call(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), ApiError> {
+    let s = UnixStream::connect(sock).map_err(|source| ApiError::Connect {
+        path: sock.to_path_buf(),
+        source,
+    })?;
+    let body = body.unwrap_or("");
+    write!(
+        &s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    let code: u16 = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| ApiError::Malformed(format!("bad status line '{}'", status.trim())))?;
+    let len = read_headers(&mut r)?;
+    let mut out = vec![0u8; len.min(MAX_BODY * 16)];
+    r.read_exact(&mut out)?;
+    Ok((code, String::from_utf8_lossy(&out).into_owned()))
+}

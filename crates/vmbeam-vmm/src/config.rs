@@ -1,0 +1,248 @@
+//! What an operator asks for: sizes, counts, workloads, consoles; parsed and
+//! checked here so that every bad value gets one clear sentence before any
+//! VM is built.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use vmbeam_abi::layout;
+
+/// Errors in configuration values.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A size could not be parsed.
+    #[error(
+        "invalid size '{0}': use a number with an optional K, M, G or T suffix (e.g. 64M, 4G)"
+    )]
+    BadSize(String),
+    /// A workload name is unknown.
+    #[error("unknown workload '{0}': choose memtouch or ticker")]
+    BadWorkload(String),
+    /// A value is out of range.
+    #[error("{0}")]
+    Range(String),
+}
+
+/// Parses `64M`, `4G`, `512k`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let bad = || ConfigError::BadSize(s.to_string());
+    if t.is_empty() {
+        return Err(bad());
+    }
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+/// A nested workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Memory verifier.
+    Memtouch,
+    /// Timestamp printer.
+    Ticker,
+}
+
+impl FromStr for Workload {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s.trim() {
+            "memtouch" => Ok(Workload::Memtouch),
+            "ticker" => Ok(Workload::Ticker),
+            other => Err(ConfigError::BadWorkload(other.to_string())),
+        }
+    }
+}
+
+impl Workload {
+    /// ABI kind.
+    pub fn kind(&self) -> u32 {
+        match self {
+            Workload::Memtouch => vmbeam_abi::boot::workload::MEMTOUCH,
+            Workload::Ticker => vmbeam_abi::boot::workload::TICKER,
+        }
+    }
+    /// Name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Workload::Memtouch => "memtouch",
+            Workload::Ticker => "ticker",
+        }
+    }
+}
+
+/// Parses `memtouch,ticker`.
+pub fn parse_workloads(s: &str) -> Result<Vec<Workload>, ConfigError> {
+    s.split(',').map(Workload::from_str).collect()
+}
+
+/// Configuration of `vmbeam run`.
+#[derive(Debug, Clone)]
+pub struct VmmConfig {
+    /// Guest hypervisor RAM.
+    pub ram: u64,
+    /// Nested pool; `None` = sized for the nested guests.
+    pub pool: Option<u64>,
+    /// vCPUs of each host VM.
+    pub vcpus: u32,
+    /// Nested guests to start.
+    pub nested: u32,
+    /// RAM of each nested guest.
+    pub nested_mem: u64,
+    /// Workloads, assigned round-robin.
+    pub workloads: Vec<Workload>,
+    /// Consoles directory; `None` = terminal.
+    pub console_dir: Option<PathBuf>,
+    /// Discard consoles.
+    pub quiet: bool,
+    /// memtouch: rounds before halting (0 = forever); ticker: ticks before a deliberate fault.
+    pub workload_param: u64,
+    /// Time slice, µs.
+    pub slice_us: u32,
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        VmmConfig {
+            ram: 32 << 20,
+            pool: None,
+            vcpus: 1,
+            nested: 2,
+            nested_mem: 16 << 20,
+            workloads: vec![Workload::Memtouch, Workload::Ticker],
+            console_dir: None,
+            quiet: false,
+            workload_param: 0,
+            slice_us: 10_000,
+        }
+    }
+}
+
+impl VmmConfig {
+    /// Pool size to use.
+    pub fn pool_size(&self) -> u64 {
+        self.pool.unwrap_or_else(|| {
+            let need = self.nested as u64 * self.nested_mem + layout::EXTENT_SIZE * 2;
+            need.max(64 << 20)
+        })
+    }
+
+    /// Checks every value; the error says which and why.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let r = |m: String| Err(ConfigError::Range(m));
+        if self.ram < layout::MIN_RAM
+            || self.ram > layout::MAX_RAM
+            || !self.ram.is_multiple_of(layout::EXTENT_SIZE)
+        {
+            return r(format!(
+                "--mem must be a multiple of 2 MiB between {} MiB and {} MiB",
+                layout::MIN_RAM >> 20,
+                layout::MAX_RAM >> 20
+            ));
+        }
+        if self.vcpus == 0 || self.vcpus > layout::MAX_VCPUS {
+            return r(format!(
+                "--vcpus must be between 1 and {}",
+                layout::MAX_VCPUS
+            ));
+        }
+        if self.nested as usize > vmbeam_abi::boot::MAX_NESTED {
+            return r(format!(
+                "--nested must be at most {}",
+                vmbeam_abi::boot::MAX_NESTED
+            ));
+        }
+        if self.nested > 0 {
+            if self.nested_mem < vmbeam_abi::l2::MIN_MEM
+                || !self.nested_mem.is_multiple_of(layout::EXTENT_SIZE)
+            {
+                return r(format!(
+                    "--nested-mem must be a multiple of 2 MiB and at least {} MiB",
+                    vmbeam_abi::l2::MIN_MEM >> 20
+                ));
+            }
+            if self.nested_mem > vmbeam_abi::l2::MAX_GIB << 30 {
+                return r(format!(
+                    "--nested-mem must be at most {} GiB",
+                    vmbeam_abi::l2::MAX_GIB
+                ));
+            }
+        }
+        let pool = self.pool_size();
+        if pool > layout::MAX_POOL || !pool.is_multiple_of(layout::EXTENT_SIZE) {
+            return r(format!(
+                "the nested pool must be a multiple of 2 MiB up to {} GiB (asked {} MiB)",
+                layout::MAX_POOL >> 30,
+                pool >> 20
+            ));
+        }
+        if self.nested as u64 * self.nested_mem > pool {
+            return r(format!(
+                "{} nested guests of {} MiB do not fit a {} MiB pool",
+                self.nested,
+                self.nested_mem >> 20,
+                pool >> 20
+            ));
+        }
+        if self.workloads.is_empty() {
+            return r("at least one workload is needed".into());
+        }
+        if !(100..=1_000_000).contains(&self.slice_us) {
+            return r("the time slice must be between 100 µs and 1 s".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("4g"), Ok(4 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        assert!(VmmConfig::default().validate().is_ok());
+        let c = VmmConfig {
+            nested_mem: 3 << 20,
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+        let c = VmmConfig {
+            vcpus: 0,
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+        let c = VmmConfig {
+            nested: 4,
+            nested_mem: 64 << 20,
+            pool: Some(64 << 20),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("do not fit"));
+        assert!(parse_workloads("memtouch,bogus").is_err());
+    }
+}

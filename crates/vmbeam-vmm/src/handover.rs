@@ -1,0 +1,405 @@
+//! L0's side of a zero-copy handover: the session that ties an aged host VM
+//! to its successor, and the hypercalls the two guest hypervisors use in it.
+//!
+//! L0 alone decides who the successor is. A GRANT maps the very host pages
+//! behind a nested guest into the successor (a second mapping of the same
+//! memfd range: nothing is copied) and freezes the guest under the aged L1.
+//! The successor may build a nested VM on granted pages but cannot run it
+//! until L0 commits, which happens only after the aged VM is revoked.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vmbeam_abi::handover::{MailboxHeader, MAILBOX_TO_AGED, MAILBOX_TO_SUCCESSOR};
+use vmbeam_abi::hypercall::{GrantRange, HypercallPage, Status, MAX_GRANT_RANGES};
+use vmbeam_abi::layout;
+
+use crate::hostvm::HostVm;
+use crate::hypercall::{HcOutcome, HcResult};
+use crate::memory::{MemFile, Region, RegionKind};
+use crate::nested::{GuestRecord, NestedState, NestedVm};
+
+/// Phase of a handover session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Successor booting.
+    Booting,
+    /// Successor said it is ready.
+    Ready,
+    /// Aged L1 is moving guests.
+    HandingOver,
+    /// Aged L1 finished; L0 may revoke it.
+    AgedDone,
+    /// Given up; the message says why.
+    Aborted(String),
+}
+
+/// One granted nested guest.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// Guest name.
+    pub guest: String,
+    /// Identity.
+    pub record: Arc<GuestRecord>,
+    /// Handle under the aged L1.
+    pub aged_handle: u32,
+    /// Successor-side ranges.
+    pub ranges: Vec<GrantRange>,
+    /// Bytes.
+    pub mem_bytes: u64,
+    /// L0 checksum at grant time (paused).
+    pub checksum_before: Option<u64>,
+    /// Last exit under the aged L1.
+    pub paused_at: Instant,
+}
+
+/// Mutable state of a session.
+#[derive(Debug)]
+pub struct SessionState {
+    /// Phase.
+    pub phase: Phase,
+    /// Grants so far.
+    pub grants: Vec<Grant>,
+    /// Next free successor address in the grant window.
+    pub next_grant_gpa: u64,
+    /// Bytes the guest hypervisors put on the channel.
+    pub channel_bytes: u64,
+    /// Bytes of nested memory L0 copied (zero-copy: must stay 0).
+    pub bytes_copied: u64,
+    /// Time spent hashing memory for verification.
+    pub verify_time: Duration,
+}
+
+/// A handover between an aged host VM and its successor.
+pub struct Session {
+    /// The VM whose guests move.
+    pub aged: Arc<HostVm>,
+    /// The successor, once built.
+    pub successor: Mutex<Option<Arc<HostVm>>>,
+    /// The shared-page channel.
+    pub channel: Arc<MemFile>,
+    /// Whether to hash guests before and after.
+    pub verify: bool,
+    /// State.
+    pub st: Mutex<SessionState>,
+    /// Signalled on every phase change.
+    pub cv: Condvar,
+}
+
+impl Session {
+    /// A new session for `aged`.
+    pub fn new(aged: Arc<HostVm>, channel: Arc<MemFile>, verify: bool) -> Arc<Session> {
+        Arc::new(Session {
+            aged,
+            successor: Mutex::new(None),
+            channel,
+            verify,
+            st: Mutex::new(SessionState {
+                phase: Phase::Booting,
+                grants: Vec::new(),
+                next_grant_gpa: layout::GRANT_BASE,
+                channel_bytes: 0,
+                bytes_copied: 0,
+                verify_time: Duration::ZERO,
+            }),
+            cv: Condvar::new(),
+        })
+    }
+
+    /// Sets the phase and wakes waiters.
+    pub fn set_phase(&self, p: Phase) {
+        self.st.lock().unwrap().phase = p;
+        self.cv.notify_all();
+    }
+
+    /// Current phase.
+    pub fn phase(&self) -> Phase {
+        self.st.lock().unwrap().phase.clone()
+    }
+
+    /// Waits until the phase satisfies `pred`, `timeout` passes, or `tick`
+    /// (called every 20 ms) returns an error message.
+    pub fn wait_phase(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&Phase) -> bool,
+        tick: impl Fn() -> Option<String>,
+    ) -> Result<Phase, String> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.st.lock().unwrap();
+        loop {
+            if pred(&g.phase) {
+                return Ok(g.phase.clone());
+            }
+            drop(g);
+            if let Some(e) = tick() {
+                return Err(e);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("timed out after {:?}", timeout));
+            }
+            g = self.st.lock().unwrap();
+            g = self
+                .cv
+                .wait_timeout(g, Duration::from_millis(20))
+                .unwrap()
+                .0;
+        }
+    }
+
+    fn is_aged(&self, vm: &HostVm) -> bool {
+        self.aged.id == vm.id
+    }
+}
+
+fn session_of(vm: &HostVm) -> Result<Arc<Session>, Status> {
+    vm.session
+        .lock()
+        .unwrap()
+        .clone()
+        .ok_or(Status::NotPermitted)
+}
+
+/// True if `vm` is the successor of a running handover.
+pub fn is_successor_in_handover(vm: &HostVm) -> bool {
+    match vm.session.lock().unwrap().as_ref() {
+        Some(s) => !s.is_aged(vm),
+        None => false,
+    }
+}
+
+/// OP_HANDOVER_READY.
+pub fn op_ready(vm: &HostVm) -> HcResult {
+    let s = session_of(vm)?;
+    if s.is_aged(vm) {
+        return Err(Status::NotPermitted);
+    }
+    let mut st = s.st.lock().unwrap();
+    if st.phase != Phase::Booting {
+        return Err(Status::BadState);
+    }
+    st.phase = Phase::Ready;
+    s.cv.notify_all();
+    Ok(HcOutcome::Continue)
+}
+
+/// OP_GRANT: maps the nested guest's pages into the successor.
+pub fn op_grant(vm: &HostVm, handle: u64, p: &mut HypercallPage) -> HcResult {
+    let s = session_of(vm)?;
+    if !s.is_aged(vm) {
+        return Err(Status::NotPermitted);
+    }
+    if s.phase() != Phase::HandingOver {
+        return Err(Status::BadState);
+    }
+    let succ = s
+        .successor
+        .lock()
+        .unwrap()
+        .clone()
+        .ok_or(Status::BadState)?;
+    let n = vm.nested_vm(handle).ok_or(Status::NoSuchHandle)?;
+    let mut n = n.lock().unwrap();
+    let record = n.record.clone().ok_or(Status::BadState)?;
+    if n.state == NestedState::Crashed || n.frozen {
+        return Err(Status::BadState);
+    }
+    if n.slots.is_empty() || n.slots.len() > MAX_GRANT_RANGES || n.vcpu_count() == 0 {
+        return Err(Status::BadState);
+    }
+    let paused_at = n.last_exit.unwrap_or_else(Instant::now);
+    n.frozen = true;
+    let checksum_before = if s.verify {
+        let t = Instant::now();
+        let c = n.checksum_all();
+        s.st.lock().unwrap().verify_time += t.elapsed();
+        Some(c)
+    } else {
+        None
+    };
+    let mut slots = n.slots.clone();
+    slots.sort_by_key(|x| x.l2_gpa);
+    let mut ranges = Vec::new();
+    let mut st = s.st.lock().unwrap();
+    for slot in &slots {
+        let gpa = st.next_grant_gpa;
+        if gpa + slot.len > layout::GRANT_BASE + layout::GRANT_SIZE {
+            n.frozen = false;
+            return Err(Status::NoResources);
+        }
+        let region = Region::map(
+            &slot.file,
+            slot.file_offset,
+            slot.len,
+            gpa,
+            RegionKind::Grant {
+                guest: record.name.clone(),
+            },
+            succ.alloc_slot(),
+        )
+        .map_err(|_| Status::NoResources)?;
+        succ.add_region(region).map_err(|_| Status::NoResources)?;
+        st.next_grant_gpa += slot.len;
+        ranges.push(GrantRange {
+            succ_gpa: gpa,
+            l2_gpa: slot.l2_gpa,
+            len: slot.len,
+        });
+    }
+    for (i, r) in ranges.iter().enumerate() {
+        let b = vmbeam_abi::as_bytes(r);
+        p.data[i * b.len()..(i + 1) * b.len()].copy_from_slice(b);
+    }
+    p.ret[0] = ranges.len() as u64;
+    st.grants.push(Grant {
+        guest: record.name.clone(),
+        record,
+        aged_handle: n.handle,
+        mem_bytes: n.mem_bytes(),
+        ranges,
+        checksum_before,
+        paused_at,
+    });
+    Ok(HcOutcome::Continue)
+}
+
+/// Called when the successor maps granted pages into a nested VM.
+pub fn bind_adopted(vm: &HostVm, n: &mut NestedVm, guest: &str) -> Result<(), Status> {
+    let s = session_of(vm)?;
+    if s.is_aged(vm) || s.phase() != Phase::HandingOver {
+        return Err(Status::NotPermitted);
+    }
+    if n.name != guest {
+        return Err(Status::NotPermitted);
+    }
+    let st = s.st.lock().unwrap();
+    let g = st
+        .grants
+        .iter()
+        .find(|g| g.guest == guest)
+        .ok_or(Status::NotPermitted)?;
+    match &n.record {
+        Some(r) if !Arc::ptr_eq(r, &g.record) => return Err(Status::NotPermitted),
+        _ => {}
+    }
+    n.record = Some(g.record.clone());
+    n.frozen = true;
+    Ok(())
+}
+
+/// OP_NOTIFY: rings the peer.
+pub fn op_notify(vm: &HostVm) -> HcResult {
+    let s = session_of(vm)?;
+    let (peer, out) = if s.is_aged(vm) {
+        (
+            s.successor
+                .lock()
+                .unwrap()
+                .clone()
+                .ok_or(Status::BadState)?,
+            MAILBOX_TO_SUCCESSOR,
+        )
+    } else {
+        (s.aged.clone(), MAILBOX_TO_AGED)
+    };
+    let mut hdr = [0u8; std::mem::size_of::<MailboxHeader>()];
+    if vm
+        .mem
+        .read()
+        .unwrap()
+        .read(layout::CHANNEL_BASE + out, &mut hdr)
+    {
+        let h: MailboxHeader = vmbeam_abi::from_bytes(&hdr).unwrap_or_default();
+        s.st.lock().unwrap().channel_bytes += h.len as u64;
+    }
+    peer.doorbell.ring();
+    Ok(HcOutcome::Continue)
+}
+
+/// OP_HANDOVER_DONE: checks no guest is left behind, then retires the caller.
+pub fn op_done(vm: &HostVm, count: u64) -> HcResult {
+    let s = session_of(vm)?;
+    if !s.is_aged(vm) {
+        return Err(Status::NotPermitted);
+    }
+    if s.phase() != Phase::HandingOver {
+        return Err(Status::BadState);
+    }
+    let succ = s
+        .successor
+        .lock()
+        .unwrap()
+        .clone()
+        .ok_or(Status::BadState)?;
+    let st = s.st.lock().unwrap();
+    if st.grants.len() as u64 != count {
+        return Err(Status::BadState);
+    }
+    // Every live guest of the aged VM must have been granted...
+    for n in vm.nested.lock().unwrap().vms.values() {
+        let n = n.lock().unwrap();
+        if n.record.is_some() && n.state != NestedState::Crashed && !n.frozen {
+            return Err(Status::BadState);
+        }
+    }
+    // ...and adopted by the successor with its state set.
+    let succ_table = succ.nested.lock().unwrap();
+    for g in &st.grants {
+        let adopted = succ_table.vms.values().any(|n| {
+            let n = n.lock().unwrap();
+            n.state_set
+                && n.vcpu_count() > 0
+                && n.record.as_ref().is_some_and(|r| Arc::ptr_eq(r, &g.record))
+                && n.mem_bytes() == g.mem_bytes
+        });
+        if !adopted {
+            return Err(Status::BadState);
+        }
+    }
+    drop(succ_table);
+    drop(st);
+    s.set_phase(Phase::AgedDone);
+    Ok(HcOutcome::Retire)
+}
+
+/// OP_HANDOVER_ABORT: the aged L1 gives up; its guests stay with it.
+pub fn op_abort(vm: &HostVm, code: u64) -> HcResult {
+    let s = session_of(vm)?;
+    if !s.is_aged(vm) {
+        return Err(Status::NotPermitted);
+    }
+    match s.phase() {
+        Phase::HandingOver | Phase::Ready => {}
+        _ => return Err(Status::BadState),
+    }
+    unfreeze(vm);
+    s.set_phase(Phase::Aborted(format!(
+        "the guest hypervisor aborted the handover (reason code {code})"
+    )));
+    Ok(HcOutcome::Continue)
+}
+
+/// Lets the aged VM run its guests again (after an abort).
+pub fn unfreeze(vm: &HostVm) {
+    for n in vm.nested.lock().unwrap().vms.values() {
+        n.lock().unwrap().frozen = false;
+    }
+}
+
+/// Records the first entry of an adopted guest under its new guest hypervisor.
+pub fn note_first_entry(vm: &HostVm, n: &NestedVm) {
+    if let Some(r) = &n.record {
+        let mut info = r.info.lock().unwrap();
+        if info.bound_vm == vm.id && info.paused_at.is_some() && info.resumed_at.is_none() {
+            info.resumed_at = Some(Instant::now());
+            drop(info);
+            vm.shared.notify_vm_event();
+        }
+    }
+}
+
+/// Reads the stop flag of a VM (for waits).
+pub fn stopping(vm: &HostVm) -> bool {
+    vm.stop.load(Ordering::SeqCst)
+}

@@ -1,0 +1,496 @@
+//! The nested engine: L0's side of paravirtual nesting.
+//!
+//! Each nested VM that a guest hypervisor creates is backed by a real KVM VM
+//! whose memory slots point at the host pages that already back the named
+//! ranges of L1's memory, so nothing is duplicated. Its vCPUs run on the
+//! calling L1 vCPU's thread, synchronously, like VMRESUME: RUN returns when
+//! the nested guest needs L1 (I/O, MMIO, HLT, shutdown) or the slice ends.
+//! A [`GuestRecord`] is the nested guest's identity on this host; it follows
+//! the guest across moves between guest hypervisors.
+
+use std::sync::atomic::AtomicU8;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_userspace_memory_region, CpuId};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::MmapRegion;
+use vmbeam_abi::checksum;
+use vmbeam_abi::hypercall::{exit, NestedExit, Status};
+use vmbeam_abi::state::VcpuState;
+
+use crate::arch;
+use crate::console::Console;
+use crate::kick::SliceTimer;
+use crate::memory::MemFile;
+
+/// Most memory slots per nested VM.
+pub const MAX_SLOTS: usize = vmbeam_abi::handover::MAX_GUEST_RANGES;
+/// Most vCPUs per nested VM.
+pub const MAX_VCPUS: usize = vmbeam_abi::handover::MAX_NESTED_VCPUS;
+/// Highest nested guest-physical address.
+pub const MAX_L2_GPA: u64 = vmbeam_abi::l2::MAX_GIB << 30;
+/// Shortest and longest time slice L1 may ask for.
+pub const SLICE_BOUNDS: (Duration, Duration) = (Duration::from_micros(100), Duration::from_secs(1));
+
+/// Identity of a nested guest on this host, independent of which guest
+/// hypervisor runs it now.
+#[derive(Debug)]
+pub struct GuestRecord {
+    /// Name, unique on the host.
+    pub name: String,
+    /// Its console.
+    pub console: Arc<Console>,
+    /// Mutable facts.
+    pub info: Mutex<RecordInfo>,
+}
+
+/// Mutable facts about a nested guest.
+#[derive(Debug, Default, Clone)]
+pub struct RecordInfo {
+    /// Host VM line it runs under now.
+    pub host_vm: String,
+    /// Generation of that guest hypervisor.
+    pub generation: u32,
+    /// Handle in that guest hypervisor.
+    pub handle: u32,
+    /// Id of the host VM object it is bound to (0 = unbound).
+    pub bound_vm: u64,
+    /// RAM bytes.
+    pub mem_bytes: u64,
+    /// Completed moves.
+    pub moves: u32,
+    /// When it last stopped running before a move.
+    pub paused_at: Option<Instant>,
+    /// When it first ran after the last move.
+    pub resumed_at: Option<Instant>,
+}
+
+/// One memory slot of a nested VM.
+#[derive(Debug, Clone)]
+pub struct NestedSlot {
+    /// Nested guest-physical address.
+    pub l2_gpa: u64,
+    /// L1 guest-physical address it comes from.
+    pub l1_gpa: u64,
+    /// Length.
+    pub len: u64,
+    /// Host address.
+    pub hva: usize,
+    /// Backing file and offset (what a grant hands on).
+    pub file: Arc<MemFile>,
+    /// Offset in `file`.
+    pub file_offset: u64,
+    /// Keeps the host mapping alive while the slot exists.
+    pub map: Arc<MmapRegion>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    None,
+    /// A port or MMIO read owes data at this kvm_run address.
+    Read {
+        ptr: usize,
+        len: usize,
+    },
+}
+
+struct NestedVcpu {
+    fd: VcpuFd,
+    pending: Pending,
+    exits_since_state: bool,
+}
+
+/// Lifecycle of a nested VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NestedState {
+    /// Created, not run yet.
+    Created,
+    /// Has run.
+    Running,
+    /// Halted (HLT exit last).
+    Halted,
+    /// Triple-faulted or failed to run; may only be destroyed.
+    Crashed,
+}
+
+impl NestedState {
+    /// Lower-case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NestedState::Created => "created",
+            NestedState::Running => "running",
+            NestedState::Halted => "halted",
+            NestedState::Crashed => "crashed",
+        }
+    }
+}
+
+/// A nested VM backed by a KVM VM.
+pub struct NestedVm {
+    /// Handle L1 uses.
+    pub handle: u32,
+    /// Name L1 gave it.
+    pub name: String,
+    vm: VmFd,
+    /// Memory slots.
+    pub slots: Vec<NestedSlot>,
+    vcpus: Vec<NestedVcpu>,
+    /// Identity, once bound.
+    pub record: Option<Arc<GuestRecord>>,
+    /// Frozen VMs may not run (granted away, or adopted but not committed).
+    pub frozen: bool,
+    /// Lifecycle state.
+    pub state: NestedState,
+    /// RUN calls served.
+    pub runs: u64,
+    /// Exits returned to L1 (not counting slice ends).
+    pub exits: u64,
+    /// When KVM_RUN last returned.
+    pub last_exit: Option<Instant>,
+    /// Set by L1's SET_STATE on the first vCPU.
+    pub state_set: bool,
+}
+
+fn kvm_err(_: kvm_ioctls::Error) -> Status {
+    Status::NoResources
+}
+
+impl NestedVm {
+    /// Creates the KVM VM for a nested guest.
+    pub fn new(kvm: &Kvm, handle: u32, name: &str) -> Result<NestedVm, Status> {
+        let vm = kvm.create_vm().map_err(kvm_err)?;
+        // Needed on Intel hosts without unrestricted guest; harmless elsewhere.
+        let _ = vm.set_tss_address(0xfffb_d000);
+        Ok(NestedVm {
+            handle,
+            name: name.to_string(),
+            vm,
+            slots: Vec::new(),
+            vcpus: Vec::new(),
+            record: None,
+            frozen: false,
+            state: NestedState::Created,
+            runs: 0,
+            exits: 0,
+            last_exit: None,
+            state_set: false,
+        })
+    }
+
+    /// Total mapped bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.slots.iter().map(|s| s.len).sum()
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Adds a slot (caller validated ownership of the L1 range).
+    pub fn map(&mut self, slot: NestedSlot) -> Result<(), Status> {
+        if self.slots.len() >= MAX_SLOTS {
+            return Err(Status::TooMany);
+        }
+        let end = slot
+            .l2_gpa
+            .checked_add(slot.len)
+            .ok_or(Status::OutOfRange)?;
+        if end > MAX_L2_GPA {
+            return Err(Status::OutOfRange);
+        }
+        if self
+            .slots
+            .iter()
+            .any(|s| slot.l2_gpa < s.l2_gpa + s.len && s.l2_gpa < end)
+        {
+            return Err(Status::Overlap);
+        }
+        let region = kvm_userspace_memory_region {
+            slot: self.slots.len() as u32,
+            flags: 0,
+            guest_phys_addr: slot.l2_gpa,
+            memory_size: slot.len,
+            userspace_addr: slot.hva as u64,
+        };
+        // SAFETY: `hva..hva+len` lies inside `slot.map`, a live shared
+        // mapping that the slot keeps alive for as long as this VM exists.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err)?;
+        self.slots.push(slot);
+        Ok(())
+    }
+
+    /// Adds a vCPU; returns its index.
+    pub fn create_vcpu(&mut self, cpuid: &CpuId) -> Result<u32, Status> {
+        if self.vcpus.len() >= MAX_VCPUS {
+            return Err(Status::TooMany);
+        }
+        let idx = self.vcpus.len() as u32;
+        let fd = self.vm.create_vcpu(idx as u64).map_err(kvm_err)?;
+        arch::set_cpuid(&fd, cpuid).map_err(|_| Status::Internal)?;
+        self.vcpus.push(NestedVcpu {
+            fd,
+            pending: Pending::None,
+            exits_since_state: false,
+        });
+        Ok(idx)
+    }
+
+    fn vcpu(&mut self, idx: u64) -> Result<&mut NestedVcpu, Status> {
+        self.vcpus
+            .get_mut(usize::try_from(idx).map_err(|_| Status::NoSuchHandle)?)
+            .ok_or(Status::NoSuchHandle)
+    }
+
+    /// Reads a vCPU's state, first completing a pending exit with `answer`.
+    pub fn get_state(&mut self, idx: u64, answer: u64) -> Result<VcpuState, Status> {
+        let v = self.vcpu(idx)?;
+        if v.exits_since_state {
+            complete_pending(v, answer);
+            v.fd.set_kvm_immediate_exit(1);
+            let _ = v.fd.run();
+            v.fd.set_kvm_immediate_exit(0);
+            v.exits_since_state = false;
+        }
+        arch::get_state(&v.fd).map_err(|_| Status::Internal)
+    }
+
+    /// Writes a vCPU's state.
+    pub fn set_state(&mut self, idx: u64, st: &VcpuState) -> Result<(), Status> {
+        let v = self.vcpu(idx)?;
+        if v.pending != Pending::None {
+            return Err(Status::BadState);
+        }
+        arch::set_state(&v.fd, st).map_err(|_| Status::BadArg)?;
+        if idx == 0 {
+            self.state_set = true;
+        }
+        Ok(())
+    }
+
+    /// Queues an external interrupt.
+    pub fn inject(&mut self, idx: u64, vector: u64) -> Result<(), Status> {
+        if !(32..=255).contains(&vector) {
+            return Err(Status::BadArg);
+        }
+        let v = self.vcpu(idx)?;
+        let mut ev = v.fd.get_vcpu_events().map_err(|_| Status::Internal)?;
+        if ev.interrupt.injected != 0 {
+            return Err(Status::BadState);
+        }
+        ev.interrupt.injected = 1;
+        ev.interrupt.nr = vector as u8;
+        ev.interrupt.soft = 0;
+        v.fd.set_vcpu_events(&ev).map_err(|_| Status::BadState)
+    }
+
+    /// Runs vCPU `idx` for at most `slice`.
+    pub fn run(
+        &mut self,
+        idx: u64,
+        slice: Duration,
+        answer: u64,
+        timer: &SliceTimer,
+    ) -> Result<NestedExit, Status> {
+        if self.frozen {
+            return Err(Status::NotPermitted);
+        }
+        if self.state == NestedState::Crashed {
+            return Err(Status::BadState);
+        }
+        let slice = slice.clamp(SLICE_BOUNDS.0, SLICE_BOUNDS.1);
+        self.runs += 1;
+        let v = self.vcpu(idx)?;
+        complete_pending(v, answer);
+        let ie = &mut v.fd.get_kvm_run().immediate_exit as *mut u8 as *const AtomicU8;
+        // SAFETY: the kvm_run mapping of `v.fd` lives until `v` is dropped,
+        // which cannot happen before `disarm` below (we hold `&mut self`).
+        let gen = unsafe { timer.arm(slice, ie) };
+        let t0 = Instant::now();
+        let mut out = NestedExit::default();
+        let mut internal = false;
+        match v.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) if data.len() <= 8 => {
+                out.reason = exit::IO_OUT;
+                out.port = port as u32;
+                out.size = data.len() as u32;
+                let mut b = [0u8; 8];
+                b[..data.len()].copy_from_slice(data);
+                out.data = u64::from_le_bytes(b);
+            }
+            Ok(VcpuExit::IoIn(port, data)) if data.len() <= 8 => {
+                out.reason = exit::IO_IN;
+                out.port = port as u32;
+                out.size = data.len() as u32;
+                v.pending = Pending::Read {
+                    ptr: data.as_mut_ptr() as usize,
+                    len: data.len(),
+                };
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) if data.len() <= 8 => {
+                out.reason = exit::MMIO_READ;
+                out.addr = addr;
+                out.size = data.len() as u32;
+                v.pending = Pending::Read {
+                    ptr: data.as_mut_ptr() as usize,
+                    len: data.len(),
+                };
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) if data.len() <= 8 => {
+                out.reason = exit::MMIO_WRITE;
+                out.addr = addr;
+                out.size = data.len() as u32;
+                let mut b = [0u8; 8];
+                b[..data.len()].copy_from_slice(data);
+                out.data = u64::from_le_bytes(b);
+            }
+            Ok(VcpuExit::Hlt) => out.reason = exit::HLT,
+            Ok(VcpuExit::Shutdown) => out.reason = exit::SHUTDOWN,
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                out.reason = exit::FAIL;
+                out.detail = reason;
+            }
+            Ok(VcpuExit::InternalError) => {
+                out.reason = exit::FAIL;
+                internal = true;
+            }
+            Ok(VcpuExit::Intr) => out.reason = exit::SLICE,
+            Ok(_) => {
+                out.reason = exit::FAIL;
+                out.detail = 0xffff;
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                out.reason = exit::SLICE
+            }
+            Err(e) => {
+                out.reason = exit::FAIL;
+                out.detail = e.errno() as u64;
+            }
+        }
+        timer.disarm(gen);
+        v.fd.set_kvm_immediate_exit(0);
+        if internal {
+            // SAFETY: KVM_EXIT_INTERNAL_ERROR fills the `internal` member.
+            out.detail = unsafe { v.fd.get_kvm_run().__bindgen_anon_1.internal.suberror } as u64;
+        }
+        let now = Instant::now();
+        out.run_ns = (now - t0).as_nanos() as u64;
+        if out.reason != exit::SLICE {
+            v.exits_since_state = true;
+            self.exits += 1;
+        }
+        self.last_exit = Some(now);
+        self.state = match out.reason {
+            exit::SHUTDOWN | exit::FAIL => NestedState::Crashed,
+            exit::HLT => NestedState::Halted,
+            _ => NestedState::Running,
+        };
+        Ok(out)
+    }
+
+    /// Validates that `[l2_gpa, l2_gpa+len)` is mapped; returns (slot, offset) pieces.
+    fn pieces(&self, l2_gpa: u64, len: u64) -> Result<Vec<(usize, u64, u64)>, Status> {
+        let end = l2_gpa.checked_add(len).ok_or(Status::OutOfRange)?;
+        let mut out = Vec::new();
+        let mut at = l2_gpa;
+        while at < end {
+            let (i, s) = self
+                .slots
+                .iter()
+                .enumerate()
+                .find(|(_, s)| at >= s.l2_gpa && at < s.l2_gpa + s.len)
+                .ok_or(Status::OutOfRange)?;
+            let take = (s.l2_gpa + s.len).min(end) - at;
+            out.push((i, at - s.l2_gpa, take));
+            at += take;
+        }
+        Ok(out)
+    }
+
+    /// Fills a mapped range with the seeded pattern (host speed).
+    pub fn fill_pattern(&self, l2_gpa: u64, len: u64, seed: u64) -> Result<u64, Status> {
+        if !l2_gpa.is_multiple_of(8) || !len.is_multiple_of(8) {
+            return Err(Status::Misaligned);
+        }
+        if len == 0 {
+            return Err(Status::BadArg);
+        }
+        for (i, off, take) in self.pieces(l2_gpa, len)? {
+            let s = &self.slots[i];
+            let base = s.l2_gpa + off;
+            // SAFETY: `pieces` proved the range lies in the slot's live mapping;
+            // the mapping is 8-byte aligned (page aligned) and so is `off`.
+            let words = unsafe {
+                std::slice::from_raw_parts_mut(
+                    (s.hva + off as usize) as *mut u64,
+                    (take / 8) as usize,
+                )
+            };
+            for (k, w) in words.iter_mut().enumerate() {
+                *w = checksum::pattern_word(seed, base + k as u64 * 8);
+            }
+        }
+        Ok(len)
+    }
+
+    /// Checksum of a mapped range, read from the backing pages.
+    pub fn checksum_range(&self, l2_gpa: u64, len: u64) -> Result<u64, Status> {
+        if !l2_gpa.is_multiple_of(8) || !len.is_multiple_of(8) {
+            return Err(Status::Misaligned);
+        }
+        let mut sum = checksum::CHECKSUM_INIT;
+        for (i, off, take) in self.pieces(l2_gpa, len)? {
+            let s = &self.slots[i];
+            // SAFETY: as in `fill_pattern`, read-only.
+            let words = unsafe {
+                std::slice::from_raw_parts(
+                    (s.hva + off as usize) as *const u64,
+                    (take / 8) as usize,
+                )
+            };
+            for &w in words {
+                sum = checksum::fold(sum, w);
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Checksum of the whole guest memory, in nested address order.
+    pub fn checksum_all(&self) -> u64 {
+        let mut order: Vec<&NestedSlot> = self.slots.iter().collect();
+        order.sort_by_key(|s| s.l2_gpa);
+        let mut sum = checksum::CHECKSUM_INIT;
+        for s in order {
+            // SAFETY: the whole slot is a live mapping, page aligned.
+            let words =
+                unsafe { std::slice::from_raw_parts(s.hva as *const u64, (s.len / 8) as usize) };
+            sum = words.iter().fold(sum, |a, &w| checksum::fold(a, w));
+        }
+        sum
+    }
+
+    /// Reads bytes of a mapped range.
+    pub fn read(&self, l2_gpa: u64, len: u64) -> Result<Vec<u8>, Status> {
+        let mut out = Vec::with_capacity(len as usize);
+        for (i, off, take) in self.pieces(l2_gpa, len)? {
+            let s = &self.slots[i];
+            // SAFETY: inside the slot's live mapping.
+            let b = unsafe {
+                std::slice::from_raw_parts((s.hva + off as usize) as *const u8, take as usize)
+            };
+            out.extend_from_slice(b);
+        }
+        Ok(out)
+    }
+}
+
+fn complete_pending(v: &mut NestedVcpu, answer: u64) {
+    if let Pending::Read { ptr, len } = v.pending {
+        let b = answer.to_le_bytes();
+        // SAFETY: `ptr` points into this vCPU's kvm_run mapping (the data
+        // area KVM named at the read exit), valid while the vCPU exists.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), ptr as *mut u8, len.min(8)) };
+        v.pending = Pending::None;
+    }
+}

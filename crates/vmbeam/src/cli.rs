@@ -1,0 +1,194 @@
+//! Command-line interface of `vmbeam` (clap).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use vmbeam_vmm::config::{parse_size, ConfigError, VmmConfig, Workload};
+use vmbeam_vmm::rejuvenate::Mode;
+
+/// Default API socket path.
+pub fn default_socket() -> PathBuf {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    PathBuf::from(format!("/tmp/vmbeam-{uid}.sock"))
+}
+
+/// vmbeam: run guest hypervisors in host VMs and rejuvenate them by moving
+/// their nested guests to a fresh guest hypervisor without copying memory.
+#[derive(Debug, Parser)]
+#[command(name = "vmbeam", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a host VM with the guest hypervisor and its nested guests, and serve the API.
+    Run(RunArgs),
+    /// Run, rejuvenate and report on the embedded default guests, self-contained.
+    Demo(DemoArgs),
+    /// Rejuvenate a running host VM (client of `vmbeam run`'s API).
+    Rejuvenate(RejuvenateArgs),
+    /// Show host VMs and their nested guests (client of the API).
+    Status(StatusArgs),
+    /// Stop a running `vmbeam run` (client of the API).
+    Shutdown(SockArg),
+}
+
+/// Options shared by `run` and `demo` that shape the VMs.
+#[derive(Debug, Args, Clone)]
+pub struct VmArgs {
+    /// RAM of the guest hypervisor (e.g. 32M).
+    #[arg(long, default_value = "32M", value_parser = size)]
+    pub mem: u64,
+    /// Nested-memory pool of the host VM (default: enough for the nested guests).
+    #[arg(long, value_parser = size)]
+    pub pool: Option<u64>,
+    /// vCPUs of the host VM.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Number of nested guests.
+    #[arg(long, default_value_t = 2)]
+    pub nested: u32,
+    /// RAM of each nested guest (e.g. 64M, 4G).
+    #[arg(long, default_value = "16M", value_parser = size)]
+    pub nested_mem: u64,
+    /// Nested workloads, assigned round-robin (memtouch, ticker).
+    #[arg(long, default_value = "memtouch,ticker", value_delimiter = ',', value_parser = workload)]
+    pub workload: Vec<Workload>,
+    /// memtouch: rounds before it halts (0 = forever); ticker: ticks before it faults on purpose (0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub workload_param: u64,
+    /// Write each console to DIR/<name>.log instead of the terminal.
+    #[arg(long)]
+    pub console_dir: Option<PathBuf>,
+    /// Load this guest hypervisor ELF instead of the embedded one.
+    #[arg(long)]
+    pub hypervisor: Option<PathBuf>,
+    /// Time slice of a nested vCPU run, in microseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub slice_us: u32,
+}
+
+impl VmArgs {
+    /// The VMM configuration these options describe.
+    pub fn config(&self, quiet: bool) -> VmmConfig {
+        VmmConfig {
+            ram: self.mem,
+            pool: self.pool,
+            vcpus: self.vcpus,
+            nested: self.nested,
+            nested_mem: self.nested_mem,
+            workloads: self.workload.clone(),
+            console_dir: self.console_dir.clone(),
+            quiet,
+            workload_param: self.workload_param,
+            slice_us: self.slice_us,
+        }
+    }
+}
+
+/// `vmbeam run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// VM options.
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Control API socket.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+    /// Exit cleanly after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Name of the host VM.
+    #[arg(long, default_value = "hv0")]
+    pub name: String,
+}
+
+/// `vmbeam demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// VM options.
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Migration mode.
+    #[arg(long, default_value = "zero-copy", value_parser = mode)]
+    pub mode: Mode,
+    /// How many rejuvenations in a row.
+    #[arg(long, default_value_t = 1)]
+    pub rejuvenations: u32,
+    /// Print the full report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vmbeam rejuvenate`.
+#[derive(Debug, Args)]
+pub struct RejuvenateArgs {
+    /// API socket.
+    #[command(flatten)]
+    pub sock: SockArg,
+    /// Host VM to rejuvenate (default: the first).
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Migration mode.
+    #[arg(long, default_value = "zero-copy", value_parser = mode)]
+    pub mode: Mode,
+    /// Print the full report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip hashing guests before and after.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Inject a fault into the successor (testing): reject-first, crash-before-adopt, crash-after-first, hang-at-boot.
+    #[arg(long)]
+    pub fault: Option<String>,
+}
+
+/// `vmbeam status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// API socket.
+    #[command(flatten)]
+    pub sock: SockArg,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The API socket option.
+#[derive(Debug, Args)]
+pub struct SockArg {
+    /// Control API socket of a running `vmbeam run`.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+}
+
+impl SockArg {
+    /// The socket to use.
+    pub fn path(&self) -> PathBuf {
+        self.api_sock.clone().unwrap_or_else(default_socket)
+    }
+}
+
+fn size(s: &str) -> Result<u64, ConfigError> {
+    parse_size(s)
+}
+
+fn workload(s: &str) -> Result<Workload, ConfigError> {
+    s.parse()
+}
+
+fn mode(s: &str) -> Result<Mode, String> {
+    match s {
+        "zero-copy" => Ok(Mode::ZeroCopy),
+        "copy" => Ok(Mode::Copy),
+        "precopy" => Ok(Mode::Precopy),
+        _ => Err(format!(
+            "unknown mode '{s}': choose zero-copy, copy or precopy"
+        )),
+    }
+}

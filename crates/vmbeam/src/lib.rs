@@ -1,0 +1,25 @@
+//! The vmbeam command: the guest images embedded at build time and the
+//! command-line interface (kept in the library so tests can parse it).
+
+pub mod cli;
+pub mod demo;
+pub mod run;
+
+use vmbeam_vmm::images::Images;
+use vmbeam_vmm::loader::LoaderError;
+
+/// The bundled guest hypervisor (L1) ELF.
+pub const HYPERVISOR_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hypervisor.elf"));
+/// The bundled memtouch workload ELF.
+pub const MEMTOUCH_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtouch.elf"));
+/// The bundled ticker workload ELF.
+pub const TICKER_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ticker.elf"));
+
+/// The embedded images, optionally with another guest hypervisor ELF.
+pub fn images(hypervisor: Option<Vec<u8>>) -> Result<Images, LoaderError> {
+    Images::new(
+        hypervisor.unwrap_or_else(|| HYPERVISOR_ELF.to_vec()),
+        MEMTOUCH_ELF,
+        TICKER_ELF,
+    )
+}

@@ -1,0 +1,78 @@
+//! `vmbeam`: entry point; parses the command line and runs the command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmbeam::cli::{Cli, Command};
+use vmbeam_vmm::api;
+use vmbeam_vmm::rejuvenate::Report;
+use vmbeam_vmm::vmm::Status;
+
+fn api_call(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<String, String> {
+    let (code, body) = api::call(sock, method, path, body).map_err(|e| e.to_string())?;
+    if code == 200 {
+        Ok(body)
+    } else {
+        let msg = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or(body);
+        Err(msg)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res: Result<(), String> = match &cli.command {
+        Command::Run(a) => vmbeam::run::run(a).map_err(|e| e.to_string()),
+        Command::Demo(a) => match vmbeam::demo::demo(a) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("demo checks failed".into()),
+            Err(e) => Err(e.to_string()),
+        },
+        Command::Status(a) => api_call(&a.sock.path(), "GET", "/status", None).and_then(|b| {
+            if a.json {
+                println!("{b}");
+                Ok(())
+            } else {
+                let s: Status =
+                    serde_json::from_str(&b).map_err(|e| format!("bad status reply: {e}"))?;
+                vmbeam::demo::print_status(&s);
+                Ok(())
+            }
+        }),
+        Command::Rejuvenate(a) => {
+            let body = serde_json::json!({
+                "vm": a.vm,
+                "mode": a.mode,
+                "verify": !a.no_verify,
+                "fault": a.fault,
+            })
+            .to_string();
+            api_call(&a.sock.path(), "POST", "/rejuvenate", Some(&body)).and_then(|b| {
+                if a.json {
+                    println!("{b}");
+                    Ok(())
+                } else {
+                    let r: Report =
+                        serde_json::from_str(&b).map_err(|e| format!("bad report: {e}"))?;
+                    vmbeam::demo::print_report(&r);
+                    Ok(())
+                }
+            })
+        }
+        Command::Shutdown(a) => api_call(&a.path(), "PUT", "/shutdown", None).map(|_| ()),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmbeam: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Health counters L1 reports to L0 with OP_HEALTH.
+//!
+//! L0 decides when a guest hypervisor has aged (leaks, errors, uptime) from
+//! these numbers, so L1 keeps them cheaply and sends them every few
+//! scheduler passes or about once a second.
+
+use crate::Hv;
+
+/// Passes between reports at most.
+const PASSES: u32 = 32;
+
+/// Counters not kept elsewhere.
+pub struct Health {
+    /// Errors seen (failed starts, crashes, failed hypercalls).
+    pub errors: u64,
+    /// Nested exits handled.
+    pub exits: u64,
+    /// Pool bytes that can never be reused (a destroy failed).
+    pub leaked: u64,
+    t0: u64,
+    last: u64,
+    passes: u32,
+}
+
+impl Health {
+    /// Counters starting at TSC `t0`.
+    pub fn new(t0: u64) -> Self {
+        Health {
+            errors: 0,
+            exits: 0,
+            leaked: 0,
+            t0,
+            last: 0,
+            passes: 0,
+        }
+    }
+}
+
+/// TSC ticks per millisecond.
+fn khz(hv: &Hv) -> u64 {
+    match hv.boot.tsc_khz {
+        0 => 1_000_000,
+        k => k,
+    }
+}
+
+/// Called after each scheduler pass; reports when due.
+pub fn tick(hv: &mut Hv) {
+    let now = guest_rt::rdtsc();
+    hv.health.passes += 1;
+    if hv.health.passes < PASSES && now.wrapping_sub(hv.health.last) < khz(hv) * 1000 {
+        return;
+    }
+    hv.health.passes = 0;
+    hv.health.last = now;
+    let live = hv.guests[..hv.n_guests]
+        .iter()
+        .filter(|g| g.is_live())
+        .count();
+    let args = [
+        hv.pool.free_bytes(),
+        hv.pool.used_bytes(),
+        live as u64,
+        hv.hc.issued + 1,
+        hv.health.leaked,
+        now.wrapping_sub(hv.health.t0) / khz(hv),
+        hv.health.errors,
+        hv.health.exits,
+    ];
+    if hv.hc.health(&args).is_err() {
+        hv.health.errors += 1;
+    }
+}

@@ -1,0 +1,106 @@
+//! The round-robin scheduler and nested exit handling.
+//!
+//! L1 has one vCPU and no interrupts, so it runs each live nested guest for
+//! one time slice in turn, handles what made it stop (console I/O, halts,
+//! crashes), and between passes watches the control word for a handover
+//! request and reports health to L0.
+
+use crate::nested::{self, GuestState};
+use crate::{handover, health, uart, Hv};
+use vmbeam_abi::boot::control;
+use vmbeam_abi::hypercall::{exit, NestedExit};
+
+/// Slice used when L0 gives none.
+const DEFAULT_SLICE_US: u64 = 10_000;
+/// Idle wait when no guest is runnable.
+const IDLE_WAIT_US: u64 = 20_000;
+
+/// Schedules the guests forever.
+pub fn run(hv: &mut Hv) -> ! {
+    let mut last_control = control::NONE;
+    loop {
+        let mut ran = false;
+        for i in 0..hv.n_guests {
+            if hv.guests[i].state == GuestState::Running {
+                ran = true;
+                step(hv, i);
+            }
+        }
+        let c = hv.control();
+        if c == control::HANDOVER && last_control != control::HANDOVER {
+            handover::aged(hv);
+        }
+        last_control = c;
+        health::tick(hv);
+        if !ran {
+            let _ = hv.hc.wait(IDLE_WAIT_US);
+        }
+    }
+}
+
+/// Runs guest `i` for one slice and handles its exit.
+fn step(hv: &mut Hv, i: usize) {
+    let g = &mut hv.guests[i];
+    let answer = g.pending_in.take().unwrap_or(0);
+    let slice = match hv.boot.slice_us {
+        0 => DEFAULT_SLICE_US,
+        s => s as u64,
+    };
+    match hv.hc.vcpu_run(g.handle, 0, slice, answer) {
+        Ok(e) => handle_exit(hv, i, &e),
+        Err(s) => {
+            say!("nested guest {} run failed: {s:?}", hv.name(i));
+            hv.health.errors += 1;
+            nested::kill(hv, i);
+        }
+    }
+}
+
+/// All-ones value of an access of `size` bytes.
+fn ones(size: u32) -> u64 {
+    match size {
+        1..=7 => (1u64 << (size * 8)) - 1,
+        _ => u64::MAX,
+    }
+}
+
+fn handle_exit(hv: &mut Hv, i: usize, e: &NestedExit) {
+    hv.health.exits += 1;
+    let g = &mut hv.guests[i];
+    g.exits += 1;
+    match e.reason {
+        exit::SLICE | exit::MMIO_WRITE => {}
+        exit::IO_OUT if uart::is_uart(e.port) => {
+            if uart::write(&mut g.uart, e.port - uart::BASE, e.data as u8) {
+                let n = (g.uart.line_len as usize).min(g.uart.line.len());
+                g.uart.line_len = 0;
+                if hv.hc.console_write(g.handle, &g.uart.line[..n]).is_err() {
+                    hv.health.errors += 1;
+                }
+            }
+        }
+        exit::IO_OUT => {}
+        exit::IO_IN if uart::is_uart(e.port) => {
+            g.pending_in = Some(uart::read(&g.uart, e.port - uart::BASE) as u64);
+        }
+        exit::IO_IN | exit::MMIO_READ => g.pending_in = Some(ones(e.size)),
+        exit::HLT => {
+            g.state = GuestState::Halted;
+            say!("{} halted", hv.name(i));
+        }
+        r => {
+            let why = match r {
+                exit::SHUTDOWN => "shutdown",
+                exit::FAIL => "fail",
+                _ => "unknown exit",
+            };
+            say!(
+                "nested guest {} crashed: {why} detail={:x}",
+                hv.name(i),
+                e.detail
+            );
+            hv.health.errors += 1;
+            nested::kill(hv, i);
+        }
+    }
+}

@@ -55,7 +55,7 @@ fn main() {
         );
     }
     let bin = target_dir.join("x86_64-unknown-none/release");
-    for g in ["hypervisor", "memtouch", "ticker"] {
+    for g in ["hypervisor", "memtouch", "ticker", "hostile"] {
         std::fs::copy(bin.join(g), out.join(format!("{g}.elf")))
             .unwrap_or_else(|e| panic!("guest {g} was not built: {e}"));
     }

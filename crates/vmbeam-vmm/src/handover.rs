@@ -29,8 +29,10 @@ pub enum Phase {
     Ready,
     /// Aged L1 is moving guests.
     HandingOver,
-    /// Aged L1 finished; L0 may revoke it.
+    /// Aged L1 finished and waits in HANDOVER_DONE for L0's decision.
     AgedDone,
+    /// L0 decided to revoke the aged VM and commit the successor.
+    Committing,
     /// Given up; the message says why.
     Aborted(String),
 }
@@ -360,7 +362,22 @@ pub fn op_done(vm: &HostVm, count: u64) -> HcResult {
     drop(succ_table);
     drop(st);
     s.set_phase(Phase::AgedDone);
-    Ok(HcOutcome::Retire)
+    // The aged L1 stays inside this hypercall until L0 decides: revoke it
+    // (Committing) or give its guests back (Aborted, e.g. the successor died
+    // in the meantime).
+    let decided = s.wait_phase(
+        Duration::from_secs(120),
+        |p| matches!(p, Phase::Committing | Phase::Aborted(_)),
+        || stopping(vm).then(|| "stopping".to_string()),
+    );
+    match decided {
+        Ok(Phase::Committing) => Ok(HcOutcome::Retire),
+        Err(_) if stopping(vm) => Ok(HcOutcome::Retire),
+        _ => {
+            unfreeze(vm);
+            Err(Status::Aborted)
+        }
+    }
 }
 
 /// OP_HANDOVER_ABORT: the aged L1 gives up; its guests stay with it.

@@ -176,7 +176,7 @@ pub struct NestedTable {
 struct VcpuThread {
     thread: libc::pthread_t,
     immediate_exit: usize,
-    join: Option<std::thread::JoinHandle<()>>,
+    join: Option<std::thread::JoinHandle<VcpuFd>>,
 }
 
 type HostSerial = Serial<NoIrq, vm_superio::serial::NoEvents, LineWriter>;
@@ -475,6 +475,9 @@ impl HostVm {
                     }
                 }
                 me.shared.notify_vm_event();
+                // Hand the vCPU back so its kvm_run mapping outlives any kick
+                // until the thread is joined.
+                fd
             })
             .expect("spawn vCPU thread");
         let thread = rx.recv().expect("vCPU thread reports its id");
@@ -649,26 +652,20 @@ impl HostVm {
     pub fn stop_vcpus(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.doorbell.ring();
-        let mut v = self.vcpus.lock().unwrap();
-        for t in v.iter() {
-            // SAFETY: `immediate_exit` points into the vCPU's kvm_run mapping,
-            // alive until the thread (which owns the VcpuFd) is joined below.
-            unsafe { kick::set_immediate_exit(t.immediate_exit as *const AtomicU8) };
-            if t.join.as_ref().map(|j| !j.is_finished()).unwrap_or(false) {
+        // Joined threads are removed from the list, so every entry here still
+        // owns its VcpuFd (returned by the thread), keeping kvm_run mapped.
+        let threads: Vec<VcpuThread> = std::mem::take(&mut *self.vcpus.lock().unwrap());
+        for mut t in threads {
+            let Some(j) = t.join.take() else { continue };
+            while !j.is_finished() {
+                // SAFETY: `immediate_exit` points into the vCPU's kvm_run
+                // mapping; the VcpuFd lives until `join` below returns it.
+                unsafe { kick::set_immediate_exit(t.immediate_exit as *const AtomicU8) };
                 kick::signal_thread(t.thread);
+                self.doorbell.ring();
+                std::thread::sleep(Duration::from_millis(1));
             }
-        }
-        for t in v.iter_mut() {
-            if let Some(j) = t.join.take() {
-                while !j.is_finished() {
-                    // SAFETY: as above; the thread is still alive.
-                    unsafe { kick::set_immediate_exit(t.immediate_exit as *const AtomicU8) };
-                    kick::signal_thread(t.thread);
-                    self.doorbell.ring();
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                let _ = j.join();
-            }
+            let _ = j.join();
         }
     }
 
@@ -679,15 +676,6 @@ impl HostVm {
             .unwrap()
             .iter()
             .any(|t| t.join.as_ref().map(|j| !j.is_finished()).unwrap_or(false))
-    }
-
-    /// Waits for the vCPU threads that already ended on their own.
-    pub fn join_finished(&self) {
-        for t in self.vcpus.lock().unwrap().iter_mut() {
-            if t.join.as_ref().map(|j| j.is_finished()).unwrap_or(false) {
-                let _ = t.join.take().unwrap().join();
-            }
-        }
     }
 
     /// Destroys every nested VM (dropping their KVM VMs) and unbinds records.

@@ -50,6 +50,14 @@ pub enum LoaderError {
         /// Highest allowed.
         hi: u64,
     },
+    /// The headers are inconsistent.
+    #[error("{what} is not a loadable x86-64 ELF: {msg}")]
+    Malformed {
+        /// Which image.
+        what: String,
+        /// What is wrong.
+        msg: String,
+    },
     /// Guest memory access failed.
     #[error("cannot prepare memory for {0}")]
     Memory(String),
@@ -74,7 +82,71 @@ fn entry_of(image: &[u8]) -> u64 {
     u64::from_le_bytes(e)
 }
 
+fn u16_at(b: &[u8], o: usize) -> Option<u64> {
+    b.get(o..o + 2)
+        .map(|x| u16::from_le_bytes([x[0], x[1]]) as u64)
+}
+
+fn u64_at(b: &[u8], o: usize) -> Option<u64> {
+    b.get(o..o + 8).map(|x| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(x);
+        u64::from_le_bytes(a)
+    })
+}
+
+/// The span `[start, end)` of the PT_LOAD segments, read from the program
+/// headers (bounds-checked), before anything is written to guest memory.
+fn load_span(what: &str, image: &[u8]) -> Result<(u64, u64), LoaderError> {
+    let bad = |m: &str| LoaderError::Malformed {
+        what: what.into(),
+        msg: m.into(),
+    };
+    let phoff = u64_at(image, 32).ok_or_else(|| bad("truncated ELF header"))? as usize;
+    let phentsize = u16_at(image, 54).ok_or_else(|| bad("truncated ELF header"))? as usize;
+    let phnum = u16_at(image, 56).ok_or_else(|| bad("truncated ELF header"))? as usize;
+    if phentsize < 56 {
+        return Err(bad("program header entries are too small"));
+    }
+    let mut span: Option<(u64, u64)> = None;
+    for i in 0..phnum {
+        let o = phoff
+            .checked_add(i * phentsize)
+            .ok_or_else(|| bad("program header offset overflows"))?;
+        let p_type = image
+            .get(o..o + 4)
+            .ok_or_else(|| bad("truncated program headers"))?;
+        if p_type != [1, 0, 0, 0] {
+            continue;
+        }
+        let p_offset = u64_at(image, o + 8).ok_or_else(|| bad("truncated program headers"))?;
+        let paddr = u64_at(image, o + 24).ok_or_else(|| bad("truncated program headers"))?;
+        let filesz = u64_at(image, o + 32).ok_or_else(|| bad("truncated program headers"))?;
+        let memsz = u64_at(image, o + 40).ok_or_else(|| bad("truncated program headers"))?;
+        if filesz == 0 {
+            continue;
+        }
+        if p_offset
+            .checked_add(filesz)
+            .is_none_or(|e| e > image.len() as u64)
+        {
+            return Err(bad(
+                "a segment extends past the end of the file (truncated image?)",
+            ));
+        }
+        let end = paddr
+            .checked_add(memsz.max(filesz))
+            .ok_or_else(|| bad("a segment wraps the address space"))?;
+        span = Some(match span {
+            None => (paddr, end),
+            Some((a, b)) => (a.min(paddr), b.max(end)),
+        });
+    }
+    span.ok_or_else(|| bad("no loadable segment"))
+}
+
 /// Loads an ELF into `mem`, requiring all of it in `[lo, hi)` and the entry inside it.
+/// Nothing is written to guest memory unless every check passes.
 pub fn load_elf(
     what: &str,
     image: &[u8],
@@ -85,15 +157,14 @@ pub fn load_elf(
     if image.len() < 4 || &image[..4] != b"\x7fELF" {
         return Err(LoaderError::BadMagic { what: what.into() });
     }
-    let res = Elf::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(lo))).map_err(
-        |source| LoaderError::Elf {
+    if image.len() < 64 || image[4] != 2 || image[5] != 1 {
+        return Err(LoaderError::Malformed {
             what: what.into(),
-            source,
-        },
-    )?;
-    let start = res.kernel_load.0;
-    let end = res.kernel_end;
-    if start < lo || end > hi || end < start {
+            msg: "not a little-endian 64-bit ELF (or truncated header)".into(),
+        });
+    }
+    let (start, end) = load_span(what, image)?;
+    if start < lo || end > hi {
         return Err(LoaderError::TooBig {
             what: what.into(),
             start,
@@ -111,6 +182,12 @@ pub fn load_elf(
             end,
         });
     }
+    Elf::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(lo))).map_err(|source| {
+        LoaderError::Elf {
+            what: what.into(),
+            source,
+        }
+    })?;
     Ok(Loaded { start, end, entry })
 }
 
@@ -189,7 +266,11 @@ mod tests {
         ));
         assert!(matches!(
             flatten("cut", &img[..70], 0x10_0000, 0x20_0000),
-            Err(LoaderError::Elf { .. })
+            Err(LoaderError::Malformed { .. })
+        ));
+        assert!(matches!(
+            flatten("cut2", &img[..img.len() - 1], 0x10_0000, 0x20_0000),
+            Err(LoaderError::Malformed { .. })
         ));
         let far = tiny_elf(&code, 0x10_0000, 0x30_0000);
         assert!(matches!(

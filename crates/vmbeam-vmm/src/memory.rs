@@ -99,6 +99,46 @@ impl MemFile {
         }
     }
 
+    /// Splits `[offset, offset+len)` into `(start, len, has_data)` pieces
+    /// using SEEK_DATA/SEEK_HOLE; if the file system cannot tell, the whole
+    /// range is reported as data.
+    pub fn extents(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        let fd = self.file.as_raw_fd();
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            // SAFETY: lseek on our own fd only moves (and reports) a file offset.
+            let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = std::io::Error::last_os_error().raw_os_error();
+                if e == Some(libc::ENXIO) {
+                    out.push((at, end - at, false));
+                } else {
+                    out.push((at, end - at, true));
+                }
+                break;
+            }
+            let data = (data as u64).min(end);
+            if data > at {
+                out.push((at, data - at, false));
+            }
+            if data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
+            out.push((data, hole - data, true));
+            at = hole;
+        }
+        out
+    }
+
     /// Returns the pages of `[offset, offset + len)` to the host.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
         if len == 0 {
@@ -282,7 +322,11 @@ mod tests {
         assert!(ram.read((1 << 30) + 8, &mut out));
         assert_eq!(out, [1, 2, 3]);
         assert!(f.allocated_bytes() >= 4096);
+        let ext = f.extents(0, 4 << 20);
+        assert_eq!(ext.iter().map(|e| e.1).sum::<u64>(), 4 << 20);
+        assert!(ext.iter().any(|e| e.2) && ext.iter().any(|e| !e.2));
         f.punch_hole(0, 4 << 20).unwrap();
+        assert!(f.extents(0, 4 << 20).iter().all(|e| !e.2));
         assert_eq!(f.allocated_bytes(), 0);
         assert!(ram.read((1 << 30) + 8, &mut out));
         assert_eq!(out, [0, 0, 0]);

@@ -457,15 +457,33 @@ impl NestedVm {
     }
 
     /// Checksum of the whole guest memory, in nested address order.
+    ///
+    /// Holes in the backing file (pages never written) read as zeros; they
+    /// are folded as zeros without being touched, so hashing a sparse guest
+    /// allocates no host memory.
     pub fn checksum_all(&self) -> u64 {
         let mut order: Vec<&NestedSlot> = self.slots.iter().collect();
         order.sort_by_key(|s| s.l2_gpa);
         let mut sum = checksum::CHECKSUM_INIT;
         for s in order {
-            // SAFETY: the whole slot is a live mapping, page aligned.
-            let words =
-                unsafe { std::slice::from_raw_parts(s.hva as *const u64, (s.len / 8) as usize) };
-            sum = words.iter().fold(sum, |a, &w| checksum::fold(a, w));
+            for (off, len, data) in s.file.extents(s.file_offset, s.len) {
+                let words = (len / 8) as usize;
+                if data {
+                    // SAFETY: `[off, off+len)` is inside the slot's live,
+                    // page-aligned mapping.
+                    let w = unsafe {
+                        std::slice::from_raw_parts(
+                            (s.hva + (off - s.file_offset) as usize) as *const u64,
+                            words,
+                        )
+                    };
+                    sum = w.iter().fold(sum, |a, &x| checksum::fold(a, x));
+                } else {
+                    for _ in 0..words {
+                        sum = checksum::fold(sum, 0);
+                    }
+                }
+            }
         }
         sum
     }

@@ -223,6 +223,11 @@ pub fn rejuvenate(
 
     let guests_now = aged.nested.lock().unwrap().vms.len();
     let rollback = |session: &Arc<Session>, succ: Option<&Arc<HostVm>>, msg: String| {
+        // Unfreeze before telling L1, or it could RUN a still-frozen guest.
+        handover::unfreeze(aged);
+        if !matches!(session.phase(), Phase::Aborted(_)) {
+            session.set_phase(Phase::Aborted(msg.clone()));
+        }
         aged.set_control(control::ABORT);
         if let Some(s) = succ {
             s.stop_vcpus();
@@ -231,7 +236,6 @@ pub fn rejuvenate(
             *s.session.lock().unwrap() = None;
             s.set_status(VmStatus::Stopped);
         }
-        handover::unfreeze(aged);
         *aged.session.lock().unwrap() = None;
         *session.successor.lock().unwrap() = None;
         RejuvenateError::RolledBack {
@@ -310,6 +314,13 @@ pub fn rejuvenate(
         }
         Err(m) => return Err(rollback(&session, Some(&succ), m)),
     }
+
+    // The successor must still be alive to take the guests; otherwise the
+    // aged L1 (waiting inside HANDOVER_DONE) gets them back.
+    if let Some(m) = succ_dead() {
+        return Err(rollback(&session, Some(&succ), m));
+    }
+    session.set_phase(Phase::Committing);
 
     // 3. Revoke the aged VM: no vCPU, no nested VM, no slot survives.
     aged.stop_vcpus();

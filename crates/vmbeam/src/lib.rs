@@ -23,3 +23,7 @@ pub fn images(hypervisor: Option<Vec<u8>>) -> Result<Images, LoaderError> {
         TICKER_ELF,
     )
 }
+
+/// A deliberately hostile guest hypervisor used by tests: it sends invalid
+/// hypercalls and checks that L0 refuses each one.
+pub const HOSTILE_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hostile.elf"));

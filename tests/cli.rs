@@ -1,0 +1,209 @@
+//! The command line: parsing errors, and `vmbeam run` / `status` /
+//! `rejuvenate` / `shutdown` driving a real VMM through the API socket.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use vmbeam::cli::{Cli, Command as Cmd};
+
+fn parse(args: &[&str]) -> Result<Cli, String> {
+    Cli::try_parse_from(args).map_err(|e| e.to_string())
+}
+
+#[test]
+fn cli_parsing_errors_are_clear() {
+    let e = parse(&["vmbeam", "run", "--nested-mem", "12Q"]).unwrap_err();
+    assert!(e.contains("invalid size '12Q'"), "{e}");
+    let e = parse(&["vmbeam", "run", "--workload", "memtouch,bogus"]).unwrap_err();
+    assert!(e.contains("unknown workload 'bogus'"), "{e}");
+    let e = parse(&["vmbeam", "rejuvenate", "--mode", "teleport"]).unwrap_err();
+    assert!(e.contains("unknown mode 'teleport'"), "{e}");
+    let e = parse(&["vmbeam", "run", "--vcpus", "many"]).unwrap_err();
+    assert!(e.contains("--vcpus"), "{e}");
+    assert!(parse(&["vmbeam", "frobnicate"]).is_err());
+    let ok = parse(&[
+        "vmbeam",
+        "run",
+        "--nested",
+        "3",
+        "--nested-mem",
+        "64M",
+        "--workload",
+        "ticker",
+    ])
+    .unwrap();
+    match ok.command {
+        Cmd::Run(r) => {
+            assert_eq!(r.vm.nested, 3);
+            assert_eq!(r.vm.nested_mem, 64 << 20);
+            assert_eq!(r.vm.workload.len(), 1);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vmbeam"))
+}
+
+#[test]
+fn bad_values_fail_with_one_clear_sentence() {
+    if !common::kvm_or_skip("bad_values_fail_with_one_clear_sentence") {
+        return;
+    }
+    let out = bin()
+        .args([
+            "run",
+            "--nested",
+            "4",
+            "--nested-mem",
+            "64M",
+            "--pool",
+            "64M",
+            "--duration",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("do not fit a 64 MiB pool"), "{err}");
+    let out = bin()
+        .args(["status", "--api-sock", "/nonexistent/vmbeam.sock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect to the vmbeam API at /nonexistent/vmbeam.sock"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_status_rejuvenate_shutdown_through_the_api() {
+    if !common::kvm_or_skip("run_status_rejuvenate_shutdown_through_the_api") {
+        return;
+    }
+    let dir = common::temp_dir("cli-api");
+    let sock = dir.join("api.sock");
+    let mut child = bin()
+        .args(["run", "--duration", "120", "--console-dir"])
+        .arg(&dir)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_console(&dir, "l2-1", Duration::from_secs(60), |t| {
+        t.lines().count() >= 3
+    });
+    let mode = std::fs::metadata(&sock).map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o777
+    });
+    assert_eq!(mode.unwrap(), 0o600, "API socket must be owner-only");
+
+    let out = bin()
+        .args(["status", "--json", "--api-sock"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["host_vms"][0]["generation"], 1);
+    assert_eq!(st["host_vms"][0]["nested"].as_array().unwrap().len(), 2);
+
+    let out = bin()
+        .args(["rejuvenate", "--json", "--api-sock"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "mode",
+        "boot_ms",
+        "handover_ms",
+        "total_ms",
+        "bytes_copied",
+        "channel_bytes",
+        "released_bytes",
+        "host_rss_before",
+        "host_rss_after",
+        "guests",
+    ] {
+        assert!(r.get(key).is_some(), "report lacks {key}: {r}");
+    }
+    assert_eq!(r["bytes_copied"], 0);
+    for g in r["guests"].as_array().unwrap() {
+        for key in [
+            "name",
+            "mem_bytes",
+            "downtime_us",
+            "checksum_before",
+            "checksum_after",
+            "running_after",
+        ] {
+            assert!(g.get(key).is_some(), "guest report lacks {key}: {g}");
+        }
+        assert_eq!(g["running_after"], true);
+        assert_eq!(g["checksum_before"], g["checksum_after"]);
+    }
+
+    let out = bin()
+        .args(["status", "--api-sock"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("host VM hv0 (generation 2"), "{text}");
+
+    let out = bin()
+        .args(["rejuvenate", "--vm", "nope", "--api-sock"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no host VM named 'nope'"));
+
+    // Malformed API requests get a clear error and change nothing.
+    let (code, body) =
+        vmbeam_vmm::api::call(&sock, "POST", "/rejuvenate", Some("{\"mode\": 7}")).unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("bad rejuvenate request"), "{body}");
+    let (code, _) = vmbeam_vmm::api::call(&sock, "GET", "/nowhere", None).unwrap();
+    assert_eq!(code, 404);
+
+    let out = bin()
+        .args(["shutdown", "--api-sock"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vmbeam run did not exit after shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    assert!(!sock.exists(), "the API socket is removed on exit");
+}

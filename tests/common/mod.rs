@@ -1,0 +1,84 @@
+//! Helpers shared by the integration tests: skipping without /dev/kvm,
+//! temporary console directories, and waiting for console output.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vmbeam_vmm::config::VmmConfig;
+use vmbeam_vmm::vmm::Vmm;
+
+/// True if /dev/kvm can be opened; otherwise prints why the test is skipped.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIP {test}: /dev/kvm not available ({e})");
+            false
+        }
+    }
+}
+
+/// A fresh directory for one test's consoles.
+pub fn temp_dir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmbeam-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A VMM with consoles in `dir` and the embedded images.
+pub fn vmm(dir: &Path, config: VmmConfig) -> Vmm {
+    let config = VmmConfig {
+        console_dir: Some(dir.to_path_buf()),
+        ..config
+    };
+    Vmm::new(config, vmbeam::images(None).unwrap()).unwrap()
+}
+
+/// The text of console `name` in `dir`.
+pub fn console(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+}
+
+/// Waits until `pred` holds on console `name`, failing with its contents after `timeout`.
+pub fn wait_console(
+    dir: &Path,
+    name: &str,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = console(dir, name);
+        if pred(&text) {
+            return text;
+        }
+        if Instant::now() >= deadline {
+            panic!("console {name} did not show what was expected in {timeout:?}; it has:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Last number after `key=` (or `key `) on the console, e.g. the ticker count.
+pub fn last_counter(text: &str, prefix: &str) -> Option<u64> {
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// memtouch's last completed round on console `text`.
+pub fn memtouch_round(text: &str) -> Option<u64> {
+    text.lines().rev().find_map(|l| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix("round="))
+            .and_then(|n| n.parse().ok())
+    })
+}

@@ -1,0 +1,197 @@
+//! Issue: zero-copy rejuvenation moves every nested guest to a fresh guest
+//! hypervisor without copying memory, and rolls back on any failure.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use vmbeam_vmm::config::{VmmConfig, Workload};
+use vmbeam_vmm::rejuvenate::{RejuvenateOptions, Report};
+use vmbeam_vmm::vmm::{Vmm, VmmError};
+
+fn started(test: &str, nested: u32) -> (Vmm, std::path::PathBuf) {
+    let dir = temp_dir(test);
+    let vmm = vmm(
+        &dir,
+        VmmConfig {
+            nested,
+            workloads: vec![Workload::Memtouch, Workload::Ticker],
+            ..Default::default()
+        },
+    );
+    vmm.start("hv0").unwrap();
+    for i in 0..nested {
+        wait_console(&dir, &format!("l2-{i}"), Duration::from_secs(60), |t| {
+            t.lines().count() >= 3
+        });
+    }
+    (vmm, dir)
+}
+
+fn progress(dir: &std::path::Path, nested: u32) -> Vec<u64> {
+    (0..nested)
+        .map(|i| {
+            let t = console(dir, &format!("l2-{i}"));
+            if i % 2 == 0 {
+                memtouch_round(&t).unwrap_or(0)
+            } else {
+                last_counter(&t, "tick ").unwrap_or(0)
+            }
+        })
+        .collect()
+}
+
+fn wait_progress_beyond(dir: &std::path::Path, nested: u32, base: &[u64]) {
+    for i in 0..nested {
+        let name = format!("l2-{i}");
+        wait_console(dir, &name, Duration::from_secs(60), |t| {
+            let v = if i % 2 == 0 {
+                memtouch_round(t)
+            } else {
+                last_counter(t, "tick ")
+            };
+            v.is_some_and(|v| v > base[i as usize])
+        });
+    }
+}
+
+fn check_report(r: &Report, nested: usize, generation: u32) {
+    assert_eq!(r.mode, "zero-copy");
+    assert_eq!(r.to_generation, generation);
+    assert_eq!(r.bytes_copied, 0);
+    assert_eq!(r.guests.len(), nested);
+    for g in &r.guests {
+        assert!(g.running_after, "{g:?}");
+        assert!(g.checksum_before.is_some());
+        assert_eq!(g.checksum_before, g.checksum_after, "{g:?}");
+        assert_eq!(g.mem_bytes, 16 << 20);
+    }
+    assert!(r.channel_bytes > 0);
+    assert!(r.released_bytes > 0);
+}
+
+#[test]
+fn rejuvenation_moves_every_guest_without_copying() {
+    if !kvm_or_skip("rejuvenation_moves_every_guest_without_copying") {
+        return;
+    }
+    let (vmm, dir) = started("zerocopy", 3);
+    let base = progress(&dir, 3);
+    let r = vmm.rejuvenate(None, &RejuvenateOptions::default()).unwrap();
+    check_report(&r, 3, 2);
+    // Same consoles keep counting.
+    wait_progress_beyond(&dir, 3, &base);
+    let st = vmm.status();
+    assert_eq!(st.host_vms.len(), 1, "the aged host VM is gone");
+    assert_eq!(st.host_vms[0].generation, 2);
+    assert_eq!(st.host_vms[0].nested.len(), 3);
+    assert!(st.host_vms[0]
+        .nested
+        .iter()
+        .all(|n| n.moves == 1 && n.generation == 2));
+    let l1 = console(&dir, "hv0-g2");
+    assert!(l1.contains("role=successor"), "{l1}");
+    assert!(
+        l1.contains("adopted 3 nested guests from generation 1"),
+        "{l1}"
+    );
+    // memtouch never saw a corrupted word.
+    assert!(!console(&dir, "l2-0").contains("bad=1"));
+    // Rejuvenating twice more in a row works.
+    for generation in [3, 4] {
+        let base = progress(&dir, 3);
+        let r = vmm
+            .rejuvenate(Some("hv0"), &RejuvenateOptions::default())
+            .unwrap();
+        check_report(&r, 3, generation);
+        wait_progress_beyond(&dir, 3, &base);
+    }
+    let st = vmm.status();
+    assert_eq!(st.host_vms[0].generation, 4);
+    assert!(st.host_vms[0].nested.iter().all(|n| n.moves == 3));
+    assert!(vmm.failure().is_none());
+}
+
+fn rollback_case(test: &str, fault: &str, expect: &str) {
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let (vmm, dir) = started(test, 2);
+    let base = progress(&dir, 2);
+    let opts = RejuvenateOptions {
+        fault: vmbeam_vmm::api::parse_fault(fault).unwrap(),
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let e = vmm.rejuvenate(None, &opts).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, VmmError::Rejuvenate(_)), "{msg}");
+    assert!(msg.contains(expect), "{msg}");
+    assert!(
+        msg.contains("all 2 nested guests keep running under generation 1"),
+        "{msg}"
+    );
+    // Every guest still runs under the aged guest hypervisor.
+    wait_progress_beyond(&dir, 2, &base);
+    let st = vmm.status();
+    assert_eq!(st.host_vms[0].generation, 1);
+    assert_eq!(st.host_vms[0].status, "running");
+    assert_eq!(st.host_vms[0].nested.len(), 2);
+    assert!(st.host_vms[0].nested.iter().all(|n| n.moves == 0));
+    // And a later rejuvenation still succeeds.
+    let base = progress(&dir, 2);
+    let r = vmm.rejuvenate(None, &RejuvenateOptions::default()).unwrap();
+    check_report(&r, 2, 2);
+    wait_progress_beyond(&dir, 2, &base);
+}
+
+#[test]
+fn successor_rejecting_a_guest_rolls_back() {
+    rollback_case("reject", "reject-first", "aborted the handover");
+}
+
+#[test]
+fn successor_crashing_before_adopting_rolls_back() {
+    rollback_case("crashbefore", "crash-before-adopt", "the successor died");
+}
+
+#[test]
+fn successor_crashing_after_adopting_one_rolls_back() {
+    rollback_case("crashafter", "crash-after-first", "the successor died");
+}
+
+#[test]
+fn successor_that_never_boots_rolls_back() {
+    rollback_case("hang", "hang-at-boot", "did not become ready");
+}
+
+#[test]
+fn a_second_rejuvenation_while_one_runs_is_refused() {
+    if !kvm_or_skip("a_second_rejuvenation_while_one_runs_is_refused") {
+        return;
+    }
+    let (vmm, _dir) = started("busy", 1);
+    let vmm = std::sync::Arc::new(vmm);
+    let v2 = vmm.clone();
+    let slow = std::thread::spawn(move || {
+        v2.rejuvenate(
+            None,
+            &RejuvenateOptions {
+                fault: vmbeam_vmm::api::parse_fault("hang-at-boot").unwrap(),
+                timeout: Duration::from_secs(3),
+                ..Default::default()
+            },
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let e = vmm
+        .rejuvenate(None, &RejuvenateOptions::default())
+        .unwrap_err();
+    assert!(matches!(e, VmmError::Busy), "{e}");
+    assert!(slow.join().unwrap().is_err());
+    assert!(matches!(
+        vmm.rejuvenate(Some("nope"), &RejuvenateOptions::default()),
+        Err(VmmError::NoSuchVm(_))
+    ));
+}

@@ -18,6 +18,7 @@ fn main() {
         "hypervisor",
         "memtouch",
         "ticker",
+        "hostile",
         "rt",
     ] {
         println!("cargo:rerun-if-changed={}", guests.join(p).display());

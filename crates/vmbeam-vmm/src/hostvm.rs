@@ -679,12 +679,11 @@ impl HostVm {
     }
 
     /// Destroys every nested VM (dropping their KVM VMs) and unbinds records.
-    pub fn drop_nested(&self) -> usize {
+    pub fn drop_nested(&self) -> Vec<Arc<Mutex<NestedVm>>> {
         let vms: Vec<_> = std::mem::take(&mut self.nested.lock().unwrap().vms)
             .into_values()
             .collect();
-        let n = vms.len();
-        for v in vms {
+        for v in &vms {
             let v = v.lock().unwrap();
             if let Some(r) = &v.record {
                 let mut info = r.info.lock().unwrap();
@@ -693,11 +692,12 @@ impl HostVm {
                 }
             }
         }
-        n
+        vms
     }
 
-    /// Removes every memory slot of the VM and unmaps its regions.
-    pub fn drop_memory(&self) {
+    /// Removes every memory slot of the VM and returns its regions, still
+    /// mapped in L0; dropping them unmaps the memory.
+    pub fn drop_memory(&self) -> Vec<Region> {
         let regions = std::mem::take(&mut self.mem.write().unwrap().regions);
         for r in &regions {
             let region = kvm_userspace_memory_region {
@@ -710,6 +710,7 @@ impl HostVm {
             // SAFETY: size 0 deletes the slot; no memory is handed to KVM.
             let _ = unsafe { self.vm.set_user_memory_region(region) };
         }
+        regions
     }
 
     /// Finds a nested VM.

@@ -300,6 +300,9 @@ impl NestedVm {
             return Err(Status::BadState);
         }
         let slice = slice.clamp(SLICE_BOUNDS.0, SLICE_BOUNDS.1);
+        // Check the index before counting: a refused RUN must leave `runs`
+        // alone (`runs == 0` marks the first entry after a move).
+        self.vcpu(idx)?;
         self.runs += 1;
         let v = self.vcpu(idx)?;
         complete_pending(v, answer);

@@ -231,8 +231,8 @@ pub fn rejuvenate(
         aged.set_control(control::ABORT);
         if let Some(s) = succ {
             s.stop_vcpus();
-            s.drop_nested();
-            s.drop_memory();
+            drop(s.drop_nested());
+            drop(s.drop_memory());
             *s.session.lock().unwrap() = None;
             s.set_status(VmStatus::Stopped);
         }
@@ -326,8 +326,11 @@ pub fn rejuvenate(
     aged.stop_vcpus();
     aged.set_status(VmStatus::Retired);
     let allocated_before = aged.ram_file.allocated_bytes() + aged.pool_file.allocated_bytes();
-    aged.drop_nested();
-    aged.drop_memory();
+    // Slots go now (the aged VM can no longer reach any page); the host
+    // mappings and the nested KVM VMs are torn down after commit, off the
+    // critical path, by the reaper below.
+    let reap_nested = aged.drop_nested();
+    let reap_regions = aged.drop_memory();
     let grants = session.st.lock().unwrap().grants.clone();
     let mut keep: Vec<(u64, u64)> = Vec::new();
     let succ_table: Vec<_> = succ.nested.lock().unwrap().vms.values().cloned().collect();
@@ -390,6 +393,14 @@ pub fn rejuvenate(
     succ.set_control(control::COMMIT);
     let t_commit = Instant::now();
 
+    let reaper = std::thread::Builder::new()
+        .name("vmbeam-reaper".into())
+        .spawn(move || {
+            drop(reap_nested);
+            drop(reap_regions);
+        })
+        .ok();
+
     // 5. Wait for every guest to run under the successor.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -401,6 +412,9 @@ pub fn rejuvenate(
             break;
         }
         shared.wait_vm_event(seen, Duration::from_millis(20));
+    }
+    if let Some(r) = reaper {
+        let _ = r.join();
     }
     let st = session.st.lock().unwrap();
     let verify_time = st.verify_time;

@@ -354,8 +354,8 @@ impl Vmm {
             let vm = l.current.lock().unwrap().clone();
             vm.stop_vcpus();
             vm.set_status(VmStatus::Stopped);
-            vm.drop_nested();
-            vm.drop_memory();
+            drop(vm.drop_nested());
+            drop(vm.drop_memory());
         }
     }
 }

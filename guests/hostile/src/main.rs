@@ -140,6 +140,12 @@ impl Hc {
         unsafe { addr_of!((*self.page).state).read_volatile() }
     }
 
+    /// The `exit` field, as L0 left it.
+    fn exit(&self) -> NestedExit {
+        // SAFETY: see `call`; any bit pattern is a valid NestedExit.
+        unsafe { addr_of!((*self.page).exit).read_volatile() }
+    }
+
     /// Overwrites the `state` field.
     fn set_state(&mut self, s: &VcpuState) {
         // SAFETY: see `call`.
@@ -180,6 +186,25 @@ impl Run {
             Want::Is(s) => got == Got::S(s),
             Want::Refused => matches!(got, Got::S(s) if s != Status::Ok),
         };
+        self.tally(case, got, pass)
+    }
+
+    /// Issues OP_VCPU_RUN and checks it returns Ok with exit `reason`.
+    fn run(&mut self, case: &str, args: &[u64], reason: u32) -> NestedExit {
+        let g = self.hc.call(OP_VCPU_RUN, args);
+        let e = self.hc.exit();
+        say!(
+            "hostile: ({case}: exit reason {} port {:#x} detail {:#x})",
+            e.reason,
+            e.port,
+            e.detail
+        );
+        self.tally(case, g, g == OK && e.reason == reason);
+        e
+    }
+
+    /// Counts and prints one case.
+    fn tally(&mut self, case: &str, got: Got, pass: bool) -> bool {
         if pass {
             self.ok += 1;
         } else {
@@ -522,6 +547,67 @@ fn attack(r: &mut Run, pool: u64, pool_end: u64) {
     let g = r.hc.call(OP_VCPU_SET_STATE, &[ha, 2]);
     r.check("VCPU_SET_STATE all-ones state", g, Want::Refused);
     r.expect("VCPU_GET_STATE after garbage", get, &[ha, 0, 0], Ok);
+
+    // Real runs of a tiny real-mode program on vCPU 3 of VM a: L0 must bound
+    // the slice whatever L1 asks, report exits, and refuse a state change
+    // while a port read is pending.
+    let code: [(u64, &[u8]); 4] = [
+        (0x00, &[0xeb, 0xfe]),             // jmp $
+        (0x10, &[0xe6, 0x80, 0xeb, 0xfc]), // out 0x80, al; jmp 0x10
+        (0x20, &[0xe4, 0x80, 0xeb, 0xfc]), // in al, 0x80; jmp 0x20
+        (0x30, &[0xf4, 0xeb, 0xfd]),       // hlt; jmp 0x30
+    ];
+    for (at, bytes) in code {
+        for (i, &b) in bytes.iter().enumerate() {
+            // SAFETY: `pool` (nested address 0 of VM a) is pool memory that
+            // L0's page tables identity-map and only VM a and we use.
+            unsafe { guest_rt::write_volatile((pool + at + i as u64) as *mut u8, b) };
+        }
+    }
+    r.expect("VCPU_GET_STATE vCPU 3 (setup)", get, &[ha, 3, 0], Ok);
+    let mut s = r.hc.state();
+    s.sregs.cs.base = 0;
+    s.sregs.cs.selector = 0;
+    s.regs.rflags = 2;
+    let at = |r: &mut Run, case: &str, rip: u64| {
+        let mut t = s;
+        t.regs.rip = rip;
+        r.hc.set_state(&t);
+        let g = r.hc.call(OP_VCPU_SET_STATE, &[ha, 3]);
+        r.check(case, g, Want::Is(Ok));
+    };
+    at(r, "VCPU_SET_STATE real mode, spin (setup)", 0);
+    r.run("VCPU_RUN slice 0 us", &[ha, 3, 0, 0], exit::SLICE);
+    r.run(
+        "VCPU_RUN slice 2^64-1 us",
+        &[ha, 3, u64::MAX, 0],
+        exit::SLICE,
+    );
+    at(r, "VCPU_SET_STATE real mode, out (setup)", 0x10);
+    r.run("VCPU_RUN to port write", &[ha, 3, 100_000, 0], exit::IO_OUT);
+    at(r, "VCPU_SET_STATE real mode, in (setup)", 0x20);
+    r.run("VCPU_RUN to port read", &[ha, 3, 100_000, 0], exit::IO_IN);
+    r.hc.set_state(&s);
+    let g = r.hc.call(OP_VCPU_SET_STATE, &[ha, 3]);
+    r.check("VCPU_SET_STATE with a read pending", g, Want::Is(BadState));
+    r.expect("VCPU_GET_STATE answers the read", get, &[ha, 3, 0x42], Ok);
+    at(r, "VCPU_SET_STATE real mode, hlt (setup)", 0x30);
+    r.run("VCPU_RUN to hlt", &[ha, 3, 100_000, 0], exit::HLT);
+    // vCPU 2 still has its reset state: it starts at 0xfffffff0, where VM a
+    // has no memory. Whatever KVM makes of that, L0 must answer.
+    let g = r.hc.call(OP_VCPU_RUN, &[ha, 2, 100_000, 0]);
+    let e = r.hc.exit();
+    say!(
+        "hostile: (VCPU_RUN from the reset vector: exit reason {} detail {:#x})",
+        e.reason,
+        e.detail
+    );
+    r.check("VCPU_RUN from the reset vector", g, Want::Is(Ok));
+    if e.reason == exit::FAIL || e.reason == exit::SHUTDOWN {
+        let a = [ha, 3, 100_000, 0];
+        r.expect("VCPU_RUN after the VM crashed", OP_VCPU_RUN, &a, BadState);
+        r.expect("VCPU_GET_STATE of the crashed vCPU", get, &[ha, 2, 0], Ok);
+    }
 
     // A destroyed guest is gone for every op.
     let hd = r.create("VM_CREATE hostile-d (setup)", "hostile-d");

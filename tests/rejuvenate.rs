@@ -195,3 +195,51 @@ fn a_second_rejuvenation_while_one_runs_is_refused() {
         Err(VmmError::NoSuchVm(_))
     ));
 }
+
+#[test]
+fn copy_and_precopy_move_guests_by_copying_every_page() {
+    if !kvm_or_skip("copy_and_precopy_move_guests_by_copying_every_page") {
+        return;
+    }
+    let (vmm, dir) = started("copymodes", 2);
+    for (mode, generation) in [
+        (vmbeam_vmm::rejuvenate::Mode::Copy, 2),
+        (vmbeam_vmm::rejuvenate::Mode::Precopy, 3),
+        (vmbeam_vmm::rejuvenate::Mode::ZeroCopy, 4),
+    ] {
+        let base = progress(&dir, 2);
+        let r = vmm
+            .rejuvenate(
+                None,
+                &RejuvenateOptions {
+                    mode,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(r.to_generation, generation);
+        assert_eq!(r.mode, mode.as_str());
+        for g in &r.guests {
+            assert!(g.running_after, "{g:?}");
+            assert_eq!(g.checksum_before, g.checksum_after, "{g:?}");
+        }
+        // memtouch's bulk is filled by L0, so at least that much must have crossed.
+        let bulk = (16 << 20) - vmbeam_abi::l2::BULK_BASE;
+        if mode == vmbeam_vmm::rejuvenate::Mode::ZeroCopy {
+            assert_eq!(r.bytes_copied, 0);
+        } else {
+            assert!(
+                r.bytes_copied >= bulk,
+                "{mode:?} copied only {}",
+                r.bytes_copied
+            );
+        }
+        if mode == vmbeam_vmm::rejuvenate::Mode::Precopy {
+            let p = r.precopy.as_ref().expect("precopy stats");
+            assert!(p.rounds >= 2, "{p:?}");
+            assert!(p.live_bytes >= bulk, "{p:?}");
+        }
+        wait_progress_beyond(&dir, 2, &base);
+    }
+    assert!(!console(&dir, "l2-0").contains("bad=1"));
+}

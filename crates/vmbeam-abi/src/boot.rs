@@ -138,6 +138,11 @@ pub struct BootInfo {
     pub modules: [Module; MAX_MODULES],
     /// Nested guests to start (primary only).
     pub nested: [NestedSpec; MAX_NESTED],
+    /// Aging injector (tests and demos): 4 KiB pages of its nested pool L1
+    /// leaks for every nested RUN it issues; 0 (the default) turns it off.
+    pub age_leak_pages: u32,
+    /// Reserved, zero (keeps the structure free of padding).
+    pub _reserved: u32,
 }
 
 /// Byte offset of `control` inside the page.
@@ -169,6 +174,8 @@ impl BootInfo {
             slice_us: 0,
             modules: [Module::default(); MAX_MODULES],
             nested: [NestedSpec::default(); MAX_NESTED],
+            age_leak_pages: 0,
+            _reserved: 0,
         }
     }
 }
@@ -187,6 +194,8 @@ unsafe impl Pod for Module {}
 unsafe impl Pod for NestedSpec {}
 
 const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 1200);
+const _: () = assert!(core::mem::offset_of!(BootInfo, age_leak_pages) == 1192);
 const _: () = assert!(core::mem::size_of::<NestedSpec>() == 56);
 const _: () = assert!(core::mem::size_of::<Module>() == 40);
 
@@ -201,10 +210,12 @@ mod tests {
         b.nested_count = 2;
         b.nested[1].name = crate::name_to_bytes("l2-1");
         b.nested[1].mem_bytes = 64 << 20;
+        b.age_leak_pages = 3;
         let c: BootInfo = crate::from_bytes(crate::as_bytes(&b)).unwrap();
         assert_eq!(c.magic, BOOT_MAGIC);
         assert_eq!(c.role, ROLE_SUCCESSOR);
         assert_eq!(c.nested[1], b.nested[1]);
+        assert_eq!(c.age_leak_pages, 3);
         assert_eq!(CONTROL_OFFSET % 4, 0);
     }
 }

@@ -3,14 +3,16 @@
 //! `docs/api.yaml` is its OpenAPI description.
 //!
 //! Routes: `GET /status`, `POST /rejuvenate`, `POST /checksum`,
-//! `PUT /shutdown`. The socket is created owner-only (0600).
+//! `POST /inspect`, `PUT /shutdown`. The socket is created owner-only
+//! (0600), which is what keeps `/inspect` (reading guest memory and
+//! registers) to the user who runs vmbeam.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmbeam_abi::boot::fault;
 
@@ -23,6 +25,9 @@ pub enum ApiError {
     /// The socket path is taken by something live.
     #[error("API socket {0} is in use by another process")]
     InUse(PathBuf),
+    /// The socket path names something that is not a socket; it is left alone.
+    #[error("cannot create API socket {}: the path exists and is not a socket (refusing to replace it)", .0.display())]
+    NotASocket(PathBuf),
     /// Binding failed.
     #[error("cannot create API socket {path}: {source}")]
     Bind {
@@ -62,6 +67,8 @@ pub struct RejuvenateRequest {
     pub fault: Option<String>,
     /// Give up after this many seconds (default 60).
     pub timeout_secs: Option<u64>,
+    /// Pre-copy downtime budget in ms (default 300).
+    pub downtime_ms: Option<u64>,
 }
 
 /// Request body of `POST /checksum`.
@@ -74,6 +81,24 @@ pub struct ChecksumRequest {
     pub gpa: u64,
     /// Length (multiple of 8).
     pub len: u64,
+}
+
+/// Request body of `POST /inspect`.
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectRequest {
+    /// Nested guest.
+    pub guest: String,
+    /// Nested guest-physical start: an integer or a string (`"0x1000"`).
+    #[serde(default = "zero")]
+    pub gpa: crate::inspect::Number,
+    /// Bytes to read (at most 64 KiB); 0 reads only the registers.
+    #[serde(default = "zero")]
+    pub len: crate::inspect::Number,
+}
+
+fn zero() -> crate::inspect::Number {
+    crate::inspect::Number::Int(0)
 }
 
 /// Parses a fault name.
@@ -98,7 +123,10 @@ pub struct ApiServer {
 impl ApiServer {
     /// Binds `path` (owner-only); a stale socket file is replaced.
     pub fn bind(path: &Path) -> Result<ApiServer, ApiError> {
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(ApiError::NotASocket(path.to_path_buf()));
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(ApiError::InUse(path.to_path_buf()));
             }
@@ -108,7 +136,15 @@ impl ApiServer {
             path: path.to_path_buf(),
             source,
         };
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        // Create the socket owner-only from the start (not only after the
+        // chmod below), so no other user can connect in between.
+        // SAFETY: umask only swaps the process file-mode mask; it is
+        // restored right after bind.
+        let old_mask = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old_mask) };
+        let listener = bound.map_err(bind_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         Ok(ApiServer {
@@ -132,8 +168,11 @@ impl ApiServer {
 
     fn serve(&self, vmm: &Vmm, stream: UnixStream) -> Result<(), ApiError> {
         stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut reader = BufReader::new(stream.try_clone()?);
+        stream.set_write_timeout(Some(REQUEST_TIME))?;
+        let mut reader = BufReader::new(DeadlineReader {
+            stream: stream.try_clone()?,
+            deadline: Instant::now() + REQUEST_TIME,
+        });
         let (method, path, body) = match read_request(&mut reader) {
             Ok(r) => r,
             Err(e) => {
@@ -164,6 +203,9 @@ impl ApiServer {
                     verify: req.verify.unwrap_or(true),
                     ..Default::default()
                 };
+                if let Some(d) = req.downtime_ms {
+                    opts.downtime_budget = Duration::from_millis(d.clamp(1, 60_000));
+                }
                 if let Some(t) = req.timeout_secs {
                     opts.timeout = Duration::from_secs(t.clamp(1, 3600));
                 }
@@ -188,11 +230,27 @@ impl ApiServer {
                     Err(e) => (error_code(&e), err_json(&e.to_string())),
                 }
             }
+            ("POST", "/inspect") => {
+                let req: InspectRequest = match serde_json::from_str(body) {
+                    Ok(r) => r,
+                    Err(e) => return (400, err_json(&format!("bad inspect request: {e}"))),
+                };
+                let res = req
+                    .gpa
+                    .value()
+                    .and_then(|gpa| Ok((gpa, req.len.value()?)))
+                    .map_err(VmmError::from)
+                    .and_then(|(gpa, len)| vmm.inspect(&req.guest, gpa, len));
+                match res {
+                    Ok(i) => (200, to_json(&i)),
+                    Err(e) => (error_code(&e), err_json(&e.to_string())),
+                }
+            }
             ("PUT", "/shutdown") => {
                 self.shutdown.store(true, Ordering::SeqCst);
                 (200, "{\"ok\":true}".into())
             }
-            (_, "/status" | "/rejuvenate" | "/checksum" | "/shutdown") => (
+            (_, "/status" | "/rejuvenate" | "/checksum" | "/inspect" | "/shutdown") => (
                 405,
                 err_json(&format!("method {method} not allowed on {path}")),
             ),
@@ -211,8 +269,7 @@ fn error_code(e: &VmmError) -> u16 {
     match e {
         VmmError::NoSuchVm(_) | VmmError::NoSuchGuest(_) => 404,
         VmmError::Busy => 409,
-        VmmError::Inspect { .. } => 400,
-        VmmError::Rejuvenate(crate::rejuvenate::RejuvenateError::ModeUnavailable(_)) => 400,
+        VmmError::Inspect { .. } | VmmError::InspectRequest(_) => 400,
         _ => 500,
     }
 }
@@ -225,11 +282,70 @@ fn err_json(msg: &str) -> String {
     serde_json::json!({ "error": msg }).to_string()
 }
 
-const MAX_BODY: usize = 1 << 20;
+/// Largest request or response body.
+pub const MAX_BODY: usize = 1 << 20;
+/// Longest request line or header line, newline included.
+pub const MAX_LINE: usize = 8 << 10;
+/// Most header lines in a request or response.
+pub const MAX_HEADERS: usize = 64;
+/// Time a client has to send its whole request (and to take the answer).
+const REQUEST_TIME: Duration = Duration::from_secs(5);
+
+/// A request as the server parsed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Method (`GET`, `POST`, ...), as sent.
+    pub method: String,
+    /// Path, as sent.
+    pub path: String,
+    /// Body (`Content-Length` bytes, UTF-8).
+    pub body: String,
+}
+
+/// Parses one HTTP/1.1 request from `bytes` exactly as the server does
+/// (same limits, same errors); used by tests and the fuzzer.
+pub fn parse_request(bytes: &[u8]) -> Result<Request, ApiError> {
+    let (method, path, body) = read_request(&mut std::io::Cursor::new(bytes))?;
+    Ok(Request { method, path, body })
+}
+
+/// A stream whose reads fail once `deadline` has passed, so a client that
+/// trickles bytes cannot hold the (single-threaded) API beyond it.
+struct DeadlineReader {
+    stream: UnixStream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the request was not complete within {REQUEST_TIME:?}"),
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes; returns 0 at end of input.
+fn read_line_bounded(r: &mut impl BufRead, what: &str) -> Result<String, ApiError> {
+    let mut buf = Vec::new();
+    r.by_ref()
+        .take(MAX_LINE as u64)
+        .read_until(b'\n', &mut buf)?;
+    if buf.len() >= MAX_LINE && !buf.ends_with(b"\n") {
+        return Err(ApiError::Malformed(format!(
+            "{what} longer than {MAX_LINE} bytes"
+        )));
+    }
+    String::from_utf8(buf).map_err(|_| ApiError::Malformed(format!("{what} is not UTF-8")))
+}
 
 fn read_request(r: &mut impl BufRead) -> Result<(String, String, String), ApiError> {
-    let mut line = String::new();
-    r.read_line(&mut line)?;
+    let line = read_line_bounded(r, "request line")?;
     let mut parts = line.split_whitespace();
     let method = parts
         .next()
@@ -253,9 +369,9 @@ fn read_request(r: &mut impl BufRead) -> Result<(String, String, String), ApiErr
 
 fn read_headers(r: &mut impl BufRead) -> Result<usize, ApiError> {
     let mut len = 0usize;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 {
+    for _ in 0..=MAX_HEADERS {
+        let h = read_line_bounded(r, "header line")?;
+        if h.is_empty() {
             return Err(ApiError::Malformed("connection closed in headers".into()));
         }
         let h = h.trim_end();
@@ -271,6 +387,9 @@ fn read_headers(r: &mut impl BufRead) -> Result<usize, ApiError> {
             }
         }
     }
+    Err(ApiError::Malformed(format!(
+        "more than {MAX_HEADERS} header lines"
+    )))
 }
 
 fn respond(mut s: &UnixStream, code: u16, body: &str) -> Result<(), ApiError> {
@@ -320,4 +439,78 @@ pub fn call(
     let mut out = vec![0u8; len.min(MAX_BODY * 16)];
     r.read_exact(&mut out)?;
     Ok((code, String::from_utf8_lossy(&out).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(bytes: &[u8]) -> String {
+        match parse_request(bytes) {
+            Ok(r) => panic!("accepted {r:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn requests_parse() {
+        let r = parse_request(
+            b"POST /rejuvenate HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}trailing",
+        )
+        .unwrap();
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str()),
+            ("POST", "/rejuvenate")
+        );
+        assert_eq!(r.body, "{}");
+        let r = parse_request(b"GET /status HTTP/1.1\n\n").unwrap();
+        assert_eq!((r.method.as_str(), r.body.as_str()), ("GET", ""));
+    }
+
+    #[test]
+    fn bad_requests_get_one_clear_error() {
+        assert!(err(b"").contains("empty request"));
+        assert!(err(b"GET\r\n\r\n").contains("no path"));
+        assert!(err(b"GET /status HTTP/1.1\r\nHost: x\r\n").contains("closed in headers"));
+        assert!(
+            err(b"POST /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n").contains("bad Content-Length")
+        );
+        assert!(
+            err(b"POST /x HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n")
+                .contains("bad Content-Length")
+        );
+        let big = format!(
+            "POST /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        assert!(err(big.as_bytes()).contains("too large"));
+        // A body shorter than announced is an I/O error (end of input).
+        assert!(err(b"POST /x HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}").contains("failed"));
+        assert!(
+            err(b"POST /x HTTP/1.1\r\nContent-Length: 2\r\n\r\n\xff\xfe").contains("not UTF-8")
+        );
+        assert!(err(b"GET /\xff HTTP/1.1\r\n\r\n").contains("not UTF-8"));
+    }
+
+    #[test]
+    fn lines_and_headers_are_bounded() {
+        let long = vec![b'a'; MAX_LINE * 4];
+        assert!(err(&long).contains("request line longer than"));
+        let mut req = b"GET /status HTTP/1.1\r\nX: ".to_vec();
+        req.extend(std::iter::repeat_n(b'b', MAX_LINE));
+        assert!(err(&req).contains("header line longer than"));
+        let mut req = b"GET /status HTTP/1.1\r\n".to_vec();
+        for _ in 0..=MAX_HEADERS {
+            req.extend_from_slice(b"X-A: b\r\n");
+        }
+        req.extend_from_slice(b"\r\n");
+        assert!(err(&req).contains("header lines"));
+        // Exactly the limit is fine.
+        let mut req = b"GET /status HTTP/1.1\r\n".to_vec();
+        for _ in 0..MAX_HEADERS - 1 {
+            req.extend_from_slice(b"X-A: b\r\n");
+        }
+        req.extend_from_slice(b"\r\n");
+        assert!(parse_request(&req).is_ok());
+    }
 }

@@ -113,7 +113,13 @@ pub struct VmmConfig {
     pub workload_param: u64,
     /// Time slice, µs.
     pub slice_us: u32,
+    /// Aging injector: pool pages each guest hypervisor leaks per nested
+    /// RUN (0 = off). Successors get the same setting.
+    pub age_leak_pages: u32,
 }
+
+/// Most pages `--age-leak` may ask for per operation (one 2 MiB extent).
+pub const MAX_AGE_LEAK_PAGES: u32 = (layout::EXTENT_SIZE / 4096) as u32;
 
 impl Default for VmmConfig {
     fn default() -> Self {
@@ -128,6 +134,7 @@ impl Default for VmmConfig {
             quiet: false,
             workload_param: 0,
             slice_us: 10_000,
+            age_leak_pages: 0,
         }
     }
 }
@@ -204,6 +211,12 @@ impl VmmConfig {
         if !(100..=1_000_000).contains(&self.slice_us) {
             return r("the time slice must be between 100 µs and 1 s".into());
         }
+        if self.age_leak_pages > MAX_AGE_LEAK_PAGES {
+            return r(format!(
+                "--age-leak must be at most {MAX_AGE_LEAK_PAGES} pages (one 2 MiB extent) per operation, got {}",
+                self.age_leak_pages
+            ));
+        }
         Ok(())
     }
 }
@@ -244,5 +257,10 @@ mod tests {
         };
         assert!(c.validate().unwrap_err().to_string().contains("do not fit"));
         assert!(parse_workloads("memtouch,bogus").is_err());
+        let c = VmmConfig {
+            age_leak_pages: MAX_AGE_LEAK_PAGES + 1,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("--age-leak"));
     }
 }

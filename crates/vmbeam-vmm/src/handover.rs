@@ -15,10 +15,12 @@ use vmbeam_abi::handover::{MailboxHeader, MAILBOX_TO_AGED, MAILBOX_TO_SUCCESSOR}
 use vmbeam_abi::hypercall::{GrantRange, HypercallPage, Status, MAX_GRANT_RANGES};
 use vmbeam_abi::layout;
 
+use crate::copy::{GuestCopy, SlotCopy};
 use crate::hostvm::HostVm;
 use crate::hypercall::{HcOutcome, HcResult};
 use crate::memory::{MemFile, Region, RegionKind};
 use crate::nested::{GuestRecord, NestedState, NestedVm};
+use crate::rejuvenate::Mode;
 
 /// Phase of a handover session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +85,10 @@ pub struct Session {
     pub channel: Arc<MemFile>,
     /// Whether to hash guests before and after.
     pub verify: bool,
+    /// How memory moves.
+    pub mode: Mode,
+    /// Pre-copied destinations, by guest (precopy mode).
+    pub precopied: Mutex<Vec<GuestCopy>>,
     /// State.
     pub st: Mutex<SessionState>,
     /// Signalled on every phase change.
@@ -91,12 +97,14 @@ pub struct Session {
 
 impl Session {
     /// A new session for `aged`.
-    pub fn new(aged: Arc<HostVm>, channel: Arc<MemFile>, verify: bool) -> Arc<Session> {
+    pub fn new(aged: Arc<HostVm>, channel: Arc<MemFile>, verify: bool, mode: Mode) -> Arc<Session> {
         Arc::new(Session {
             aged,
             successor: Mutex::new(None),
             channel,
             verify,
+            mode,
+            precopied: Mutex::new(Vec::new()),
             st: Mutex::new(SessionState {
                 phase: Phase::Booting,
                 grants: Vec::new(),
@@ -188,6 +196,18 @@ pub fn op_ready(vm: &HostVm) -> HcResult {
 
 /// OP_GRANT: maps the nested guest's pages into the successor.
 pub fn op_grant(vm: &HostVm, handle: u64, p: &mut HypercallPage) -> HcResult {
+    let mut froze = false;
+    let r = grant_inner(vm, handle, p, &mut froze);
+    if r.is_err() && froze {
+        // A refused grant leaves the guest with the aged L1, runnable.
+        if let Some(n) = vm.nested_vm(handle) {
+            n.lock().unwrap().frozen = false;
+        }
+    }
+    r
+}
+
+fn grant_inner(vm: &HostVm, handle: u64, p: &mut HypercallPage, froze: &mut bool) -> HcResult {
     let s = session_of(vm)?;
     if !s.is_aged(vm) {
         return Err(Status::NotPermitted);
@@ -212,6 +232,7 @@ pub fn op_grant(vm: &HostVm, handle: u64, p: &mut HypercallPage) -> HcResult {
     }
     let paused_at = n.last_exit.unwrap_or_else(Instant::now);
     n.frozen = true;
+    *froze = true;
     let checksum_before = if s.verify {
         let t = Instant::now();
         let c = n.checksum_all();
@@ -220,19 +241,62 @@ pub fn op_grant(vm: &HostVm, handle: u64, p: &mut HypercallPage) -> HcResult {
     } else {
         None
     };
-    let mut slots = n.slots.clone();
-    slots.sort_by_key(|x| x.l2_gpa);
+    // Where the successor's pages come from: the guest's own pages
+    // (zero-copy), or fresh memory filled by copying (copy, precopy).
+    let slots = n.slots.clone();
+    let mut sources: Vec<(Arc<MemFile>, u64)> = Vec::new();
+    let mut copied = 0u64;
+    match s.mode {
+        Mode::ZeroCopy => {
+            for slot in &slots {
+                sources.push((slot.file.clone(), slot.file_offset));
+            }
+        }
+        Mode::Copy | Mode::Precopy => {
+            let pre = {
+                let mut p = s.precopied.lock().unwrap();
+                p.iter()
+                    .position(|g| g.guest == record.name)
+                    .map(|i| p.swap_remove(i))
+            };
+            let copies: Vec<SlotCopy> = match pre {
+                Some(g) if g.slots.len() == slots.len() => {
+                    // Stop-and-copy of what was dirtied since the last round.
+                    for (i, sc) in g.slots.iter().enumerate() {
+                        let bm = n.take_dirty(i).map_err(|_| Status::Internal)?;
+                        copied += sc.copy_dirty(&bm);
+                    }
+                    let _ = n.set_dirty_logging(false);
+                    g.slots
+                }
+                _ => {
+                    let mut v = Vec::new();
+                    for slot in &slots {
+                        let sc =
+                            SlotCopy::new(&record.name, slot).map_err(|_| Status::NoResources)?;
+                        copied += sc.copy_all();
+                        v.push(sc);
+                    }
+                    v
+                }
+            };
+            for sc in copies {
+                sources.push((sc.dst.clone(), 0));
+            }
+        }
+    }
     let mut ranges = Vec::new();
     let mut st = s.st.lock().unwrap();
-    for slot in &slots {
+    st.bytes_copied += copied;
+    for (slot, (file, offset)) in slots.iter().zip(sources) {
         let gpa = st.next_grant_gpa;
         if gpa + slot.len > layout::GRANT_BASE + layout::GRANT_SIZE {
             n.frozen = false;
             return Err(Status::NoResources);
         }
         let region = Region::map(
-            &slot.file,
-            slot.file_offset,
+            &file,
+            offset,
             slot.len,
             gpa,
             RegionKind::Grant {
@@ -241,7 +305,11 @@ pub fn op_grant(vm: &HostVm, handle: u64, p: &mut HypercallPage) -> HcResult {
             succ.alloc_slot(),
         )
         .map_err(|_| Status::NoResources)?;
-        succ.add_region(region).map_err(|_| Status::NoResources)?;
+        // The successor's own KVM slot for these pages is installed right
+        // after commit: its guest hypervisor names them (VM_MAP) during the
+        // handover but never touches them, and a slot costs time in
+        // proportion to its size.
+        succ.add_region_deferred(region);
         st.next_grant_gpa += slot.len;
         ranges.push(GrantRange {
             succ_gpa: gpa,
@@ -287,6 +355,66 @@ pub fn bind_adopted(vm: &HostVm, n: &mut NestedVm, guest: &str) -> Result<(), St
     }
     n.record = Some(g.record.clone());
     n.frozen = true;
+    Ok(())
+}
+
+/// Successor's VM_CREATE during a zero-copy handover: if `name` was granted,
+/// the aged guest hypervisor's nested VM itself (KVM VM, vCPUs, slots) moves
+/// to the successor's table under `handle` instead of a new one being built.
+pub fn try_adopt(vm: &HostVm, name: &str, handle: u32) -> Option<Arc<Mutex<NestedVm>>> {
+    let s = session_of(vm).ok()?;
+    if s.is_aged(vm) || s.mode != Mode::ZeroCopy || s.phase() != Phase::HandingOver {
+        return None;
+    }
+    let aged_handle = {
+        let st = s.st.lock().unwrap();
+        st.grants.iter().find(|g| g.guest == name)?.aged_handle
+    };
+    let n = s.aged.nested.lock().unwrap().vms.remove(&aged_handle)?;
+    n.lock().unwrap().begin_adoption(handle);
+    Some(n)
+}
+
+/// Gives every VM the successor adopted back to the aged guest hypervisor.
+pub fn return_adopted(aged: &HostVm, succ: &HostVm) {
+    let mut back = Vec::new();
+    {
+        let mut t = succ.nested.lock().unwrap();
+        let handles: Vec<u32> = t
+            .vms
+            .iter()
+            .filter(|(_, v)| v.lock().unwrap().adopted_from.is_some())
+            .map(|(h, _)| *h)
+            .collect();
+        for h in handles {
+            if let Some(v) = t.vms.remove(&h) {
+                back.push(v);
+            }
+        }
+    }
+    let mut t = aged.nested.lock().unwrap();
+    for v in back {
+        let h = {
+            let mut n = v.lock().unwrap();
+            n.cancel_adoption();
+            n.handle
+        };
+        t.vms.insert(h, v);
+    }
+}
+
+/// Successor's VM_DESTROY of a VM it was adopting: it goes back to the aged
+/// guest hypervisor instead (a successor cannot destroy a guest it was
+/// only offered).
+pub fn unadopt(vm: &HostVm, n: Arc<Mutex<NestedVm>>) -> Result<(), Status> {
+    let s = session_of(vm)?;
+    let h = {
+        let mut g = n.lock().unwrap();
+        g.cancel_adoption();
+        g.frozen = true; // still granted: stays paused until the handover ends
+        g.handle
+    };
+    s.aged.nested.lock().unwrap().vms.insert(h, n);
     Ok(())
 }
 
@@ -350,7 +478,8 @@ pub fn op_done(vm: &HostVm, count: u64) -> HcResult {
     for g in &st.grants {
         let adopted = succ_table.vms.values().any(|n| {
             let n = n.lock().unwrap();
-            n.state_set
+            (n.adopted_from.is_none() || n.adoption_complete())
+                && n.state_set
                 && n.vcpu_count() > 0
                 && n.record.as_ref().is_some_and(|r| Arc::ptr_eq(r, &g.record))
                 && n.mem_bytes() == g.mem_bytes

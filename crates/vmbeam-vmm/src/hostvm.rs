@@ -108,6 +108,9 @@ pub struct HostVmSpec {
     pub flags: u64,
     /// Time slice L1 should use, µs.
     pub slice_us: u32,
+    /// Aging injector: pool pages L1 leaks per nested RUN (0 = off).
+    /// Copied to the successor with the rest of the spec.
+    pub age_leak_pages: u32,
 }
 
 /// Lifecycle of a host VM.
@@ -132,6 +135,20 @@ pub struct Health {
     pub counters: [u64; 8],
     /// Reports received.
     pub reports: u64,
+}
+
+impl Health {
+    /// The counters by name (empty before the first report).
+    pub fn named(&self) -> BTreeMap<String, u64> {
+        if self.reports == 0 {
+            return BTreeMap::new();
+        }
+        vmbeam_abi::hypercall::HEALTH_ARGS
+            .iter()
+            .zip(self.counters.iter())
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect()
+    }
 }
 
 /// Sleep/wake for L1's OP_WAIT.
@@ -225,6 +242,7 @@ pub struct HostVm {
     /// Pool file.
     pub pool_file: Arc<MemFile>,
     channel_file: Arc<MemFile>,
+    deferred_slots: Mutex<Vec<u32>>,
     serial: Mutex<HostSerial>,
     /// Hypercalls served.
     pub hypercalls: AtomicU64,
@@ -353,6 +371,7 @@ impl HostVm {
         bi.hypercall_page_base = layout::HYPERCALL_PAGE_BASE;
         bi.flags = spec.flags;
         bi.slice_us = spec.slice_us;
+        bi.age_leak_pages = spec.age_leak_pages;
         let mut at = layout::MODULE_BASE;
         for (i, (kind, img)) in modules
             .iter()
@@ -442,9 +461,11 @@ impl HostVm {
             ram_file,
             pool_file,
             channel_file: channel,
+            deferred_slots: Mutex::new(Vec::new()),
             serial: Mutex::new(Serial::new(NoIrq, LineWriter::new(console))),
             hypercalls: AtomicU64::new(0),
         });
+        hv.shared.register_host_vm(&hv);
         kick::install_handler();
         for (i, fd) in fds.into_iter().enumerate() {
             hv.spawn_vcpu(i as u32, fd);
@@ -641,6 +662,23 @@ impl HostVm {
         *s - 1
     }
 
+    /// Adds a region to the VM's bookkeeping now and its KVM memory slot
+    /// later, with [`HostVm::install_deferred_slots`].
+    pub fn add_region_deferred(&self, region: Region) {
+        self.deferred_slots.lock().unwrap().push(region.slot);
+        self.mem.write().unwrap().regions.push(region);
+    }
+
+    /// Installs the KVM slots of regions added with `add_region_deferred`.
+    pub fn install_deferred_slots(&self) -> Result<(), kvm_ioctls::Error> {
+        let slots: Vec<u32> = std::mem::take(&mut *self.deferred_slots.lock().unwrap());
+        let mem = self.mem.read().unwrap();
+        for r in mem.regions.iter().filter(|r| slots.contains(&r.slot)) {
+            set_slot(&self.vm, r)?;
+        }
+        Ok(())
+    }
+
     /// Adds a region to the VM (memory slot and bookkeeping).
     pub fn add_region(&self, region: Region) -> Result<(), kvm_ioctls::Error> {
         set_slot(&self.vm, &region)?;
@@ -699,7 +737,8 @@ impl HostVm {
     /// mapped in L0; dropping them unmaps the memory.
     pub fn drop_memory(&self) -> Vec<Region> {
         let regions = std::mem::take(&mut self.mem.write().unwrap().regions);
-        for r in &regions {
+        let deferred = std::mem::take(&mut *self.deferred_slots.lock().unwrap());
+        for r in regions.iter().filter(|r| !deferred.contains(&r.slot)) {
             let region = kvm_userspace_memory_region {
                 slot: r.slot,
                 flags: 0,

@@ -63,14 +63,7 @@ pub fn dispatch(vm: &HostVm, vcpu: u32, op: u32, timer: &SliceTimer) -> HcOutcom
 fn name_arg(page: &HypercallPage) -> Result<String, Status> {
     let mut b = [0u8; vmbeam_abi::NAME_LEN];
     b.copy_from_slice(&page.data[..vmbeam_abi::NAME_LEN]);
-    let n = vmbeam_abi::name_from_bytes(&b).ok_or(Status::BadArg)?;
-    if !n
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
-        return Err(Status::BadArg);
-    }
-    Ok(n.to_string())
+    check_name(&b).map(str::to_string)
 }
 
 fn nested(vm: &HostVm, handle: u64) -> Result<Arc<Mutex<NestedVm>>, Status> {
@@ -86,11 +79,7 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
             OK
         }
         OP_CONSOLE_WRITE => {
-            let len = usize::try_from(a[1]).map_err(|_| Status::TooMany)?;
-            if len > DATA_LEN {
-                return Err(Status::TooMany);
-            }
-            let line = &p.data[..len];
+            let line = &p.data[..console_len(a[1])?];
             if a[0] == CONSOLE_SELF {
                 vm.console().write_line(line);
             } else {
@@ -125,6 +114,9 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
                 .vms
                 .remove(&h)
                 .ok_or(Status::NoSuchHandle)?;
+            if n.lock().unwrap().adopted_from.is_some() {
+                return handover::unadopt(vm, n).map(|_| HcOutcome::Continue);
+            }
             let n = n.lock().unwrap();
             if let Some(r) = &n.record {
                 let mut info = r.info.lock().unwrap();
@@ -154,11 +146,11 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
         OP_VCPU_RUN => {
             let n = nested(vm, a[0])?;
             let mut n = n.lock().unwrap();
-            let first = n.runs == 0;
-            p.exit = n.run(a[1], Duration::from_micros(a[2]), a[3], timer)?;
-            if first {
+            if !n.frozen && (a[1] as usize) < n.vcpu_count() {
+                // The guest is entered now: this ends its downtime after a move.
                 handover::note_first_entry(vm, &n);
             }
+            p.exit = n.run(a[1], Duration::from_micros(a[2]), a[3], timer)?;
             OK
         }
         OP_INJECT_IRQ => {
@@ -168,6 +160,7 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
         }
         OP_FILL_PATTERN => {
             let n = nested(vm, a[0])?;
+            check_fill_args(a[1], a[2])?;
             n.lock().unwrap().fill_pattern(a[1], a[2], a[3])?;
             OK
         }
@@ -208,6 +201,18 @@ fn vm_create(vm: &HostVm, p: &mut HypercallPage) -> HcResult {
         table.next_handle = table.next_handle.wrapping_add(1).max(1);
     }
     let handle = table.next_handle;
+    if successor {
+        drop(table);
+        if let Some(adopted) = handover::try_adopt(vm, &name, handle) {
+            vm.nested.lock().unwrap().vms.insert(handle, adopted);
+            p.ret[0] = handle as u64;
+            return OK;
+        }
+        table = vm.nested.lock().unwrap();
+        if table.vms.contains_key(&handle) {
+            return Err(Status::Internal);
+        }
+    }
     let mut n = NestedVm::new(&vm.shared.kvm, handle, &name)?;
     if let Some(r) = record {
         let mut info = r.info.lock().unwrap();
@@ -225,23 +230,12 @@ fn vm_create(vm: &HostVm, p: &mut HypercallPage) -> HcResult {
 }
 
 fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcResult {
-    if len == 0 {
-        return Err(Status::BadArg);
-    }
-    if !l1_gpa.is_multiple_of(EXTENT_SIZE)
-        || !l2_gpa.is_multiple_of(EXTENT_SIZE)
-        || !len.is_multiple_of(EXTENT_SIZE)
-    {
-        return Err(Status::Misaligned);
-    }
-    let l1_end = l1_gpa.checked_add(len).ok_or(Status::OutOfRange)?;
+    let l1_end = check_map_args(l1_gpa, l2_gpa, len)?;
     let n = nested(vm, handle)?;
     let (region_kind, file, offset, hva, map) = {
         let mem = vm.mem.read().unwrap();
-        let r = mem.find(l1_gpa, len).ok_or(Status::OutOfRange)?;
-        if !matches!(r.kind, RegionKind::Pool | RegionKind::Grant { .. }) {
-            return Err(Status::OutOfRange);
-        }
+        let spans = mem.regions.iter().map(|r| (r.gpa, r.size, &r.kind));
+        let r = &mem.regions[nested_memory_region(spans, l1_gpa, len)?];
         (
             r.kind.clone(),
             r.file.clone(),
@@ -251,7 +245,7 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
         )
     };
     // No two nested VMs of this guest hypervisor may share memory.
-    {
+    if n.lock().unwrap().adopted_from.is_none() {
         let table = vm.nested.lock().unwrap();
         for (h, other) in table.vms.iter() {
             if *h as u64 == handle {
@@ -260,16 +254,25 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
             let o = other.lock().unwrap();
             if o.slots
                 .iter()
-                .any(|s| l1_gpa < s.l1_gpa + s.len && s.l1_gpa < l1_end)
+                .any(|s| ranges_overlap(l1_gpa, l1_end, s.l1_gpa, s.l1_gpa + s.len))
             {
                 return Err(Status::Overlap);
             }
         }
     }
     let mut n = n.lock().unwrap();
+    if n.adopted_from.is_some() {
+        // Adopting the aged guest hypervisor's VM: confirm, don't remap.
+        let RegionKind::Grant { guest } = &region_kind else {
+            return Err(Status::NotPermitted);
+        };
+        handover::bind_adopted(vm, &mut n, guest)?;
+        n.confirm_slot(l1_gpa, l2_gpa, len, &file, offset)?;
+        return OK;
+    }
     if n.slots
         .iter()
-        .any(|s| l1_gpa < s.l1_gpa + s.len && s.l1_gpa < l1_end)
+        .any(|s| ranges_overlap(l1_gpa, l1_end, s.l1_gpa, s.l1_gpa + s.len))
     {
         return Err(Status::Overlap);
     }
@@ -289,4 +292,171 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
         r.info.lock().unwrap().mem_bytes = n.mem_bytes();
     }
     OK
+}
+
+// ---------------------------------------------------------------------------
+// Pure argument checks.
+//
+// Everything below decides on guest-supplied numbers alone, without KVM or
+// a host VM, so it can be unit-tested and fuzzed (`fuzz/`): the ops above
+// call these functions first, at the point where they used to check inline.
+// ---------------------------------------------------------------------------
+
+/// Checks a nested VM name as VM_CREATE receives it (`data[..16]`):
+/// NUL-padded, non-empty, UTF-8, and only `[A-Za-z0-9._-]`.
+pub fn check_name(raw: &[u8; vmbeam_abi::NAME_LEN]) -> Result<&str, Status> {
+    let n = vmbeam_abi::name_from_bytes(raw).ok_or(Status::BadArg)?;
+    if !n
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(Status::BadArg);
+    }
+    Ok(n)
+}
+
+/// Bytes of `data` a CONSOLE_WRITE may print: `args[1]`, at most [`DATA_LEN`].
+pub fn console_len(arg: u64) -> Result<usize, Status> {
+    match usize::try_from(arg) {
+        Ok(n) if n <= DATA_LEN => Ok(n),
+        _ => Err(Status::TooMany),
+    }
+}
+
+/// True if the half-open ranges `[a, a_end)` and `[b, b_end)` share a byte.
+pub fn ranges_overlap(a: u64, a_end: u64, b: u64, b_end: u64) -> bool {
+    a < b_end && b < a_end
+}
+
+/// The checks VM_MAP makes before it looks at the handle: a non-zero
+/// length, every value a multiple of the extent size, and an L1 range that
+/// does not wrap. Returns the end of the L1 range.
+pub fn check_map_args(l1_gpa: u64, l2_gpa: u64, len: u64) -> Result<u64, Status> {
+    if len == 0 {
+        return Err(Status::BadArg);
+    }
+    if !l1_gpa.is_multiple_of(EXTENT_SIZE)
+        || !l2_gpa.is_multiple_of(EXTENT_SIZE)
+        || !len.is_multiple_of(EXTENT_SIZE)
+    {
+        return Err(Status::Misaligned);
+    }
+    l1_gpa.checked_add(len).ok_or(Status::OutOfRange)
+}
+
+/// Which of the caller's regions, given as `(gpa, size, kind)`, holds all
+/// of `[gpa, gpa + len)`; it must be nested memory (pool or grant window).
+/// RAM, the channel, a range across two regions or outside every region is
+/// `OutOfRange`. Returns the index of the region in `regions`.
+pub fn nested_memory_region<'a>(
+    regions: impl IntoIterator<Item = (u64, u64, &'a RegionKind)>,
+    gpa: u64,
+    len: u64,
+) -> Result<usize, Status> {
+    let end = gpa.checked_add(len).ok_or(Status::OutOfRange)?;
+    let (i, kind) = regions
+        .into_iter()
+        .enumerate()
+        .find(|(_, (r_gpa, r_size, _))| {
+            gpa >= *r_gpa && r_gpa.checked_add(*r_size).is_some_and(|r_end| end <= r_end)
+        })
+        .map(|(i, (_, _, kind))| (i, kind))
+        .ok_or(Status::OutOfRange)?;
+    match kind {
+        RegionKind::Pool | RegionKind::Grant { .. } => Ok(i),
+        RegionKind::Ram | RegionKind::Channel => Err(Status::OutOfRange),
+    }
+}
+
+/// The checks FILL_PATTERN makes on its range before looking at the slots:
+/// 8-byte aligned start and length, non-zero, not wrapping. Returns the end.
+pub fn check_fill_args(l2_gpa: u64, len: u64) -> Result<u64, Status> {
+    if !l2_gpa.is_multiple_of(8) || !len.is_multiple_of(8) {
+        return Err(Status::Misaligned);
+    }
+    if len == 0 {
+        return Err(Status::BadArg);
+    }
+    l2_gpa.checked_add(len).ok_or(Status::OutOfRange)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        let n = |s: &[u8]| {
+            let mut b = [0u8; vmbeam_abi::NAME_LEN];
+            b[..s.len()].copy_from_slice(s);
+            b
+        };
+        assert_eq!(check_name(&n(b"l2-0")), Ok("l2-0"));
+        assert_eq!(check_name(&n(b"a.b_c-D9")), Ok("a.b_c-D9"));
+        assert_eq!(check_name(&[b'x'; 16]), Ok("xxxxxxxxxxxxxxxx"));
+        for bad in [&b""[..], b"a b", b"a/b", b"a\n", b"\xff", b"\xc3\xa9"] {
+            assert_eq!(check_name(&n(bad)), Err(Status::BadArg), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn console_lengths_are_bounded() {
+        assert_eq!(console_len(0), Ok(0));
+        assert_eq!(console_len(DATA_LEN as u64), Ok(DATA_LEN));
+        assert_eq!(console_len(DATA_LEN as u64 + 1), Err(Status::TooMany));
+        assert_eq!(console_len(u64::MAX), Err(Status::TooMany));
+    }
+
+    #[test]
+    fn map_arguments_are_checked() {
+        let m = EXTENT_SIZE;
+        assert_eq!(check_map_args(m, 0, m), Ok(2 * m));
+        assert_eq!(check_map_args(m, 0, 0), Err(Status::BadArg));
+        assert_eq!(check_map_args(m + 1, 0, m), Err(Status::Misaligned));
+        assert_eq!(check_map_args(m, 4096, m), Err(Status::Misaligned));
+        assert_eq!(check_map_args(m, 0, m - 1), Err(Status::Misaligned));
+        let top = 0u64.wrapping_sub(m);
+        assert_eq!(check_map_args(top, 0, m), Err(Status::OutOfRange));
+    }
+
+    #[test]
+    fn only_nested_memory_can_be_mapped() {
+        let m = EXTENT_SIZE;
+        let grant = RegionKind::Grant { guest: "g".into() };
+        let regions = [
+            (0, 16 * m, &RegionKind::Ram),
+            (
+                layout::CHANNEL_BASE,
+                layout::CHANNEL_SIZE,
+                &RegionKind::Channel,
+            ),
+            (layout::POOL_BASE, 8 * m, &RegionKind::Pool),
+            (layout::GRANT_BASE, 4 * m, &grant),
+        ];
+        let find = |gpa, len| nested_memory_region(regions.iter().copied(), gpa, len);
+        assert_eq!(find(layout::POOL_BASE, 8 * m), Ok(2));
+        assert_eq!(find(layout::GRANT_BASE + m, m), Ok(3));
+        assert_eq!(find(0, m), Err(Status::OutOfRange));
+        assert_eq!(find(layout::CHANNEL_BASE, 4096), Err(Status::OutOfRange));
+        assert_eq!(find(layout::POOL_BASE, 9 * m), Err(Status::OutOfRange));
+        assert_eq!(find(layout::POOL_BASE - m, 2 * m), Err(Status::OutOfRange));
+        assert_eq!(find(u64::MAX - m + 1, m), Err(Status::OutOfRange));
+        // A region that would wrap the address space matches nothing.
+        let wrap = [(u64::MAX - m + 1, 2 * m, &RegionKind::Pool)];
+        assert_eq!(
+            nested_memory_region(wrap.iter().copied(), u64::MAX - m + 1, m),
+            Err(Status::OutOfRange)
+        );
+    }
+
+    #[test]
+    fn fill_arguments_are_checked() {
+        assert_eq!(check_fill_args(0, 8), Ok(8));
+        assert_eq!(check_fill_args(4, 8), Err(Status::Misaligned));
+        assert_eq!(check_fill_args(0, 12), Err(Status::Misaligned));
+        assert_eq!(check_fill_args(8, 0), Err(Status::BadArg));
+        assert_eq!(check_fill_args(u64::MAX - 7, 8), Err(Status::OutOfRange));
+        assert!(!ranges_overlap(0, 8, 8, 16));
+        assert!(ranges_overlap(0, 9, 8, 16));
+    }
 }

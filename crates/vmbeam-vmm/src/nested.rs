@@ -150,6 +150,13 @@ pub struct NestedVm {
     pub last_exit: Option<Instant>,
     /// Set by L1's SET_STATE on the first vCPU.
     pub state_set: bool,
+    /// Handle under the aged guest hypervisor while a successor adopts this
+    /// VM (until commit); `None` otherwise.
+    pub adopted_from: Option<u32>,
+    /// Slots the adopting guest hypervisor has confirmed with VM_MAP.
+    pub confirmed_slots: usize,
+    /// vCPUs the adopting guest hypervisor has confirmed with VCPU_CREATE.
+    pub confirmed_vcpus: usize,
 }
 
 fn kvm_err(_: kvm_ioctls::Error) -> Status {
@@ -175,6 +182,9 @@ impl NestedVm {
             exits: 0,
             last_exit: None,
             state_set: false,
+            adopted_from: None,
+            confirmed_slots: 0,
+            confirmed_vcpus: 0,
         })
     }
 
@@ -186,6 +196,35 @@ impl NestedVm {
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
+    }
+
+    /// Turns KVM dirty-page logging on or off for every slot (pre-copy).
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), Status> {
+        for (i, slot) in self.slots.iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: i as u32,
+                flags: if on {
+                    kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
+                guest_phys_addr: slot.l2_gpa,
+                memory_size: slot.len,
+                userspace_addr: slot.hva as u64,
+            };
+            // SAFETY: same slot, same live mapping as when it was created;
+            // only the flags change.
+            unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err)?;
+        }
+        Ok(())
+    }
+
+    /// Fetches and clears the dirty bitmap of slot `idx` (one bit per 4 KiB page).
+    pub fn take_dirty(&self, idx: usize) -> Result<Vec<u64>, Status> {
+        let slot = self.slots.get(idx).ok_or(Status::NoSuchHandle)?;
+        self.vm
+            .get_dirty_log(idx as u32, slot.len as usize)
+            .map_err(|_| Status::Internal)
     }
 
     /// Adds a slot (caller validated ownership of the L1 range).
@@ -221,8 +260,65 @@ impl NestedVm {
         Ok(())
     }
 
+    /// Starts an adoption by a successor under handle `handle`: the KVM VM,
+    /// its slots (same pages) and vCPUs stay; the successor must confirm each
+    /// slot and vCPU and set the state before L0 accepts the handover.
+    pub fn begin_adoption(&mut self, handle: u32) {
+        self.adopted_from = Some(self.handle);
+        self.handle = handle;
+        self.confirmed_slots = 0;
+        self.confirmed_vcpus = 0;
+        self.state_set = false;
+    }
+
+    /// Gives an adopted VM back to the aged guest hypervisor (rollback).
+    pub fn cancel_adoption(&mut self) {
+        if let Some(h) = self.adopted_from.take() {
+            self.handle = h;
+            self.state_set = true;
+            self.frozen = false;
+        }
+    }
+
+    /// True once the successor confirmed every slot and vCPU and set the state.
+    pub fn adoption_complete(&self) -> bool {
+        self.confirmed_slots == self.slots.len()
+            && self.confirmed_vcpus == self.vcpus.len()
+            && self.state_set
+    }
+
+    /// Confirms one slot of an adopted VM: the successor names, at its own
+    /// address `l1_gpa`, exactly the pages this slot already maps.
+    pub fn confirm_slot(
+        &mut self,
+        l1_gpa: u64,
+        l2_gpa: u64,
+        len: u64,
+        file: &Arc<MemFile>,
+        offset: u64,
+    ) -> Result<(), Status> {
+        let s = self
+            .slots
+            .iter_mut()
+            .find(|s| s.l2_gpa == l2_gpa && s.len == len)
+            .ok_or(Status::BadArg)?;
+        if !Arc::ptr_eq(&s.file, file) || s.file_offset != offset {
+            return Err(Status::NotPermitted);
+        }
+        s.l1_gpa = l1_gpa;
+        self.confirmed_slots += 1;
+        Ok(())
+    }
+
     /// Adds a vCPU; returns its index.
     pub fn create_vcpu(&mut self, cpuid: &CpuId) -> Result<u32, Status> {
+        if self.adopted_from.is_some() {
+            if self.confirmed_vcpus < self.vcpus.len() {
+                self.confirmed_vcpus += 1;
+                return Ok(self.confirmed_vcpus as u32 - 1);
+            }
+            return Err(Status::TooMany);
+        }
         if self.vcpus.len() >= MAX_VCPUS {
             return Err(Status::TooMany);
         }
@@ -254,6 +350,25 @@ impl NestedVm {
             v.exits_since_state = false;
         }
         arch::get_state(&v.fd).map_err(|_| Status::Internal)
+    }
+
+    /// Reads a vCPU's state for an observer (`vmbeam inspect`) without
+    /// touching the vCPU: unlike [`NestedVm::get_state`] it never completes
+    /// a pending exit. `Ok(None)` ("busy") when the last exit was port or
+    /// MMIO I/O that KVM finishes only on the next entry; this is
+    /// conservative (it can say busy when the I/O was already completed).
+    pub fn peek_regs(&mut self, idx: u64) -> Result<Option<VcpuState>, Status> {
+        let v = self.vcpu(idx)?;
+        let reason = v.fd.get_kvm_run().exit_reason;
+        if v.pending != Pending::None
+            || reason == kvm_bindings::KVM_EXIT_IO
+            || reason == kvm_bindings::KVM_EXIT_MMIO
+        {
+            return Ok(None);
+        }
+        arch::get_state(&v.fd)
+            .map(Some)
+            .map_err(|_| Status::Internal)
     }
 
     /// Writes a vCPU's state.

@@ -53,6 +53,8 @@ pub struct RejuvenateOptions {
     pub verify: bool,
     /// Give up after this long.
     pub timeout: Duration,
+    /// Pre-copy: stop iterating when the rest can be copied within this.
+    pub downtime_budget: Duration,
 }
 
 impl Default for RejuvenateOptions {
@@ -62,6 +64,7 @@ impl Default for RejuvenateOptions {
             fault: 0,
             verify: true,
             timeout: Duration::from_secs(60),
+            downtime_budget: Duration::from_millis(300),
         }
     }
 }
@@ -70,9 +73,6 @@ impl Default for RejuvenateOptions {
 /// under exactly one guest hypervisor.
 #[derive(Debug, thiserror::Error)]
 pub enum RejuvenateError {
-    /// Mode not available.
-    #[error("rejuvenation mode '{0}' is not available in this build; use zero-copy")]
-    ModeUnavailable(&'static str),
     /// The aged VM is not running.
     #[error("host VM {vm} is not running ({status}); nothing to rejuvenate")]
     NotRunning {
@@ -158,6 +158,8 @@ pub struct Report {
     pub verify_ms: f64,
     /// Per guest.
     pub guests: Vec<GuestReport>,
+    /// Pre-copy rounds (precopy mode only).
+    pub precopy: Option<crate::copy::PrecopyStats>,
 }
 
 /// Resident set size of this process in bytes.
@@ -197,9 +199,6 @@ pub fn rejuvenate(
     aged: &Arc<HostVm>,
     opts: &RejuvenateOptions,
 ) -> Result<(Report, Arc<HostVm>), RejuvenateError> {
-    if opts.mode != Mode::ZeroCopy {
-        return Err(RejuvenateError::ModeUnavailable(opts.mode.as_str()));
-    }
     let line = aged.spec.line.clone();
     let generation = aged.spec.generation;
     match aged.status() {
@@ -218,19 +217,29 @@ pub fn rejuvenate(
     // Fresh channel contents for this session.
     let channel = aged.channel_file();
     let _ = channel.punch_hole(0, channel.size);
-    let session = Session::new(aged.clone(), channel.clone(), opts.verify);
+    let session = Session::new(aged.clone(), channel.clone(), opts.verify, opts.mode);
     *aged.session.lock().unwrap() = Some(session.clone());
 
     let guests_now = aged.nested.lock().unwrap().vms.len();
     let rollback = |session: &Arc<Session>, succ: Option<&Arc<HostVm>>, msg: String| {
-        // Unfreeze before telling L1, or it could RUN a still-frozen guest.
+        // Order matters: the successor stops first, then every guest it was
+        // adopting goes back and is unfrozen, and only then is the aged L1
+        // told (it resumes its guests as soon as it sees ABORT).
+        if let Some(s) = succ {
+            s.stop_vcpus();
+            handover::return_adopted(aged, s);
+        }
         handover::unfreeze(aged);
+        if opts.mode == Mode::Precopy {
+            for v in aged.nested.lock().unwrap().vms.values() {
+                let _ = v.lock().unwrap().set_dirty_logging(false);
+            }
+        }
         if !matches!(session.phase(), Phase::Aborted(_)) {
             session.set_phase(Phase::Aborted(msg.clone()));
         }
         aged.set_control(control::ABORT);
         if let Some(s) = succ {
-            s.stop_vcpus();
             drop(s.drop_nested());
             drop(s.drop_memory());
             *s.session.lock().unwrap() = None;
@@ -294,6 +303,25 @@ pub fn rejuvenate(
     }
     let t_ready = Instant::now();
 
+    // Pre-copy: copy while the guests keep running under the aged L1.
+    let mut precopy = None;
+    if opts.mode == Mode::Precopy {
+        let vms: Vec<_> = aged.nested.lock().unwrap().vms.values().cloned().collect();
+        match crate::copy::precopy_live(&vms, opts.downtime_budget) {
+            Ok((copies, stats)) => {
+                session.st.lock().unwrap().bytes_copied += stats.live_bytes;
+                *session.precopied.lock().unwrap() = copies;
+                precopy = Some(stats);
+            }
+            Err(e) => {
+                for v in &vms {
+                    let _ = v.lock().unwrap().set_dirty_logging(false);
+                }
+                return Err(rollback(&session, Some(&succ), e.to_string()));
+            }
+        }
+    }
+
     // 2. Ask the aged guest hypervisor to hand over.
     session.set_phase(Phase::HandingOver);
     aged.set_control(control::HANDOVER);
@@ -319,6 +347,39 @@ pub fn rejuvenate(
     // aged L1 (waiting inside HANDOVER_DONE) gets them back.
     if let Some(m) = succ_dead() {
         return Err(rollback(&session, Some(&succ), m));
+    }
+    // Verify before anything is revoked: a guest whose memory differs on
+    // the successor's side is not committed (all guests go back).
+    let mut after_sums: Vec<(String, u64)> = Vec::new();
+    if opts.verify {
+        let grants = session.st.lock().unwrap().grants.clone();
+        let table: Vec<_> = succ.nested.lock().unwrap().vms.values().cloned().collect();
+        for g in &grants {
+            let t = Instant::now();
+            let sum = table.iter().find_map(|n| {
+                let n = n.lock().unwrap();
+                n.record
+                    .as_ref()
+                    .is_some_and(|r| Arc::ptr_eq(r, &g.record))
+                    .then(|| n.checksum_all())
+            });
+            session.st.lock().unwrap().verify_time += t.elapsed();
+            match sum {
+                Some(a) if Some(a) == g.checksum_before => after_sums.push((g.guest.clone(), a)),
+                Some(a) => {
+                    let m = format!(
+                        "memory of {} differs after the move (checksum {:016x} before, {a:016x} after)",
+                        g.guest,
+                        g.checksum_before.unwrap_or(0)
+                    );
+                    return Err(rollback(&session, Some(&succ), m));
+                }
+                None => {
+                    let m = format!("the successor did not adopt {}", g.guest);
+                    return Err(rollback(&session, Some(&succ), m));
+                }
+            }
+        }
     }
     session.set_phase(Phase::Committing);
 
@@ -366,14 +427,12 @@ pub fn rejuvenate(
                 .as_ref()
                 .is_some_and(|r| Arc::ptr_eq(r, &g.record))
         });
-        let mut after = None;
+        let after = after_sums
+            .iter()
+            .find(|(name, _)| *name == g.guest)
+            .map(|(_, a)| *a);
         if let Some(n) = n {
             let mut n = n.lock().unwrap();
-            if opts.verify {
-                let t = Instant::now();
-                after = Some(n.checksum_all());
-                session.st.lock().unwrap().verify_time += t.elapsed();
-            }
             let mut info = g.record.info.lock().unwrap();
             info.bound_vm = succ.id;
             info.handle = n.handle;
@@ -382,6 +441,7 @@ pub fn rejuvenate(
             info.moves += 1;
             info.paused_at = Some(g.paused_at);
             info.resumed_at = None;
+            n.adopted_from = None;
             n.frozen = false;
             if n.state == NestedState::Crashed {
                 n.state = NestedState::Created;
@@ -392,6 +452,16 @@ pub fn rejuvenate(
     *succ.session.lock().unwrap() = None;
     succ.set_control(control::COMMIT);
     let t_commit = Instant::now();
+    // Off the critical path: the successor's own view of the granted pages.
+    if let Err(e) = succ.install_deferred_slots() {
+        succ.console().write_line(
+            format!(
+                "vmbeam: cannot map granted memory into {}: {e}",
+                succ.name()
+            )
+            .as_bytes(),
+        );
+    }
 
     let reaper = std::thread::Builder::new()
         .name("vmbeam-reaper".into())
@@ -451,6 +521,7 @@ pub fn rejuvenate(
                 }
             })
             .collect(),
+        precopy,
     };
     drop(st);
     *session.successor.lock().unwrap() = None;

@@ -3,13 +3,14 @@
 //! the event that wakes whoever waits for a VM to stop.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 
 use crate::console::{ConsoleError, ConsoleHub, ConsoleTarget};
+use crate::hostvm::HostVm;
 use crate::nested::{GuestRecord, RecordInfo};
 
 /// Why L0 cannot use KVM.
@@ -47,6 +48,9 @@ pub struct Shared {
     pub consoles: ConsoleHub,
     /// Nested guest identities by name.
     pub records: Mutex<HashMap<String, Arc<GuestRecord>>>,
+    /// Every live host VM by id (weak: lines and handovers own them), so a
+    /// record's `bound_vm` leads to the VM that runs the guest now.
+    host_vms: Mutex<HashMap<u64, Weak<HostVm>>>,
     events: Mutex<u64>,
     events_cv: Condvar,
 }
@@ -63,6 +67,7 @@ impl Shared {
             cpuid,
             consoles: ConsoleHub::new(consoles)?,
             records: Mutex::new(HashMap::new()),
+            host_vms: Mutex::new(HashMap::new()),
             events: Mutex::new(0),
             events_cv: Condvar::new(),
         }))
@@ -81,6 +86,27 @@ impl Shared {
         });
         recs.insert(name.to_string(), r.clone());
         Ok(r)
+    }
+
+    /// Remembers a newly built host VM (and forgets dropped ones).
+    pub fn register_host_vm(&self, vm: &Arc<HostVm>) {
+        let mut vms = self.host_vms.lock().unwrap();
+        vms.retain(|_, w| w.strong_count() > 0);
+        vms.insert(vm.id, Arc::downgrade(vm));
+    }
+
+    /// The host VM with id `id`, if it still exists.
+    pub fn host_vm(&self, id: u64) -> Option<Arc<HostVm>> {
+        self.host_vms
+            .lock()
+            .unwrap()
+            .get(&id)
+            .and_then(Weak::upgrade)
+    }
+
+    /// The record called `name`, if a guest of that name ever existed.
+    pub fn find_record(&self, name: &str) -> Option<Arc<GuestRecord>> {
+        self.records.lock().unwrap().get(name).cloned()
     }
 
     /// Wakes waiters: a VM stopped or changed state.

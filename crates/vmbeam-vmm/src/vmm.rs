@@ -1,17 +1,25 @@
 //! The VMM as a whole: the lines of host VMs it runs (a line keeps its name
 //! while its guest hypervisor is replaced generation after generation), the
-//! control operations the CLI and API call, and the status tree.
+//! control operations the CLI and API call (rejuvenate, inspect, checksum),
+//! the status tree with each line's history of retired generations, and the
+//! events file those operations report to.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use vmbeam_abi::boot::{NestedSpec, ROLE_PRIMARY};
 
 use crate::config::{ConfigError, VmmConfig};
 use crate::console::ConsoleTarget;
+use crate::events::{unix_ms, EventLog};
 use crate::hostvm::{HostVm, HostVmError, HostVmSpec, VmStatus};
 use crate::images::Images;
+use crate::inspect::{self, InspectError, Inspection, Registers};
 use crate::memory::MemFile;
+use crate::nested::NestedVm;
+use crate::policy::Trigger;
 use crate::rejuvenate::{self, RejuvenateError, RejuvenateOptions, Report};
 use crate::shared::{KvmError, Shared};
 
@@ -47,6 +55,31 @@ pub enum VmmError {
         /// Why.
         msg: String,
     },
+    /// An inspect request is malformed (length, numbers).
+    #[error(transparent)]
+    InspectRequest(#[from] InspectError),
+}
+
+/// Retired generations kept per line.
+pub const HISTORY_LEN: usize = 16;
+
+/// A guest hypervisor generation that was replaced.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RetiredGeneration {
+    /// Its generation.
+    pub generation: u32,
+    /// How long it ran before it was retired, ms.
+    pub uptime_ms: u64,
+    /// `manual` or `policy`.
+    pub reason: String,
+    /// The policy's reason in words (policy only).
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// When it was retired, ms since the Unix epoch.
+    pub retired_at_ms: u64,
+    /// Its last health report (empty if it never reported).
+    #[serde(default)]
+    pub health: BTreeMap<String, u64>,
 }
 
 /// A host VM line: a name whose guest hypervisor is replaced over time.
@@ -55,6 +88,8 @@ pub struct Line {
     pub name: String,
     /// The host VM serving it now.
     pub current: Mutex<Arc<HostVm>>,
+    /// The last [`HISTORY_LEN`] retired generations, oldest first.
+    pub retired: Mutex<VecDeque<RetiredGeneration>>,
 }
 
 /// Status of a nested guest.
@@ -80,6 +115,9 @@ pub struct NestedStatus {
     pub console_lines: u64,
     /// Generation of the guest hypervisor running it.
     pub generation: u32,
+    /// Host VM line whose guest hypervisor runs it now.
+    #[serde(default)]
+    pub host_vm: String,
 }
 
 /// Status of a host VM.
@@ -102,9 +140,18 @@ pub struct HostVmStatus {
     /// Hypercalls served.
     pub hypercalls: u64,
     /// Last health report of L1 (named counters).
-    pub health: std::collections::BTreeMap<String, u64>,
+    pub health: BTreeMap<String, u64>,
+    /// Health reports received from this generation.
+    #[serde(default)]
+    pub health_reports: u64,
+    /// Aging injector: pool pages L1 leaks per nested RUN (0 = off).
+    #[serde(default)]
+    pub age_leak_pages: u32,
     /// Nested guests.
     pub nested: Vec<NestedStatus>,
+    /// Earlier generations of this line, oldest first (at most [`HISTORY_LEN`]).
+    #[serde(default)]
+    pub retired: Vec<RetiredGeneration>,
 }
 
 /// The status tree.
@@ -112,6 +159,9 @@ pub struct HostVmStatus {
 pub struct Status {
     /// vmbeam version.
     pub version: String,
+    /// Rejuvenation policy (`manual`, `free<10%`, `every 30s`, …).
+    #[serde(default)]
+    pub policy: String,
     /// Host VMs.
     pub host_vms: Vec<HostVmStatus>,
 }
@@ -126,6 +176,17 @@ pub struct Vmm {
     pub config: VmmConfig,
     lines: Mutex<Vec<Arc<Line>>>,
     busy: Mutex<()>,
+    rejuvenating: AtomicBool,
+    events: OnceLock<EventLog>,
+    policy: Mutex<String>,
+}
+
+/// Clears a flag when dropped.
+struct FlagGuard<'a>(&'a AtomicBool);
+impl Drop for FlagGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Vmm {
@@ -146,6 +207,9 @@ impl Vmm {
             config,
             lines: Mutex::new(Vec::new()),
             busy: Mutex::new(()),
+            rejuvenating: AtomicBool::new(false),
+            events: OnceLock::new(),
+            policy: Mutex::new("manual".into()),
         })
     }
 
@@ -176,6 +240,7 @@ impl Vmm {
             nested,
             flags: 0,
             slice_us: c.slice_us,
+            age_leak_pages: c.age_leak_pages,
         };
         let channel = MemFile::new(&format!("{name}-channel"), vmbeam_abi::layout::CHANNEL_SIZE)
             .map_err(|source| HostVmError::Memory {
@@ -193,6 +258,7 @@ impl Vmm {
         self.lines.lock().unwrap().push(Arc::new(Line {
             name: name.to_string(),
             current: Mutex::new(vm.clone()),
+            retired: Mutex::new(VecDeque::new()),
         }));
         Ok(vm)
     }
@@ -218,13 +284,64 @@ impl Vmm {
         Ok(self.line(name)?.current.lock().unwrap().clone())
     }
 
-    /// Rejuvenates line `name`.
+    /// Every line and the host VM serving it now.
+    pub fn current_vms(&self) -> Vec<(String, Arc<HostVm>)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| (l.name.clone(), l.current.lock().unwrap().clone()))
+            .collect()
+    }
+
+    /// Rejuvenates line `name` on request (the retired generation is
+    /// recorded with reason `manual`).
     pub fn rejuvenate(
         &self,
         name: Option<&str>,
         opts: &RejuvenateOptions,
     ) -> Result<Report, VmmError> {
+        self.rejuvenate_because(name, opts, &Trigger::Manual)
+    }
+
+    /// Rejuvenates line `name` for `trigger`: records the retired generation
+    /// in the line's history and logs the report (or the failure) to the
+    /// events file, if one is set.
+    pub fn rejuvenate_because(
+        &self,
+        name: Option<&str>,
+        opts: &RejuvenateOptions,
+        trigger: &Trigger,
+    ) -> Result<Report, VmmError> {
+        let res = self.rejuvenate_inner(name, opts, trigger);
+        let mut fields = serde_json::json!({
+            "vm": name,
+            "trigger": trigger.as_str(),
+            "reason": trigger.detail(),
+        });
+        match &res {
+            Ok(r) => {
+                fields["vm"] = r.vm.clone().into();
+                fields["report"] = serde_json::to_value(r).unwrap_or_default();
+                self.event("rejuvenated", fields);
+            }
+            Err(e) => {
+                fields["error"] = e.to_string().into();
+                self.event("rejuvenate_failed", fields);
+            }
+        }
+        res
+    }
+
+    fn rejuvenate_inner(
+        &self,
+        name: Option<&str>,
+        opts: &RejuvenateOptions,
+        trigger: &Trigger,
+    ) -> Result<Report, VmmError> {
         let _guard = self.busy.try_lock().map_err(|_| VmmError::Busy)?;
+        self.rejuvenating.store(true, Ordering::SeqCst);
+        let _flag = FlagGuard(&self.rejuvenating);
         let line = self.line(name)?;
         let aged = line.current.lock().unwrap().clone();
         let (report, succ) = rejuvenate::rejuvenate(
@@ -234,8 +351,52 @@ impl Vmm {
             &aged,
             opts,
         )?;
+        let retired = RetiredGeneration {
+            generation: aged.spec.generation,
+            uptime_ms: aged.started.elapsed().as_millis() as u64,
+            reason: trigger.as_str().into(),
+            detail: trigger.detail().map(str::to_string),
+            retired_at_ms: unix_ms(),
+            health: aged.health.lock().unwrap().named(),
+        };
         *line.current.lock().unwrap() = succ;
+        let mut hist = line.retired.lock().unwrap();
+        hist.push_back(retired);
+        while hist.len() > HISTORY_LEN {
+            hist.pop_front();
+        }
         Ok(report)
+    }
+
+    /// True while a rejuvenation runs.
+    pub fn is_rejuvenating(&self) -> bool {
+        self.rejuvenating.load(Ordering::SeqCst)
+    }
+
+    /// Sends events (rejuvenation reports, failures, policy decisions) to
+    /// `log` from now on; only the first call has an effect.
+    pub fn set_event_log(&self, log: EventLog) {
+        let _ = self.events.set(log);
+    }
+
+    /// The events file, if any.
+    pub fn event_log(&self) -> Option<&EventLog> {
+        self.events.get()
+    }
+
+    /// Appends one event line (see [`EventLog::log`]) if an events file is
+    /// set; a write failure is reported on stderr and otherwise ignored.
+    pub fn event(&self, event: &str, fields: serde_json::Value) {
+        if let Some(log) = self.events.get() {
+            if let Err(e) = log.log(event, fields) {
+                eprintln!("vmbeam: {e}");
+            }
+        }
+    }
+
+    /// Sets the policy description shown in the status.
+    pub fn set_policy(&self, description: &str) {
+        *self.policy.lock().unwrap() = description.to_string();
     }
 
     /// The first failure of a current host VM, if any.
@@ -253,25 +414,27 @@ impl Vmm {
         let mut host_vms = Vec::new();
         for l in self.lines.lock().unwrap().iter() {
             let vm = l.current.lock().unwrap().clone();
-            let h = vm.health.lock().unwrap().clone();
-            let health = if h.reports > 0 {
-                vmbeam_abi::hypercall::HEALTH_ARGS
-                    .iter()
-                    .zip(h.counters.iter())
-                    .map(|(k, v)| (k.to_string(), *v))
-                    .collect()
-            } else {
-                Default::default()
+            let (health, health_reports) = {
+                let h = vm.health.lock().unwrap();
+                (h.named(), h.reports)
             };
             let mut nested = Vec::new();
             let vms: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
             for n in vms {
                 let n = n.lock().unwrap();
-                let (moves, lines) = n
+                let (moves, lines, host_vm, generation) = n
                     .record
                     .as_ref()
-                    .map(|r| (r.info.lock().unwrap().moves, r.console.lines()))
-                    .unwrap_or((0, 0));
+                    .map(|r| {
+                        let info = r.info.lock().unwrap();
+                        let (line, g) = if info.bound_vm == vm.id {
+                            (info.host_vm.clone(), info.generation)
+                        } else {
+                            (vm.spec.line.clone(), vm.spec.generation)
+                        };
+                        (info.moves, r.console.lines(), line, g)
+                    })
+                    .unwrap_or((0, 0, vm.spec.line.clone(), vm.spec.generation));
                 nested.push(NestedStatus {
                     name: n.name.clone(),
                     handle: n.handle,
@@ -282,7 +445,8 @@ impl Vmm {
                     exits: n.exits,
                     moves,
                     console_lines: lines,
-                    generation: vm.spec.generation,
+                    generation,
+                    host_vm,
                 });
             }
             host_vms.push(HostVmStatus {
@@ -298,12 +462,100 @@ impl Vmm {
                 pool_bytes: vm.spec.pool,
                 hypercalls: vm.hypercalls.load(std::sync::atomic::Ordering::Relaxed),
                 health,
+                health_reports,
+                age_leak_pages: vm.spec.age_leak_pages,
                 nested,
+                retired: l.retired.lock().unwrap().iter().cloned().collect(),
             });
         }
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
+            policy: self.policy.lock().unwrap().clone(),
             host_vms,
+        }
+    }
+
+    /// The host VM and nested VM that run guest `name` now, found through
+    /// the guest's record (its identity on this host), so the answer follows
+    /// the guest across moves. `None` while it is bound to no VM.
+    fn locate(&self, name: &str) -> Option<(Arc<HostVm>, Arc<Mutex<NestedVm>>)> {
+        let record = self.shared.find_record(name)?;
+        let (bound, handle) = {
+            let info = record.info.lock().unwrap();
+            (info.bound_vm, info.handle)
+        };
+        if bound == 0 {
+            return None;
+        }
+        let vm = self.shared.host_vm(bound)?;
+        let n = vm.nested_vm(handle as u64)?;
+        Some((vm, n))
+    }
+
+    /// Reads `len` bytes at nested guest-physical `gpa` of guest `guest`
+    /// and, if it is not in the middle of an exit, its vCPU 0 registers.
+    ///
+    /// Read-only and without pausing the guest: it waits at most for the
+    /// end of the current RUN time slice. During a rejuvenation, while the
+    /// guest is between two guest hypervisors, it waits (up to 5 s) for the
+    /// move to finish instead of failing.
+    pub fn inspect(&self, guest: &str, gpa: u64, len: u64) -> Result<Inspection, VmmError> {
+        inspect::check_range(gpa, len)?;
+        let err = |msg: String| VmmError::Inspect {
+            guest: guest.to_string(),
+            msg,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some((vm, n)) = self.locate(guest) {
+                let mut n = n.lock().unwrap();
+                let ours = n.name == guest
+                    && n.record.as_ref().is_some_and(|r| {
+                        let info = r.info.lock().unwrap();
+                        info.bound_vm == vm.id
+                    });
+                if ours {
+                    let bytes = n.read(gpa, len).map_err(|s| {
+                        err(format!(
+                            "[{gpa:#x}, {:#x}) is not all mapped guest memory ({s:?})",
+                            gpa + len
+                        ))
+                    })?;
+                    let (regs_status, regs) = if n.vcpu_count() == 0 {
+                        ("no vcpu".to_string(), None)
+                    } else {
+                        match n.peek_regs(0) {
+                            Ok(Some(st)) => ("ok".to_string(), Some(Registers::from(&st))),
+                            Ok(None) => ("busy".to_string(), None),
+                            Err(s) => (format!("error: {s:?}"), None),
+                        }
+                    };
+                    let moves = n
+                        .record
+                        .as_ref()
+                        .map(|r| r.info.lock().unwrap().moves)
+                        .unwrap_or(0);
+                    return Ok(Inspection {
+                        guest: guest.to_string(),
+                        host_vm: vm.spec.line.clone(),
+                        generation: vm.spec.generation,
+                        moves,
+                        state: n.state.as_str().to_string(),
+                        gpa,
+                        len,
+                        hex: inspect::to_hex(&bytes),
+                        regs_status,
+                        regs,
+                    });
+                }
+            }
+            if self.shared.find_record(guest).is_none()
+                || !self.is_rejuvenating()
+                || Instant::now() >= deadline
+            {
+                return Err(VmmError::NoSuchGuest(guest.to_string()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

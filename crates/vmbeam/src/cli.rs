@@ -1,9 +1,12 @@
 //! Command-line interface of `vmbeam` (clap).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use vmbeam_vmm::config::{parse_size, ConfigError, VmmConfig, Workload};
+use vmbeam_vmm::inspect::{parse_number, InspectError};
+use vmbeam_vmm::policy::{parse_duration, Condition, PolicyError};
 use vmbeam_vmm::rejuvenate::Mode;
 
 /// Default API socket path.
@@ -34,6 +37,8 @@ pub enum Command {
     Rejuvenate(RejuvenateArgs),
     /// Show host VMs and their nested guests (client of the API).
     Status(StatusArgs),
+    /// Read a nested guest's memory and registers without pausing it (client of the API).
+    Inspect(InspectArgs),
     /// Stop a running `vmbeam run` (client of the API).
     Shutdown(SockArg),
 }
@@ -71,6 +76,10 @@ pub struct VmArgs {
     /// Time slice of a nested vCPU run, in microseconds.
     #[arg(long, default_value_t = 10_000)]
     pub slice_us: u32,
+    /// Aging injector: each guest hypervisor leaks this many 4 KiB pages of its
+    /// nested pool per nested run it issues (0 = off).
+    #[arg(long, value_name = "PAGES_PER_OP", default_value_t = 0)]
+    pub age_leak: u32,
 }
 
 impl VmArgs {
@@ -87,6 +96,7 @@ impl VmArgs {
             quiet,
             workload_param: self.workload_param,
             slice_us: self.slice_us,
+            age_leak_pages: self.age_leak,
         }
     }
 }
@@ -106,6 +116,16 @@ pub struct RunArgs {
     /// Name of the host VM.
     #[arg(long, default_value = "hv0")]
     pub name: String,
+    /// Rejuvenate automatically when the nested pool in the guest hypervisor's
+    /// last health report is low: free<PERCENT% or free<SIZE (e.g. "free<10%", "free<64M").
+    #[arg(long, value_name = "CONDITION", value_parser = condition)]
+    pub rejuvenate_when: Option<Condition>,
+    /// Rejuvenate automatically when the guest hypervisor has run this long (e.g. 30s, 5m).
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub rejuvenate_every: Option<Duration>,
+    /// Append rejuvenation reports, policy decisions and failures to PATH, one JSON object per line.
+    #[arg(long, value_name = "PATH")]
+    pub events: Option<PathBuf>,
 }
 
 /// `vmbeam demo`.
@@ -143,6 +163,9 @@ pub struct RejuvenateArgs {
     /// Skip hashing guests before and after.
     #[arg(long)]
     pub no_verify: bool,
+    /// Pre-copy: downtime budget in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
     /// Inject a fault into the successor (testing): reject-first, crash-before-adopt, crash-after-first, hang-at-boot.
     #[arg(long)]
     pub fault: Option<String>,
@@ -157,6 +180,35 @@ pub struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `vmbeam inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// API socket.
+    #[command(flatten)]
+    pub sock: SockArg,
+    /// Nested guest (e.g. l2-0).
+    pub name: String,
+    /// Read LEN bytes (at most 64 KiB) at nested guest-physical address GPA,
+    /// each decimal or 0x-hex; without it only the registers are shown.
+    #[arg(long, num_args = 2, value_names = ["GPA", "LEN"], value_parser = number)]
+    pub read: Option<Vec<u64>>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl InspectArgs {
+    /// `(gpa, len)` to read; `(0, 0)` without `--read`.
+    pub fn range(&self) -> Result<(u64, u64), InspectError> {
+        let (gpa, len) = match self.read.as_deref() {
+            Some([g, l]) => (*g, *l),
+            _ => (0, 0),
+        };
+        vmbeam_vmm::inspect::check_range(gpa, len)?;
+        Ok((gpa, len))
+    }
 }
 
 /// The API socket option.
@@ -176,6 +228,18 @@ impl SockArg {
 
 fn size(s: &str) -> Result<u64, ConfigError> {
     parse_size(s)
+}
+
+fn condition(s: &str) -> Result<Condition, PolicyError> {
+    s.parse()
+}
+
+fn duration(s: &str) -> Result<Duration, PolicyError> {
+    parse_duration(s)
+}
+
+fn number(s: &str) -> Result<u64, InspectError> {
+    parse_number(s)
 }
 
 fn workload(s: &str) -> Result<Workload, ConfigError> {

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use vmbeam_vmm::inspect::Inspection;
 use vmbeam_vmm::rejuvenate::{RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::{Status, Vmm};
 
@@ -19,8 +20,24 @@ fn mib(b: u64) -> String {
     }
 }
 
-/// Prints the status tree.
+fn pct(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+/// Prints the status tree: host → host VM lines (generation, uptime,
+/// health, retired generations) → nested guests (memory, state, which
+/// guest hypervisor runs them now, moves).
 pub fn print_status(s: &Status) {
+    if !s.policy.is_empty() {
+        println!(
+            "host: vmbeam {}, rejuvenation policy: {}",
+            s.version, s.policy
+        );
+    }
     for vm in &s.host_vms {
         println!(
             "host VM {} (generation {}, {}, up {:.1} s, {} hypercalls)",
@@ -31,27 +48,113 @@ pub fn print_status(s: &Status) {
             vm.hypercalls
         );
         if !vm.health.is_empty() {
-            let h = &vm.health;
+            let h = |k: &str| *vm.health.get(k).unwrap_or(&0);
+            let (free, used) = (h("pool_free_bytes"), h("pool_used_bytes"));
             println!(
-                "  health: pool free {} used {}, {} nested ops, {} errors",
-                mib(*h.get("pool_free_bytes").unwrap_or(&0)),
-                mib(*h.get("pool_used_bytes").unwrap_or(&0)),
-                h.get("nested_ops").unwrap_or(&0),
-                h.get("errors").unwrap_or(&0)
+                "  health: pool free {} of {} ({:.1}%), used {}, leaked {}, {} errors",
+                mib(free),
+                mib(free + used),
+                pct(free, free + used),
+                mib(used),
+                mib(h("leaked_bytes")),
+                h("errors")
+            );
+            println!(
+                "          L1 up {:.1} s, {} nested guests, {} nested ops, {} exits handled ({} reports)",
+                h("uptime_ms") as f64 / 1000.0,
+                h("nested_guests"),
+                h("nested_ops"),
+                h("exits_handled"),
+                vm.health_reports
+            );
+        } else {
+            println!("  health: no report from the guest hypervisor yet");
+        }
+        if vm.age_leak_pages > 0 {
+            println!(
+                "  aging injector: {} page(s) leaked per nested run",
+                vm.age_leak_pages
+            );
+        }
+        for r in &vm.retired {
+            println!(
+                "  retired: generation {} after {:.1} s ({}{}){}",
+                r.generation,
+                r.uptime_ms as f64 / 1000.0,
+                r.reason,
+                r.detail
+                    .as_deref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default(),
+                r.health
+                    .get("leaked_bytes")
+                    .map(|l| format!(", had leaked {}", mib(*l)))
+                    .unwrap_or_default()
             );
         }
         for n in &vm.nested {
             println!(
-                "  └─ {:<8} {:>9}  {:<8} runs {:>6}  exits {:>6}  console lines {:>5}  moves {}",
+                "  └─ {:<8} {:>9}  {:<8} on {}/g{}  moves {}  runs {:>6}  exits {:>6}  console lines {:>5}",
                 n.name,
                 mib(n.mem_bytes),
                 n.state,
+                if n.host_vm.is_empty() { &vm.name } else { &n.host_vm },
+                n.generation,
+                n.moves,
                 n.runs,
                 n.exits,
                 n.console_lines,
-                n.moves
             );
         }
+    }
+}
+
+/// Prints an inspection: where the guest runs, its registers, and a hex
+/// dump of the bytes read.
+pub fn print_inspection(i: &Inspection) {
+    println!(
+        "{} ({}) on {}/g{}, moved {} time(s)",
+        i.guest, i.state, i.host_vm, i.generation, i.moves
+    );
+    match &i.regs {
+        Some(r) => {
+            println!(
+                "  rip {:#018x}  rsp {:#018x}  rflags {:#x}  cs {:#x}",
+                r.rip, r.rsp, r.rflags, r.cs
+            );
+            println!(
+                "  rax {:#018x}  rbx {:#018x}  rcx {:#018x}  rdx {:#018x}",
+                r.rax, r.rbx, r.rcx, r.rdx
+            );
+            println!(
+                "  rsi {:#018x}  rdi {:#018x}  rbp {:#018x}  r8  {:#018x}",
+                r.rsi, r.rdi, r.rbp, r.r8
+            );
+            println!(
+                "  cr0 {:#x}  cr3 {:#x}  cr4 {:#x}  efer {:#x}  tsc {}",
+                r.cr0, r.cr3, r.cr4, r.efer, r.tsc
+            );
+        }
+        None => println!("  registers: {}", i.regs_status),
+    }
+    for (k, chunk) in i.bytes().chunks(16).enumerate() {
+        let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+        let text: String = chunk
+            .iter()
+            .map(|&b| {
+                if b.is_ascii_graphic() || b == b' ' {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
+            .collect();
+        println!(
+            "  {:#010x}  {:<47}  |{}|",
+            i.gpa + k as u64 * 16,
+            hex.join(" "),
+            text
+        );
     }
 }
 

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use vmbeam::cli::{Cli, Command};
 use vmbeam_vmm::api;
+use vmbeam_vmm::inspect::Inspection;
 use vmbeam_vmm::rejuvenate::Report;
 use vmbeam_vmm::vmm::Status;
 
@@ -52,6 +53,7 @@ fn main() -> ExitCode {
                 "mode": a.mode,
                 "verify": !a.no_verify,
                 "fault": a.fault,
+                "downtime_ms": a.downtime_ms,
             })
             .to_string();
             api_call(&a.sock.path(), "POST", "/rejuvenate", Some(&body)).and_then(|b| {
@@ -66,6 +68,24 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::Inspect(a) => a
+            .range()
+            .map_err(|e| e.to_string())
+            .and_then(|(gpa, len)| {
+                let body = serde_json::json!({ "guest": a.name, "gpa": gpa, "len": len });
+                api_call(&a.sock.path(), "POST", "/inspect", Some(&body.to_string()))
+            })
+            .and_then(|b| {
+                if a.json {
+                    println!("{b}");
+                    Ok(())
+                } else {
+                    let i: Inspection =
+                        serde_json::from_str(&b).map_err(|e| format!("bad inspect reply: {e}"))?;
+                    vmbeam::demo::print_inspection(&i);
+                    Ok(())
+                }
+            }),
         Command::Shutdown(a) => api_call(&a.path(), "PUT", "/shutdown", None).map(|_| ()),
     };
     match res {

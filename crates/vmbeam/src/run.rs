@@ -1,13 +1,22 @@
 //! `vmbeam run`: boot the host VM, then serve the API, signals and the
 //! duration timer from one event loop (event-manager) until asked to stop.
+//! Between events (at least every 50 ms) the loop also polls the
+//! rejuvenation policy ([`PolicyDriver`]); a rejuvenation it starts runs on
+//! a worker thread, so the API keeps answering meanwhile.
 
+use std::collections::HashSet;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmbeam_vmm::api::ApiServer;
+use vmbeam_vmm::events::{EventLog, EventsError};
+use vmbeam_vmm::hostvm::{HostVm, VmStatus};
+use vmbeam_vmm::policy::{Backoff, Observation, Policy, PolicyError, PoolHealth, Trigger};
+use vmbeam_vmm::rejuvenate::RejuvenateOptions;
 use vmbeam_vmm::vmm::Vmm;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -31,6 +40,12 @@ pub enum RunError {
     /// A host VM failed while running.
     #[error("{0}")]
     GuestFailed(String),
+    /// The rejuvenation policy is invalid.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The events file cannot be used.
+    #[error(transparent)]
+    EventsFile(#[from] EventsError),
 }
 
 static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
@@ -74,6 +89,158 @@ impl MutEventSubscriber for ApiSubscriber {
     }
 }
 
+/// Polls the rejuvenation policy for `vmbeam run` and runs what it decides.
+///
+/// Each poll: collect a finished worker (success resets the back-off, a
+/// failure starts it), log the first health report of every new generation
+/// (`health_first`), and, if no rejuvenation is running and the back-off
+/// allows, ask [`Policy::decide`] about each line. A positive decision is
+/// logged (`policy_fired`) and a worker thread runs
+/// [`Vmm::rejuvenate_because`], which logs the report (`rejuvenated`) or
+/// the error (`rejuvenate_failed`).
+pub struct PolicyDriver {
+    policy: Policy,
+    backoff: Backoff,
+    worker: Option<JoinHandle<bool>>,
+    reported: HashSet<u64>,
+}
+
+/// What the policy sees of a host VM now.
+pub fn observe(vm: &HostVm) -> Observation {
+    let h = vm.health.lock().unwrap();
+    Observation {
+        running: vm.status() == VmStatus::Running,
+        uptime: vm.started.elapsed(),
+        health: (h.reports > 0).then(|| PoolHealth {
+            free_bytes: h.counters[0],
+            used_bytes: h.counters[1],
+        }),
+    }
+}
+
+impl PolicyDriver {
+    /// A driver for `policy`.
+    pub fn new(policy: Policy) -> PolicyDriver {
+        PolicyDriver {
+            policy,
+            backoff: Backoff::new(),
+            worker: None,
+            reported: HashSet::new(),
+        }
+    }
+
+    /// One poll (cheap; never blocks on a rejuvenation).
+    pub fn poll(&mut self, vmm: &Arc<Vmm>) {
+        let now = Instant::now();
+        if self.worker.as_ref().is_some_and(|w| w.is_finished()) {
+            let ok = self
+                .worker
+                .take()
+                .map(|w| w.join().unwrap_or(false))
+                .unwrap_or(false);
+            if ok {
+                self.backoff.succeeded();
+            } else {
+                let wait = self.backoff.failed(now);
+                eprintln!(
+                    "vmbeam: policy: the rejuvenation failed; the policy waits {} s before trying again",
+                    wait.as_secs()
+                );
+                vmm.event(
+                    "policy_backoff",
+                    serde_json::json!({ "retry_in_ms": wait.as_millis() as u64 }),
+                );
+            }
+        }
+        let vms = vmm.current_vms();
+        for (line, vm) in &vms {
+            let health = vm.health.lock().unwrap().named();
+            if !health.is_empty() && self.reported.insert(vm.id) {
+                vmm.event(
+                    "health_first",
+                    serde_json::json!({
+                        "vm": line,
+                        "generation": vm.spec.generation,
+                        "uptime_ms": vm.started.elapsed().as_millis() as u64,
+                        "health": health,
+                    }),
+                );
+            }
+        }
+        if self.policy.is_manual() || self.worker.is_some() || !self.backoff.ready(now) {
+            return;
+        }
+        for (line, vm) in vms {
+            let Some(d) = self.policy.decide(&observe(&vm)) else {
+                continue;
+            };
+            eprintln!(
+                "vmbeam: policy: rejuvenating {line} (generation {}): {}",
+                vm.spec.generation, d.reason
+            );
+            vmm.event(
+                "policy_fired",
+                serde_json::json!({
+                    "vm": line,
+                    "generation": vm.spec.generation,
+                    "rule": d.rule,
+                    "reason": d.reason,
+                    "policy": self.policy.describe(),
+                    "uptime_ms": vm.started.elapsed().as_millis() as u64,
+                    "health": vm.health.lock().unwrap().named(),
+                }),
+            );
+            let v = vmm.clone();
+            let trigger = Trigger::Policy { reason: d.reason };
+            let spawned = std::thread::Builder::new()
+                .name("vmbeam-policy".into())
+                .spawn(move || {
+                    match v.rejuvenate_because(
+                        Some(&line),
+                        &RejuvenateOptions::default(),
+                        &trigger,
+                    ) {
+                        Ok(r) => {
+                            eprintln!(
+                                "vmbeam: policy: {} rejuvenated, generation {} -> {} in {:.1} ms, {} bytes copied",
+                                r.vm, r.from_generation, r.to_generation, r.total_ms, r.bytes_copied
+                            );
+                            true
+                        }
+                        Err(e) => {
+                            eprintln!("vmbeam: policy: {e}");
+                            false
+                        }
+                    }
+                });
+            match spawned {
+                Ok(h) => self.worker = Some(h),
+                Err(e) => {
+                    let wait = self.backoff.failed(now);
+                    eprintln!("vmbeam: policy: cannot start a rejuvenation thread: {e}");
+                    vmm.event(
+                        "rejuvenate_failed",
+                        serde_json::json!({
+                            "trigger": "policy",
+                            "error": format!("cannot start a rejuvenation thread: {e}"),
+                            "retry_in_ms": wait.as_millis() as u64,
+                        }),
+                    );
+                }
+            }
+            break;
+        }
+    }
+
+    /// Waits for a running rejuvenation to end (before shutdown).
+    pub fn finish(&mut self) {
+        if let Some(w) = self.worker.take() {
+            eprintln!("vmbeam: waiting for the running rejuvenation to end");
+            let _ = w.join();
+        }
+    }
+}
+
 /// Loads `--hypervisor` or the embedded image and builds the VMM.
 pub fn build_vmm(vm: &crate::cli::VmArgs, quiet: bool) -> Result<Vmm, RunError> {
     let hv = match &vm.hypervisor {
@@ -91,7 +258,15 @@ pub fn build_vmm(vm: &crate::cli::VmArgs, quiet: bool) -> Result<Vmm, RunError> 
 
 /// Runs until Ctrl-C, SIGTERM, `PUT /shutdown`, `--duration`, or a guest failure.
 pub fn run(args: &RunArgs) -> Result<(), RunError> {
+    // Policy and events file first: a bad value fails before any VM exists.
+    let policy = Policy::new(args.rejuvenate_when, args.rejuvenate_every)?;
+    policy.check_pool(args.vm.config(false).pool_size())?;
+    let events = args.events.as_deref().map(EventLog::open).transpose()?;
     let vmm = Arc::new(build_vmm(&args.vm, false)?);
+    if let Some(log) = events {
+        vmm.set_event_log(log);
+    }
+    vmm.set_policy(&policy.describe());
     let sock = args
         .api_sock
         .clone()
@@ -107,6 +282,20 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         vm.spec.nested.len(),
         sock.display()
     );
+    if !policy.is_manual() {
+        eprintln!("vmbeam: rejuvenation policy: {}", policy.describe());
+    }
+    vmm.event(
+        "started",
+        serde_json::json!({
+            "vm": args.name,
+            "generation": vm.spec.generation,
+            "policy": policy.describe(),
+            "pool_bytes": vm.spec.pool,
+            "age_leak_pages": vm.spec.age_leak_pages,
+        }),
+    );
+    let mut driver = PolicyDriver::new(policy);
 
     let exit_fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| RunError::Events(e.to_string()))?;
     SIGNAL_FD.store(exit_fd.as_raw_fd(), Ordering::SeqCst);
@@ -151,7 +340,9 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
             eprintln!("vmbeam: --duration reached, shutting down");
             break Ok(());
         }
+        driver.poll(&vmm);
     };
+    driver.finish();
     vmm.shutdown();
     SIGNAL_FD.store(-1, Ordering::SeqCst);
     result

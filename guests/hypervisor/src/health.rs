@@ -3,6 +3,11 @@
 //! L0 decides when a guest hypervisor has aged (leaks, errors, uptime) from
 //! these numbers, so L1 keeps them cheaply and sends them every few
 //! scheduler passes or about once a second.
+//!
+//! It also holds the aging injector ([`age`]): with
+//! `BootInfo::age_leak_pages = N` L1 leaks N pages of its nested pool for
+//! every nested RUN it issues, which shows in `leaked_bytes` and makes
+//! `pool_free_bytes` fall, so L0's rejuvenation policy can be exercised.
 
 use crate::Hv;
 
@@ -15,7 +20,8 @@ pub struct Health {
     pub errors: u64,
     /// Nested exits handled.
     pub exits: u64,
-    /// Pool bytes that can never be reused (a destroy failed).
+    /// Pool bytes that can never be reused (a destroy failed); the aging
+    /// injector's pages are counted by the pool and added when reporting.
     pub leaked: u64,
     t0: u64,
     last: u64,
@@ -44,6 +50,15 @@ fn khz(hv: &Hv) -> u64 {
     }
 }
 
+/// Aging injector: called once per nested RUN L1 issues; leaks
+/// `age_leak_pages` pages of the pool (nothing when it is 0).
+pub fn age(hv: &mut Hv) {
+    let n = hv.boot.age_leak_pages;
+    if n != 0 {
+        hv.pool.leak_pages(n as u64);
+    }
+}
+
 /// Called after each scheduler pass; reports when due.
 pub fn tick(hv: &mut Hv) {
     let now = guest_rt::rdtsc();
@@ -62,7 +77,7 @@ pub fn tick(hv: &mut Hv) {
         hv.pool.used_bytes(),
         live as u64,
         hv.hc.issued + 1,
-        hv.health.leaked,
+        hv.health.leaked + hv.pool.leaked_bytes(),
         now.wrapping_sub(hv.health.t0) / khz(hv),
         hv.health.errors,
         hv.health.exits,

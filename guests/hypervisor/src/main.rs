@@ -134,6 +134,13 @@ extern "C" fn hv_main(boot_addr: u64, _vcpu: u64) -> ! {
         health: Health::new(t0),
     };
 
+    if boot.age_leak_pages != 0 {
+        say!(
+            "aging injector on: leaking {} page(s) of the nested pool per nested run",
+            boot.age_leak_pages
+        );
+    }
+
     const PING: u64 = 0x0123_4567_89ab_cdef;
     match hv.hc.ping(PING) {
         Ok((abi, x)) if abi == ABI_VERSION as u64 && x == PING ^ PING_XOR => {

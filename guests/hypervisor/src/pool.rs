@@ -3,6 +3,11 @@
 //! L0 gives L1 a sparse pool of guest-physical memory; L1 carves nested
 //! guests' RAM out of it and maps it into them. A static bitmap (no heap)
 //! sized for the largest pool keeps allocation simple and first fit.
+//!
+//! The aging injector ([`Pool::leak_pages`]) loses 4 KiB pages of the pool
+//! on purpose: it takes whole extents out of the bitmap (from the top, so
+//! allocations keep first fit at the bottom) and hands their pages to
+//! nobody, one page at a time, so free memory falls smoothly.
 
 use vmbeam_abi::handover::MAX_GUEST_RANGES;
 use vmbeam_abi::layout::{EXTENT_SIZE, MAX_POOL};
@@ -11,6 +16,10 @@ use vmbeam_abi::layout::{EXTENT_SIZE, MAX_POOL};
 const MAX_EXTENTS: usize = (MAX_POOL / EXTENT_SIZE) as usize;
 /// Bitmap words.
 const WORDS: usize = MAX_EXTENTS.div_ceil(64);
+/// Bytes of a page the aging injector leaks.
+pub const PAGE_SIZE: u64 = 4096;
+/// Pages per extent.
+const PAGES_PER_EXTENT: u64 = EXTENT_SIZE / PAGE_SIZE;
 
 /// One piece of a nested guest's memory: L1 GPA `l1_gpa` seen at nested
 /// GPA `l2_gpa`, `len` bytes.
@@ -33,6 +42,10 @@ pub struct Pool {
     extents: usize,
     used: usize,
     bits: [u64; WORDS],
+    /// Pages not yet leaked of the extent the injector is eating (counted as free).
+    leak_left: u64,
+    /// Pages leaked so far.
+    leaked: u64,
 }
 
 impl Pool {
@@ -43,17 +56,47 @@ impl Pool {
             extents: ((size / EXTENT_SIZE) as usize).min(MAX_EXTENTS),
             used: 0,
             bits: [0; WORDS],
+            leak_left: 0,
+            leaked: 0,
         }
     }
 
-    /// Bytes not allocated.
+    /// Bytes not allocated (and not leaked).
     pub fn free_bytes(&self) -> u64 {
-        (self.extents - self.used) as u64 * EXTENT_SIZE
+        (self.extents - self.used) as u64 * EXTENT_SIZE + self.leak_left * PAGE_SIZE
     }
 
-    /// Bytes allocated.
+    /// Bytes allocated or leaked.
     pub fn used_bytes(&self) -> u64 {
-        self.used as u64 * EXTENT_SIZE
+        self.used as u64 * EXTENT_SIZE - self.leak_left * PAGE_SIZE
+    }
+
+    /// Bytes lost to [`Pool::leak_pages`].
+    pub fn leaked_bytes(&self) -> u64 {
+        self.leaked * PAGE_SIZE
+    }
+
+    /// Aging injector: loses `pages` 4 KiB pages of free pool for good.
+    /// Stops when the pool is exhausted; returns the pages actually lost.
+    pub fn leak_pages(&mut self, mut pages: u64) -> u64 {
+        let mut lost = 0;
+        while pages > 0 {
+            if self.leak_left == 0 {
+                // Take the highest free extent out of the bitmap.
+                let Some(e) = (0..self.extents).rev().find(|&e| !self.is_used(e)) else {
+                    break;
+                };
+                self.mark(e, 1, true);
+                self.used += 1;
+                self.leak_left = PAGES_PER_EXTENT;
+            }
+            let take = pages.min(self.leak_left);
+            self.leak_left -= take;
+            pages -= take;
+            lost += take;
+        }
+        self.leaked += lost;
+        lost
     }
 
     fn is_used(&self, e: usize) -> bool {

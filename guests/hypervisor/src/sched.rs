@@ -46,7 +46,9 @@ fn step(hv: &mut Hv, i: usize) {
         0 => DEFAULT_SLICE_US,
         s => s as u64,
     };
-    match hv.hc.vcpu_run(g.handle, 0, slice, answer) {
+    let res = hv.hc.vcpu_run(g.handle, 0, slice, answer);
+    health::age(hv);
+    match res {
         Ok(e) => handle_exit(hv, i, &e),
         Err(s) => {
             say!("nested guest {} run failed: {s:?}", hv.name(i));

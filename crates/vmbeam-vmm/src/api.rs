@@ -71,6 +71,18 @@ pub struct RejuvenateRequest {
     pub downtime_ms: Option<u64>,
 }
 
+/// Request body of `POST /migrate`.
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Host VM line (default: the first).
+    pub vm: Option<String>,
+    /// Destination, `tcp://HOST:PORT`.
+    pub to: String,
+    /// Pre-copy downtime budget in ms (default 300).
+    pub downtime_ms: Option<u64>,
+}
+
 /// Request body of `POST /checksum`.
 #[derive(Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -246,11 +258,25 @@ impl ApiServer {
                     Err(e) => (error_code(&e), err_json(&e.to_string())),
                 }
             }
+            ("POST", "/migrate") => {
+                let req: MigrateRequest = match serde_json::from_str(body) {
+                    Ok(r) => r,
+                    Err(e) => return (400, err_json(&format!("bad migrate request: {e}"))),
+                };
+                let budget = Duration::from_millis(req.downtime_ms.unwrap_or(300).clamp(1, 60_000));
+                match vmm.migrate(req.vm.as_deref(), &req.to, budget) {
+                    Ok(r) => (200, to_json(&r)),
+                    Err(e) => (error_code(&e), err_json(&e.to_string())),
+                }
+            }
             ("PUT", "/shutdown") => {
                 self.shutdown.store(true, Ordering::SeqCst);
                 (200, "{\"ok\":true}".into())
             }
-            (_, "/status" | "/rejuvenate" | "/checksum" | "/inspect" | "/shutdown") => (
+            (
+                _,
+                "/status" | "/rejuvenate" | "/checksum" | "/inspect" | "/migrate" | "/shutdown",
+            ) => (
                 405,
                 err_json(&format!("method {method} not allowed on {path}")),
             ),
@@ -269,6 +295,7 @@ fn error_code(e: &VmmError) -> u16 {
     match e {
         VmmError::NoSuchVm(_) | VmmError::NoSuchGuest(_) => 404,
         VmmError::Busy => 409,
+        VmmError::Remote(crate::remote::RemoteError::Address(_)) => 400,
         VmmError::Inspect { .. } | VmmError::InspectRequest(_) => 400,
         _ => 500,
     }

@@ -191,6 +191,7 @@ pub struct NestedTable {
 }
 
 struct VcpuThread {
+    idx: u32,
     thread: libc::pthread_t,
     immediate_exit: usize,
     join: Option<std::thread::JoinHandle<VcpuFd>>,
@@ -437,12 +438,34 @@ impl HostVm {
             return Err(cfg("RAM too small for the boot info".into()));
         }
 
-        let console = shared
-            .consoles
-            .get(&name.replace('/', "-"))
-            .map_err(|e| cfg(e.to_string()))?;
-        let next_slot = ram.regions.len() as u32 + 1;
-        let hv = Arc::new(HostVm {
+        let hv = HostVm::assemble(shared, spec, vm, ram, ram_file, pool_file, channel)?;
+        *hv.session.lock().unwrap() = session;
+        hv.start_vcpus(fds);
+        Ok(hv)
+    }
+
+    /// Builds the host VM object around a KVM VM whose memory is in place
+    /// (fresh boot or restore from a migration stream); vCPUs not started.
+    pub fn assemble(
+        shared: Arc<Shared>,
+        spec: HostVmSpec,
+        vm: VmFd,
+        ram: GuestRam,
+        ram_file: Arc<MemFile>,
+        pool_file: Arc<MemFile>,
+        channel: Arc<MemFile>,
+    ) -> Result<Arc<HostVm>, HostVmError> {
+        let name = format!("{}/g{}", spec.line, spec.generation);
+        let console =
+            shared
+                .consoles
+                .get(&name.replace('/', "-"))
+                .map_err(|e| HostVmError::Config {
+                    vm: name.clone(),
+                    msg: e.to_string(),
+                })?;
+        let next_slot = ram.regions.iter().map(|r| r.slot + 1).max().unwrap_or(0);
+        Ok(Arc::new(HostVm {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             spec,
             shared,
@@ -451,7 +474,7 @@ impl HostVm {
             next_slot: Mutex::new(next_slot.max(3)),
             nested: Mutex::new(NestedTable::default()),
             doorbell: Doorbell::default(),
-            session: Mutex::new(session),
+            session: Mutex::new(None),
             health: Mutex::new(Health::default()),
             status: Mutex::new(VmStatus::Booting),
             status_cv: Condvar::new(),
@@ -464,14 +487,19 @@ impl HostVm {
             deferred_slots: Mutex::new(Vec::new()),
             serial: Mutex::new(Serial::new(NoIrq, LineWriter::new(console))),
             hypercalls: AtomicU64::new(0),
-        });
-        hv.shared.register_host_vm(&hv);
+        }))
+    }
+
+    /// Starts (or resumes) the vCPU threads, in vCPU index order.
+    pub fn start_vcpus(self: &Arc<Self>, fds: Vec<VcpuFd>) {
+        // Let a nested guest's record lead to this VM (inspect follows moves).
+        self.shared.register_host_vm(self);
         kick::install_handler();
+        self.stop.store(false, Ordering::SeqCst);
         for (i, fd) in fds.into_iter().enumerate() {
-            hv.spawn_vcpu(i as u32, fd);
+            self.spawn_vcpu(i as u32, fd);
         }
-        hv.set_status(VmStatus::Running);
-        Ok(hv)
+        self.set_status(VmStatus::Running);
     }
 
     fn spawn_vcpu(self: &Arc<Self>, idx: u32, mut fd: VcpuFd) {
@@ -503,6 +531,7 @@ impl HostVm {
             .expect("spawn vCPU thread");
         let thread = rx.recv().expect("vCPU thread reports its id");
         self.vcpus.lock().unwrap().push(VcpuThread {
+            idx,
             thread,
             immediate_exit: ie,
             join: Some(join),
@@ -519,6 +548,11 @@ impl HostVm {
         };
         loop {
             if self.stop.load(Ordering::SeqCst) {
+                // Complete the exit just handled (e.g. the hypercall's port
+                // write) so the saved state is at an instruction boundary.
+                fd.set_kvm_immediate_exit(1);
+                let _ = fd.run();
+                fd.set_kvm_immediate_exit(0);
                 return Ok(());
             }
             match fd.run() {
@@ -688,11 +722,19 @@ impl HostVm {
 
     /// Stops the vCPU threads and waits for them.
     pub fn stop_vcpus(&self) {
+        drop(self.pause_vcpus());
+    }
+
+    /// Stops the vCPU threads and hands back their vCPUs (index order), so
+    /// they can be resumed with [`HostVm::start_vcpus`] or saved.
+    pub fn pause_vcpus(&self) -> Vec<VcpuFd> {
         self.stop.store(true, Ordering::SeqCst);
         self.doorbell.ring();
         // Joined threads are removed from the list, so every entry here still
         // owns its VcpuFd (returned by the thread), keeping kvm_run mapped.
-        let threads: Vec<VcpuThread> = std::mem::take(&mut *self.vcpus.lock().unwrap());
+        let mut threads: Vec<VcpuThread> = std::mem::take(&mut *self.vcpus.lock().unwrap());
+        threads.sort_by_key(|t| t.idx);
+        let mut fds = Vec::new();
         for mut t in threads {
             let Some(j) = t.join.take() else { continue };
             while !j.is_finished() {
@@ -703,8 +745,11 @@ impl HostVm {
                 self.doorbell.ring();
                 std::thread::sleep(Duration::from_millis(1));
             }
-            let _ = j.join();
+            if let Ok(fd) = j.join() {
+                fds.push(fd);
+            }
         }
+        fds
     }
 
     /// True while a vCPU thread is alive.

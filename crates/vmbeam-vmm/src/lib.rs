@@ -27,5 +27,7 @@ pub mod memory;
 pub mod nested;
 pub mod policy;
 pub mod rejuvenate;
+pub mod remote;
 pub mod shared;
 pub mod vmm;
+pub mod wire;

@@ -371,6 +371,23 @@ impl NestedVm {
             .map_err(|_| Status::Internal)
     }
 
+    /// Saves every vCPU's state for a migration: exits already handled are
+    /// completed first; a pending port/MMIO read is left uncompleted, so the
+    /// guest simply executes that read again on the other side.
+    pub fn save_vcpus(&mut self) -> Result<Vec<VcpuState>, Status> {
+        let mut out = Vec::new();
+        for v in self.vcpus.iter_mut() {
+            if v.exits_since_state && v.pending == Pending::None {
+                v.fd.set_kvm_immediate_exit(1);
+                let _ = v.fd.run();
+                v.fd.set_kvm_immediate_exit(0);
+                v.exits_since_state = false;
+            }
+            out.push(arch::get_state(&v.fd).map_err(|_| Status::Internal)?);
+        }
+        Ok(out)
+    }
+
     /// Writes a vCPU's state.
     pub fn set_state(&mut self, idx: u64, st: &VcpuState) -> Result<(), Status> {
         let v = self.vcpu(idx)?;

@@ -44,6 +44,9 @@ pub enum VmmError {
     /// Another rejuvenation is running.
     #[error("a rejuvenation is already running; try again when it ends")]
     Busy,
+    /// Host-to-host migration failed; the source keeps running.
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
     /// Rejuvenation failed (rolled back).
     #[error(transparent)]
     Rejuvenate(#[from] RejuvenateError),
@@ -59,6 +62,10 @@ pub enum VmmError {
     #[error(transparent)]
     InspectRequest(#[from] InspectError),
 }
+
+/// How long [`Vmm::inspect`] keeps trying for registers while the vCPU is
+/// in the middle of an exit, before it answers "busy".
+pub const BUSY_RETRY: Duration = Duration::from_millis(200);
 
 /// Retired generations kept per line.
 pub const HISTORY_LEN: usize = 16;
@@ -399,6 +406,39 @@ impl Vmm {
         *self.policy.lock().unwrap() = description.to_string();
     }
 
+    /// Sends host VM line `name` to another vmbeam at `to` (pre-copy over
+    /// TCP); on success the line leaves this VMM.
+    pub fn migrate(
+        &self,
+        name: Option<&str>,
+        to: &str,
+        budget: Duration,
+    ) -> Result<Report, VmmError> {
+        let _guard = self.busy.try_lock().map_err(|_| VmmError::Busy)?;
+        let line = self.line(name)?;
+        let vm = line.current.lock().unwrap().clone();
+        let report = crate::remote::migrate_out(&vm, to, budget)?;
+        self.lines
+            .lock()
+            .unwrap()
+            .retain(|l| !Arc::ptr_eq(l, &line));
+        Ok(report)
+    }
+
+    /// Takes over a host VM that arrived by migration.
+    pub fn add_line(&self, vm: Arc<HostVm>) {
+        self.lines.lock().unwrap().push(Arc::new(Line {
+            name: vm.spec.line.clone(),
+            current: Mutex::new(vm),
+            retired: Mutex::new(VecDeque::new()),
+        }));
+    }
+
+    /// True if a line of that name runs here.
+    pub fn has_line(&self, name: &str) -> bool {
+        self.lines.lock().unwrap().iter().any(|l| l.name == name)
+    }
+
     /// The first failure of a current host VM, if any.
     pub fn failure(&self) -> Option<String> {
         for l in self.lines.lock().unwrap().iter() {
@@ -495,17 +535,20 @@ impl Vmm {
     /// Reads `len` bytes at nested guest-physical `gpa` of guest `guest`
     /// and, if it is not in the middle of an exit, its vCPU 0 registers.
     ///
-    /// Read-only and without pausing the guest: it waits at most for the
-    /// end of the current RUN time slice. During a rejuvenation, while the
-    /// guest is between two guest hypervisors, it waits (up to 5 s) for the
-    /// move to finish instead of failing.
+    /// Read-only and without pausing the guest: each look waits at most for
+    /// the end of the current RUN time slice. While an exit is pending the
+    /// registers cannot be read; it looks again at the guest's next stops
+    /// for up to [`BUSY_RETRY`] before answering `busy`. During a
+    /// rejuvenation, while the guest is between two guest hypervisors, it
+    /// waits (up to 5 s) for the move to finish instead of failing.
     pub fn inspect(&self, guest: &str, gpa: u64, len: u64) -> Result<Inspection, VmmError> {
         inspect::check_range(gpa, len)?;
         let err = |msg: String| VmmError::Inspect {
             guest: guest.to_string(),
             msg,
         };
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(5);
         loop {
             if let Some((vm, n)) = self.locate(guest) {
                 let mut n = n.lock().unwrap();
@@ -515,12 +558,6 @@ impl Vmm {
                         info.bound_vm == vm.id
                     });
                 if ours {
-                    let bytes = n.read(gpa, len).map_err(|s| {
-                        err(format!(
-                            "[{gpa:#x}, {:#x}) is not all mapped guest memory ({s:?})",
-                            gpa + len
-                        ))
-                    })?;
                     let (regs_status, regs) = if n.vcpu_count() == 0 {
                         ("no vcpu".to_string(), None)
                     } else {
@@ -530,6 +567,19 @@ impl Vmm {
                             Err(s) => (format!("error: {s:?}"), None),
                         }
                     };
+                    if regs.is_none() && regs_status == "busy" && start.elapsed() < BUSY_RETRY {
+                        // An exit is pending; let L1 run the guest on and
+                        // look again at the next stop.
+                        drop(n);
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                    let bytes = n.read(gpa, len).map_err(|s| {
+                        err(format!(
+                            "[{gpa:#x}, {:#x}) is not all mapped guest memory ({s:?})",
+                            gpa + len
+                        ))
+                    })?;
                     let moves = n
                         .record
                         .as_ref()

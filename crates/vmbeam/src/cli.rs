@@ -35,6 +35,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Rejuvenate a running host VM (client of `vmbeam run`'s API).
     Rejuvenate(RejuvenateArgs),
+    /// Move a whole host VM (guest hypervisor and nested guests) to another
+    /// vmbeam started with `run --listen`, by pre-copy over TCP.
+    Migrate(MigrateArgs),
     /// Show host VMs and their nested guests (client of the API).
     Status(StatusArgs),
     /// Read a nested guest's memory and registers without pausing it (client of the API).
@@ -116,6 +119,10 @@ pub struct RunArgs {
     /// Name of the host VM.
     #[arg(long, default_value = "hv0")]
     pub name: String,
+    /// Receive host VMs migrated from another vmbeam on this TCP address
+    /// (HOST:PORT) instead of booting one.
+    #[arg(long)]
+    pub listen: Option<String>,
     /// Rejuvenate automatically when the nested pool in the guest hypervisor's
     /// last health report is low: free<PERCENT% or free<SIZE (e.g. "free<10%", "free<64M").
     #[arg(long, value_name = "CONDITION", value_parser = condition)]
@@ -169,6 +176,26 @@ pub struct RejuvenateArgs {
     /// Inject a fault into the successor (testing): reject-first, crash-before-adopt, crash-after-first, hang-at-boot.
     #[arg(long)]
     pub fault: Option<String>,
+}
+
+/// `vmbeam migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// API socket.
+    #[command(flatten)]
+    pub sock: SockArg,
+    /// Destination: tcp://HOST:PORT of a `vmbeam run --listen`.
+    #[arg(long)]
+    pub to: String,
+    /// Host VM to move (default: the first).
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Downtime budget of the pre-copy, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Print the full report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `vmbeam status`.

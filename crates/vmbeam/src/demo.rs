@@ -160,10 +160,17 @@ pub fn print_inspection(i: &Inspection) {
 
 /// Prints a rejuvenation report.
 pub fn print_report(r: &Report) {
-    println!(
-        "rejuvenated {}: generation {} -> {} ({})",
-        r.vm, r.from_generation, r.to_generation, r.mode
-    );
+    if r.mode == "tcp" {
+        println!(
+            "migrated {} (generation {}) to the destination over TCP",
+            r.vm, r.from_generation
+        );
+    } else {
+        println!(
+            "rejuvenated {}: generation {} -> {} ({})",
+            r.vm, r.from_generation, r.to_generation, r.mode
+        );
+    }
     println!("  successor boot  {:>10.2} ms", r.boot_ms);
     println!("  handover        {:>10.2} ms", r.handover_ms);
     println!("  total           {:>10.2} ms", r.total_ms);

@@ -86,6 +86,21 @@ fn main() -> ExitCode {
                     Ok(())
                 }
             }),
+        Command::Migrate(a) => {
+            let body = serde_json::json!({ "vm": a.vm, "to": a.to, "downtime_ms": a.downtime_ms })
+                .to_string();
+            api_call(&a.sock.path(), "POST", "/migrate", Some(&body)).and_then(|b| {
+                if a.json {
+                    println!("{b}");
+                    Ok(())
+                } else {
+                    let r: Report =
+                        serde_json::from_str(&b).map_err(|e| format!("bad report: {e}"))?;
+                    vmbeam::demo::print_report(&r);
+                    Ok(())
+                }
+            })
+        }
         Command::Shutdown(a) => api_call(&a.path(), "PUT", "/shutdown", None).map(|_| ()),
     };
     match res {

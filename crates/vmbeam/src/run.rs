@@ -154,7 +154,10 @@ impl PolicyDriver {
         }
         let vms = vmm.current_vms();
         for (line, vm) in &vms {
-            let health = vm.health.lock().unwrap().named();
+            let (health, reports) = {
+                let h = vm.health.lock().unwrap();
+                (h.named(), h.reports)
+            };
             if !health.is_empty() && self.reported.insert(vm.id) {
                 vmm.event(
                     "health_first",
@@ -162,6 +165,7 @@ impl PolicyDriver {
                         "vm": line,
                         "generation": vm.spec.generation,
                         "uptime_ms": vm.started.elapsed().as_millis() as u64,
+                        "reports": reports,
                         "health": health,
                     }),
                 );
@@ -272,29 +276,61 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         .clone()
         .unwrap_or_else(crate::cli::default_socket);
     let server = Arc::new(ApiServer::bind(&sock)?);
-    let vm = vmm.start(&args.name)?;
-    eprintln!(
-        "vmbeam: host VM {} booted ({} MiB RAM, {} MiB nested pool, {} vCPU), {} nested guest(s); API on {}",
-        vm.name(),
-        vm.spec.ram >> 20,
-        vm.spec.pool >> 20,
-        vm.spec.vcpus,
-        vm.spec.nested.len(),
-        sock.display()
-    );
-    if !policy.is_manual() {
-        eprintln!("vmbeam: rejuvenation policy: {}", policy.describe());
+    if let Some(addr) = &args.listen {
+        let listener = std::net::TcpListener::bind(addr)
+            .map_err(|e| RunError::Image(format!("cannot listen for migrations on {addr}: {e}")))?;
+        eprintln!(
+            "vmbeam: waiting for host VMs to migrate in on {addr}; API on {}",
+            sock.display()
+        );
+        let v = vmm.clone();
+        std::thread::Builder::new()
+            .name("vmbeam-listen".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    let peer = stream
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    match vmbeam_vmm::remote::receive(&v.shared, stream, &|n| v.has_line(n)) {
+                        Ok(vm) => {
+                            eprintln!(
+                                "vmbeam: host VM {} arrived from {peer} and runs here now",
+                                vm.name()
+                            );
+                            v.add_line(vm);
+                        }
+                        Err(e) => eprintln!("vmbeam: incoming migration from {peer} refused: {e}"),
+                    }
+                }
+            })
+            .map_err(|e| RunError::Events(e.to_string()))?;
+    } else {
+        let vm = vmm.start(&args.name)?;
+        eprintln!(
+            "vmbeam: host VM {} booted ({} MiB RAM, {} MiB nested pool, {} vCPU), {} nested guest(s); API on {}",
+            vm.name(),
+            vm.spec.ram >> 20,
+            vm.spec.pool >> 20,
+            vm.spec.vcpus,
+            vm.spec.nested.len(),
+            sock.display()
+        );
+        if !policy.is_manual() {
+            eprintln!("vmbeam: rejuvenation policy: {}", policy.describe());
+        }
+        vmm.event(
+            "started",
+            serde_json::json!({
+                "vm": args.name,
+                "generation": vm.spec.generation,
+                "policy": policy.describe(),
+                "pool_bytes": vm.spec.pool,
+                "age_leak_pages": vm.spec.age_leak_pages,
+            }),
+        );
     }
-    vmm.event(
-        "started",
-        serde_json::json!({
-            "vm": args.name,
-            "generation": vm.spec.generation,
-            "policy": policy.describe(),
-            "pool_bytes": vm.spec.pool,
-            "age_leak_pages": vm.spec.age_leak_pages,
-        }),
-    );
     let mut driver = PolicyDriver::new(policy);
 
     let exit_fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| RunError::Events(e.to_string()))?;

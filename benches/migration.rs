@@ -14,6 +14,7 @@
 //! Run: `cargo bench --bench migration`.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmbeam_vmm::config::{parse_size, VmmConfig, Workload};
@@ -24,7 +25,7 @@ use vmbeam_vmm::vmm::Vmm;
 struct Cell {
     size: u64,
     workload: &'static str,
-    mode: Mode,
+    mode: &'static str,
     total_ms: f64,
     handover_ms: f64,
     downtime_ms: f64,
@@ -40,9 +41,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn human(b: u64) -> String {
     if b >= 1 << 30 {
-        format!("{} GiB", b >> 30)
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
     } else {
-        format!("{} MiB", b >> 20)
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
     }
 }
 
@@ -119,7 +120,21 @@ fn run_size(size: u64, workload: &'static str, reps: usize, modes: &[Mode]) -> V
                 .all(|g| g.running_after && g.checksum_before == g.checksum_after),
         );
     }
-    vmm.shutdown();
+    // tcp: the whole host VM goes to another VMM (in this process, over
+    // loopback) and back, one move per rep.
+    let tcp = if modes.len() > 1 {
+        tcp_moves(vmm, reps)
+    } else {
+        Vec::new()
+    };
+    let tcp_ok = !tcp.is_empty();
+    let mut by_mode: Vec<(&'static str, Vec<Report>)> =
+        by_mode.into_iter().map(|(m, r)| (m.as_str(), r)).collect();
+    let mut ok = ok;
+    if tcp_ok {
+        by_mode.push(("tcp", tcp));
+        ok.push(true);
+    }
     by_mode
         .into_iter()
         .zip(ok)
@@ -141,10 +156,52 @@ fn run_size(size: u64, workload: &'static str, reps: usize, modes: &[Mode]) -> V
         .collect()
 }
 
+fn listener(vmm: Arc<Vmm>) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            if let Ok(vm) = vmbeam_vmm::remote::receive(&vmm.shared, s, &|n| vmm.has_line(n)) {
+                vmm.add_line(vm);
+            }
+        }
+    });
+    addr
+}
+
+fn tcp_moves(a: Vmm, reps: usize) -> Vec<Report> {
+    let a = Arc::new(a);
+    let b = Arc::new(
+        Vmm::new(
+            VmmConfig {
+                quiet: true,
+                ..Default::default()
+            },
+            vmbeam::images(None).unwrap(),
+        )
+        .unwrap(),
+    );
+    let (to_a, to_b) = (listener(a.clone()), listener(b.clone()));
+    let mut out = Vec::new();
+    for i in 0..reps {
+        let (from, to) = if i % 2 == 0 { (&a, &to_b) } else { (&b, &to_a) };
+        let r = from.migrate(None, to, Duration::from_millis(300)).unwrap();
+        assert!(r
+            .guests
+            .iter()
+            .all(|g| g.checksum_before == g.checksum_after));
+        out.push(r);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.shutdown();
+    b.shutdown();
+    out
+}
+
 fn svg(cells: &[Cell], sizes: &[u64]) -> String {
     // Grouped bars: total time (log scale) per size, one bar per mode, dirtying workload.
-    let modes = [Mode::ZeroCopy, Mode::Copy, Mode::Precopy];
-    let colors = ["#2a7", "#c33", "#e90"];
+    let modes = ["zero-copy", "copy", "precopy", "tcp"];
+    let colors = ["#2a7", "#c33", "#e90", "#36c"];
     let (w, h, left, bottom) = (720.0, 360.0, 70.0, 40.0);
     let max = cells
         .iter()
@@ -165,7 +222,7 @@ fn svg(cells: &[Cell], sizes: &[u64]) -> String {
     let group = (w - left - 20.0) / sizes.len() as f64;
     for (gi, sz) in sizes.iter().enumerate() {
         let x0 = left + gi as f64 * group + 10.0;
-        let bw = (group - 20.0) / 3.0;
+        let bw = (group - 20.0) / 4.0;
         for (mi, m) in modes.iter().enumerate() {
             if let Some(c) = cells
                 .iter()
@@ -185,7 +242,7 @@ fn svg(cells: &[Cell], sizes: &[u64]) -> String {
         );
     }
     for (mi, m) in modes.iter().enumerate() {
-        let _ = writeln!(s, "<rect x=\"{}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>", left + 10.0 + mi as f64 * 110.0, h - 14.0, colors[mi], left + 24.0 + mi as f64 * 110.0, h - 5.0, m.as_str());
+        let _ = writeln!(s, "<rect x=\"{}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>", left + 10.0 + mi as f64 * 110.0, h - 14.0, colors[mi], left + 24.0 + mi as f64 * 110.0, h - 5.0, m);
     }
     s += "</svg>\n";
     s
@@ -246,14 +303,14 @@ fn main() {
     for c in &cells {
         let zc = cells
             .iter()
-            .find(|z| z.size == c.size && z.workload == c.workload && z.mode == Mode::ZeroCopy)
+            .find(|z| z.size == c.size && z.workload == c.workload && z.mode == "zero-copy")
             .unwrap();
         let _ = writeln!(
             t,
             "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {} | {:.1} | {} | {:.1}x | {:.1}x |",
             human(c.size),
             c.workload,
-            c.mode.as_str(),
+            c.mode,
             c.total_ms,
             c.handover_ms,
             c.downtime_ms,
@@ -267,25 +324,32 @@ fn main() {
     let biggest = sizes
         .iter()
         .copied()
-        .filter(|s| cells.iter().any(|c| c.size == *s && c.mode == Mode::Copy))
+        .filter(|s| cells.iter().any(|c| c.size == *s && c.mode == "copy"))
         .max();
     if let Some(b) = biggest {
-        let get = |m: Mode| {
+        let get = |m: &str| {
             cells
                 .iter()
                 .find(|c| c.size == b && c.mode == m && c.workload == "dirtying")
                 .unwrap()
         };
-        let (z, c, p) = (get(Mode::ZeroCopy), get(Mode::Copy), get(Mode::Precopy));
+        let (z, c, p) = (get("zero-copy"), get("copy"), get("precopy"));
+        let tcp = cells
+            .iter()
+            .find(|x| x.size == b && x.mode == "tcp" && x.workload == "dirtying");
         let _ = writeln!(
             t,
-            "\nHeadline at {} (dirtying guest): copy takes {:.1}x the total time of zero-copy ({:.1} ms vs {:.1} ms) and {:.1}x its L0 CPU time; pre-copy {:.1}x the total time; zero-copy copies 0 bytes against {} and {}.\n",
+            "\nHeadline at {} (dirtying guest): copy takes {:.1}x the total time of zero-copy ({:.1} ms vs {:.1} ms), {:.1}x its downtime and {:.1}x its L0 CPU time; pre-copy {:.1}x the total time and {:.1}x the downtime{}; zero-copy copies 0 bytes against {} (copy) and {} (pre-copy).\n",
             human(b),
             c.total_ms / z.total_ms,
             c.total_ms,
             z.total_ms,
+            c.downtime_ms / z.downtime_ms.max(0.001),
             c.cpu_ms / z.cpu_ms.max(0.001),
             p.total_ms / z.total_ms,
+            p.downtime_ms / z.downtime_ms.max(0.001),
+            tcp.map(|x| format!("; tcp (whole host VM to another VMM over loopback) {:.1}x the total time", x.total_ms / z.total_ms))
+                .unwrap_or_default(),
             human(c.copied),
             human(p.copied)
         );

@@ -228,6 +228,10 @@ fn aging_policy_rejuvenates_on_its_own() {
         |e| e["event"] == "health_first" && e["generation"] == 2,
     );
     let leaked_fresh = first["health"]["leaked_bytes"].as_u64().unwrap();
+    // ... with the injector still on.
+    wait_console(&dir, "hv0-g2", Duration::from_secs(60), |t| {
+        t.contains("role=successor") && t.contains("aging injector on: leaking 2 page(s)")
+    });
     assert!(
         leaked_fresh < leaked_aged && leaked_fresh <= 8 * MIB,
         "successor's first report already shows {leaked_fresh} bytes leaked"

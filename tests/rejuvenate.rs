@@ -188,7 +188,10 @@ fn a_second_rejuvenation_while_one_runs_is_refused() {
     let aged = vmm.current(None).unwrap();
     let t = std::time::Instant::now();
     while aged.session.lock().unwrap().is_none() {
-        assert!(t.elapsed() < Duration::from_secs(30), "first rejuvenation never started");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "first rejuvenation never started"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let e = vmm

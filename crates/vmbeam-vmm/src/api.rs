@@ -345,15 +345,21 @@ struct DeadlineReader {
 
 impl Read for DeadlineReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(
+        let late = || {
+            std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("the request was not complete within {REQUEST_TIME:?}"),
-            ));
+            )
+        };
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(late());
         }
         self.stream.set_read_timeout(Some(left))?;
-        self.stream.read(buf)
+        self.stream.read(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => late(),
+            _ => e,
+        })
     }
 }
 
@@ -388,7 +394,12 @@ fn read_request(r: &mut impl BufRead) -> Result<(String, String, String), ApiErr
         )));
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    r.read_exact(&mut body).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ApiError::Malformed(format!(
+            "the body ended before its Content-Length of {len} bytes"
+        )),
+        _ => ApiError::Io(e),
+    })?;
     let body =
         String::from_utf8(body).map_err(|_| ApiError::Malformed("body is not UTF-8".into()))?;
     Ok((method, path, body))
@@ -511,8 +522,8 @@ mod tests {
             MAX_BODY + 1
         );
         assert!(err(big.as_bytes()).contains("too large"));
-        // A body shorter than announced is an I/O error (end of input).
-        assert!(err(b"POST /x HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}").contains("failed"));
+        assert!(err(b"POST /x HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}")
+            .contains("the body ended before its Content-Length of 10 bytes"));
         assert!(
             err(b"POST /x HTTP/1.1\r\nContent-Length: 2\r\n\r\n\xff\xfe").contains("not UTF-8")
         );

@@ -73,6 +73,8 @@ pub struct SessionState {
     pub bytes_copied: u64,
     /// Time spent hashing memory for verification.
     pub verify_time: Duration,
+    /// When L0 asked the aged L1 to hand over (no guest is paused before).
+    pub asked_at: Option<Instant>,
 }
 
 /// A handover between an aged host VM and its successor.
@@ -112,6 +114,7 @@ impl Session {
                 channel_bytes: 0,
                 bytes_copied: 0,
                 verify_time: Duration::ZERO,
+                asked_at: None,
             }),
             cv: Condvar::new(),
         })
@@ -119,7 +122,12 @@ impl Session {
 
     /// Sets the phase and wakes waiters.
     pub fn set_phase(&self, p: Phase) {
-        self.st.lock().unwrap().phase = p;
+        let mut st = self.st.lock().unwrap();
+        if p == Phase::HandingOver {
+            st.asked_at = Some(Instant::now());
+        }
+        st.phase = p;
+        drop(st);
         self.cv.notify_all();
     }
 
@@ -230,7 +238,14 @@ fn grant_inner(vm: &HostVm, handle: u64, p: &mut HypercallPage, froze: &mut bool
     if n.slots.is_empty() || n.slots.len() > MAX_GRANT_RANGES || n.vcpu_count() == 0 {
         return Err(Status::BadState);
     }
-    let paused_at = n.last_exit.unwrap_or_else(Instant::now);
+    // The guest stopped running at its last exit, but not before L0 asked
+    // for the handover (a halted guest had not been running anyway).
+    let asked = s.st.lock().unwrap().asked_at;
+    let paused_at = match (n.last_exit, asked) {
+        (Some(e), Some(a)) => e.max(a),
+        (Some(e), None) => e,
+        (None, a) => a.unwrap_or_else(Instant::now),
+    };
     n.frozen = true;
     *froze = true;
     let checksum_before = if s.verify {

@@ -303,14 +303,22 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
 // ---------------------------------------------------------------------------
 
 /// Checks a nested VM name as VM_CREATE receives it (`data[..16]`):
-/// NUL-padded, non-empty, UTF-8, and only `[A-Za-z0-9._-]`.
+/// NUL-padded, non-empty, UTF-8, and only `[A-Za-z0-9._-]`; it may not
+/// start with '.' nor end in `-g<digits>`, the form of host VM console
+/// names, so a guest hypervisor cannot write into a host VM's console.
 pub fn check_name(raw: &[u8; vmbeam_abi::NAME_LEN]) -> Result<&str, Status> {
     let n = vmbeam_abi::name_from_bytes(raw).ok_or(Status::BadArg)?;
     if !n
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        || n.starts_with('.')
     {
         return Err(Status::BadArg);
+    }
+    if let Some((_, g)) = n.rsplit_once("-g") {
+        if !g.is_empty() && g.chars().all(|c| c.is_ascii_digit()) {
+            return Err(Status::BadArg);
+        }
     }
     Ok(n)
 }
@@ -394,7 +402,17 @@ mod tests {
         assert_eq!(check_name(&n(b"l2-0")), Ok("l2-0"));
         assert_eq!(check_name(&n(b"a.b_c-D9")), Ok("a.b_c-D9"));
         assert_eq!(check_name(&[b'x'; 16]), Ok("xxxxxxxxxxxxxxxx"));
-        for bad in [&b""[..], b"a b", b"a/b", b"a\n", b"\xff", b"\xc3\xa9"] {
+        assert_eq!(check_name(&n(b"l2-gx")), Ok("l2-gx"));
+        for bad in [
+            &b""[..],
+            b"a b",
+            b"a/b",
+            b"a\n",
+            b"\xff",
+            b"\xc3\xa9",
+            b"hv0-g2",
+            b".hidden",
+        ] {
             assert_eq!(check_name(&n(bad)), Err(Status::BadArg), "{bad:?}");
         }
     }

@@ -35,11 +35,12 @@ pub enum VmmError {
     /// A host VM could not be built.
     #[error(transparent)]
     Boot(#[from] HostVmError),
-    /// Unknown host VM.
-    #[error("no host VM named '{0}'")]
+    /// Unknown host VM (the name comes from a client: control characters
+    /// are escaped so the message stays one line).
+    #[error("no host VM named '{}'", .0.escape_debug())]
     NoSuchVm(String),
-    /// Unknown nested guest.
-    #[error("no nested guest named '{0}'")]
+    /// Unknown nested guest (escaped like `NoSuchVm`).
+    #[error("no nested guest named '{}'", .0.escape_debug())]
     NoSuchGuest(String),
     /// Another rejuvenation is running.
     #[error("a rejuvenation is already running; try again when it ends")]

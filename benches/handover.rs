@@ -15,7 +15,11 @@
 
 use std::time::{Duration, Instant};
 
-use vmbeam_vmm::config::{parse_size, VmmConfig, Workload};
+use vmbeam_vmm::config::{VmmConfig, Workload};
+
+#[path = "common.rs"]
+mod common;
+use common::*;
 use vmbeam_vmm::rejuvenate::{RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::Vmm;
 
@@ -30,11 +34,6 @@ struct Row {
     released: u64,
     copied: u64,
     verified: bool,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn human(b: u64) -> String {
@@ -119,54 +118,11 @@ fn measure(size: u64, reps: usize) -> Row {
     }
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .next()
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
-        })
-        .and_then(|k| k.parse::<u64>().ok())
-        .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!(
-        "{cpu}, {cores} cores, {} GiB RAM, Linux {}",
-        mem >> 20,
-        kernel.trim()
-    )
-}
-
 fn main() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIP: /dev/kvm not available");
+    if !kvm_or_skip() {
         return;
     }
-    let sizes: Vec<u64> = std::env::var("VMBEAM_BENCH_SIZES")
-        .unwrap_or_else(|_| "256M,1G,4G,16G".into())
-        .split(',')
-        .map(|s| parse_size(s).expect("size"))
-        .collect();
-    let reps: usize = std::env::var("VMBEAM_BENCH_REPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let (sizes, reps) = sizes_and_reps("256M,1G,4G,16G", 3);
     let mut rows = Vec::new();
     for &s in &sizes {
         eprintln!("bench: nested guest of {} ...", human(s));
@@ -206,16 +162,9 @@ fn main() {
         );
     }
     println!("{t}");
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md");
-    let begin = "<!-- handover-bench:begin -->";
-    let end = "<!-- handover-bench:end -->";
-    let doc = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        format!("# Benchmarks\n\n## Zero-copy handover vs nested memory size\n\n{begin}\n{end}\n")
-    });
-    let new = match (doc.find(begin), doc.find(end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{begin}\n{t}{}", &doc[..a], &doc[b..]),
-        _ => format!("{doc}\n{begin}\n{t}{end}\n"),
-    };
-    std::fs::write(&path, new).expect("write docs/benchmarks.md");
-    eprintln!("bench: table written to {}", path.display());
+    write_section(
+        "handover-bench",
+        "Zero-copy handover vs nested memory size",
+        &t,
+    );
 }

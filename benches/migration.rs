@@ -17,7 +17,11 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmbeam_vmm::config::{parse_size, VmmConfig, Workload};
+use vmbeam_vmm::config::{VmmConfig, Workload};
+
+#[path = "common.rs"]
+mod common;
+use common::*;
 use vmbeam_vmm::rejuvenate::{Mode, RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::Vmm;
 
@@ -34,30 +38,12 @@ struct Cell {
     ok: bool,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn human(b: u64) -> String {
     if b >= 1 << 30 {
         format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
     } else {
         format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
     }
-}
-
-fn host_mem() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|k| k.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
 }
 
 fn wait_lines(vmm: &Vmm, lines: u64) {
@@ -249,24 +235,10 @@ fn svg(cells: &[Cell], sizes: &[u64]) -> String {
 }
 
 fn main() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIP: /dev/kvm not available");
+    if !kvm_or_skip() {
         return;
     }
-    let sizes: Vec<u64> = std::env::var("VMBEAM_BENCH_SIZES")
-        .unwrap_or_else(|_| "256M,1G,4G".into())
-        .split(',')
-        .map(|s| parse_size(s).expect("size"))
-        .collect();
-    let reps: usize = std::env::var("VMBEAM_BENCH_REPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
+    let (sizes, reps) = sizes_and_reps("256M,1G,4G", 2);
     let mem = host_mem();
     let mut cells = Vec::new();
     for &size in &sizes {
@@ -285,19 +257,10 @@ fn main() {
         }
     }
     let mut t = String::new();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
     let _ = writeln!(
         t,
-        "Machine: {cpu}, {} cores, {} GiB RAM. One run of `cargo bench --bench migration`, {reps} moves per mode and size (medians), verification hashing off in the timed moves (one verified move per mode checks the checksums).\n",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        mem >> 30
+        "Machine: {}. One run of `cargo bench --bench migration`, {reps} moves per mode and size (medians), verification hashing off in the timed moves (one verified move per mode checks the checksums; every tcp move compares them).\n",
+        machine()
     );
     t += "| memory | workload | mode | total (ms) | handover (ms) | downtime (ms) | bytes copied | L0 CPU (ms) | checksums equal | total vs zero-copy | downtime vs zero-copy |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
     for c in &cells {
@@ -358,16 +321,5 @@ fn main() {
     println!("{t}");
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
     std::fs::write(docs.join("migration.svg"), svg(&cells, &sizes)).expect("write svg");
-    let path = docs.join("benchmarks.md");
-    let (begin, end) = (
-        "<!-- migration-bench:begin -->",
-        "<!-- migration-bench:end -->",
-    );
-    let doc = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let new = match (doc.find(begin), doc.find(end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{begin}\n{t}{}", &doc[..a], &doc[b..]),
-        _ => format!("{doc}\n## Zero-copy vs copy-based migration\n\n{begin}\n{t}{end}\n"),
-    };
-    std::fs::write(&path, new).expect("write docs/benchmarks.md");
-    eprintln!("bench: written to {}", path.display());
+    write_section("migration-bench", "Zero-copy vs copy-based migration", &t);
 }

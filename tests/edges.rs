@@ -81,9 +81,12 @@ fn status(sock: &Path) -> Status {
     serde_json::from_str(&body).unwrap()
 }
 
+/// A nested guest as `shape` sees it: name, handle, moves, state.
+type GuestShape = (String, u32, u32, String);
+
 /// What must not change: which host VMs and nested guests exist, where
 /// they run, and that they are running.
-fn shape(s: &Status) -> Vec<(String, u32, String, Vec<(String, u32, u32, String)>)> {
+fn shape(s: &Status) -> Vec<(String, u32, String, Vec<GuestShape>)> {
     s.host_vms
         .iter()
         .map(|h| {
@@ -111,7 +114,9 @@ fn expect_error(what: &str, (code, body): (u16, String), want_code: u16, want: &
     assert_eq!(code, want_code, "{what}: {body}");
     let v: serde_json::Value =
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: body {body:?}: {e}"));
-    let msg = v["error"].as_str().unwrap_or_else(|| panic!("{what}: {body}"));
+    let msg = v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: {body}"));
     assert!(msg.contains(want), "{what}: error {msg:?} lacks {want:?}");
     assert!(!msg.contains('\n'), "{what}: one line, got {msg:?}");
 }
@@ -133,10 +138,25 @@ fn bad_api_requests_get_one_clear_error_and_change_nothing() {
     let post = |path: &str, body: &str| call(&sock, "POST", path, Some(body));
     // Wrong JSON, wrong types, unknown fields.
     let bad_json = "bad rejuvenate request";
-    expect_error("truncated JSON", post("/rejuvenate", "{\"vm\":"), 400, bad_json);
-    expect_error("not JSON", post("/rejuvenate", "rejuvenate please"), 400, bad_json);
+    expect_error(
+        "truncated JSON",
+        post("/rejuvenate", "{\"vm\":"),
+        400,
+        bad_json,
+    );
+    expect_error(
+        "not JSON",
+        post("/rejuvenate", "rejuvenate please"),
+        400,
+        bad_json,
+    );
     expect_error("JSON array", post("/rejuvenate", "[1,2]"), 400, bad_json);
-    expect_error("wrong type", post("/rejuvenate", r#"{"verify":"yes"}"#), 400, bad_json);
+    expect_error(
+        "wrong type",
+        post("/rejuvenate", r#"{"verify":"yes"}"#),
+        400,
+        bad_json,
+    );
     expect_error(
         "negative timeout",
         post("/rejuvenate", r#"{"timeout_secs":-1}"#),
@@ -200,7 +220,10 @@ fn bad_api_requests_get_one_clear_error_and_change_nothing() {
     );
     expect_error(
         "unmapped checksum range",
-        post("/checksum", r#"{"guest":"l2-0","gpa":4611686018427387904,"len":8}"#),
+        post(
+            "/checksum",
+            r#"{"guest":"l2-0","gpa":4611686018427387904,"len":8}"#,
+        ),
         400,
         "cannot inspect l2-0",
     );
@@ -244,7 +267,12 @@ fn bad_api_requests_get_one_clear_error_and_change_nothing() {
         405,
         "not allowed",
     );
-    expect_error("unknown path", call(&sock, "GET", "/status/x", None), 404, "no such endpoint");
+    expect_error(
+        "unknown path",
+        call(&sock, "GET", "/status/x", None),
+        404,
+        "no such endpoint",
+    );
 
     // Malformed HTTP.
     let req = |head: &str| format!("{head}\r\nHost: x\r\n\r\n");
@@ -268,19 +296,28 @@ fn bad_api_requests_get_one_clear_error_and_change_nothing() {
     );
     expect_error(
         "negative Content-Length",
-        raw(&sock, b"POST /rejuvenate HTTP/1.1\r\nContent-Length: -5\r\n\r\n"),
+        raw(
+            &sock,
+            b"POST /rejuvenate HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        ),
         400,
         "bad Content-Length",
     );
     expect_error(
         "body shorter than Content-Length",
-        raw(&sock, b"POST /rejuvenate HTTP/1.1\r\nContent-Length: 100\r\n\r\n{}"),
+        raw(
+            &sock,
+            b"POST /rejuvenate HTTP/1.1\r\nContent-Length: 100\r\n\r\n{}",
+        ),
         400,
         "the body ended before its Content-Length of 100 bytes",
     );
     expect_error(
         "non-UTF-8 body",
-        raw(&sock, b"POST /checksum HTTP/1.1\r\nContent-Length: 2\r\n\r\n\xff\xfe"),
+        raw(
+            &sock,
+            b"POST /checksum HTTP/1.1\r\nContent-Length: 2\r\n\r\n\xff\xfe",
+        ),
         400,
         "body is not UTF-8",
     );
@@ -294,7 +331,12 @@ fn bad_api_requests_get_one_clear_error_and_change_nothing() {
     );
     let mut long = b"GET /".to_vec();
     long.extend(std::iter::repeat_n(b'a', 100_000));
-    expect_error("100 kB request line", raw(&sock, &long), 400, "request line longer than");
+    expect_error(
+        "100 kB request line",
+        raw(&sock, &long),
+        400,
+        "request line longer than",
+    );
     let mut many = b"GET /status HTTP/1.1\r\n".to_vec();
     for i in 0..1000 {
         many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
@@ -334,7 +376,10 @@ fn bad_api_requests_get_one_clear_error_and_change_nothing() {
     let trickler = std::thread::spawn(move || {
         let mut s = UnixStream::connect(&trickle_sock).unwrap();
         let mut sent = 0;
-        for b in b"GET /status HTTP/1.1\r\nX-Slow: ".iter().chain([b'z'; 60].iter()) {
+        for b in b"GET /status HTTP/1.1\r\nX-Slow: "
+            .iter()
+            .chain([b'z'; 60].iter())
+        {
             if s.write_all(&[*b]).is_err() {
                 break;
             }
@@ -487,7 +532,9 @@ fn clients_without_a_server_fail_with_one_clear_sentence() {
         Err(e @ ApiError::Connect { .. }) => {
             let m = e.to_string();
             assert!(
-                m.contains("cannot connect to the vmbeam API at /nonexistent-vmbeam-dir/vmbeam.sock"),
+                m.contains(
+                    "cannot connect to the vmbeam API at /nonexistent-vmbeam-dir/vmbeam.sock"
+                ),
                 "{m}"
             );
         }
@@ -505,7 +552,12 @@ fn clients_without_a_server_fail_with_one_clear_sentence() {
             &["rejuvenate", "--vm", "hv0", "--fault", "reject-first"],
             &["shutdown"],
         ] {
-            let out = bin().args(args).arg("--api-sock").arg(sock).output().unwrap();
+            let out = bin()
+                .args(args)
+                .arg("--api-sock")
+                .arg(sock)
+                .output()
+                .unwrap();
             assert!(!out.status.success(), "{args:?}");
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Where consoles are written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,10 +76,17 @@ pub enum ConsoleError {
 }
 
 /// Hands out consoles by name.
+///
+/// The hub does not keep a console alive: whoever writes to it does (a
+/// host VM's UART, a nested guest's record). When the last holder is gone
+/// the console's file is closed, so a line of host VMs that is rejuvenated
+/// again and again (console `hv0-g1`, `hv0-g2`, ...) holds one console
+/// file, not one per generation. Asking again for a closed console's name
+/// reopens its file for appending.
 #[derive(Debug)]
 pub struct ConsoleHub {
     target: ConsoleTarget,
-    consoles: Mutex<HashMap<String, Arc<Console>>>,
+    consoles: Mutex<HashMap<String, Weak<Console>>>,
 }
 
 impl ConsoleHub {
@@ -100,9 +107,10 @@ impl ConsoleHub {
     /// The console called `name`, created on first use.
     pub fn get(&self, name: &str) -> Result<Arc<Console>, ConsoleError> {
         let mut map = self.consoles.lock().unwrap();
-        if let Some(c) = map.get(name) {
-            return Ok(c.clone());
+        if let Some(c) = map.get(name).and_then(Weak::upgrade) {
+            return Ok(c);
         }
+        map.retain(|_, c| c.strong_count() > 0);
         let file = match &self.target {
             ConsoleTarget::Dir(d) => {
                 let path = d.join(format!("{name}.log"));
@@ -122,7 +130,7 @@ impl ConsoleHub {
             target: self.target.clone(),
             lines: Mutex::new(0),
         });
-        map.insert(name.to_string(), c.clone());
+        map.insert(name.to_string(), Arc::downgrade(&c));
         Ok(c)
     }
 }
@@ -173,5 +181,30 @@ impl Drop for LineWriter {
         if !self.buf.is_empty() {
             self.console.write_line(&self.buf);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consoles_live_as_long_as_their_holders() {
+        let dir = std::env::temp_dir().join(format!("vmbeam-console-{}", std::process::id()));
+        let hub = ConsoleHub::new(ConsoleTarget::Dir(dir.clone())).unwrap();
+        let a = hub.get("hv0-g1").unwrap();
+        assert!(Arc::ptr_eq(&a, &hub.get("hv0-g1").unwrap()));
+        a.write_line(b"first");
+        drop(a);
+        // Gone with its last holder; a new generation's console replaces it.
+        let b = hub.get("hv0-g2").unwrap();
+        assert_eq!(hub.consoles.lock().unwrap().len(), 1);
+        // The same name again appends to the same file.
+        let a = hub.get("hv0-g1").unwrap();
+        a.write_line(b"second");
+        let text = std::fs::read_to_string(dir.join("hv0-g1.log")).unwrap();
+        assert_eq!(text, "first\nsecond\n");
+        drop((a, b));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

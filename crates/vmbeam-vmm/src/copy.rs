@@ -145,6 +145,17 @@ pub struct PrecopyStats {
     pub live_bytes: u64,
 }
 
+/// Copies the pages of one round's dirty maps (per guest, per slot).
+fn copy_rounds(copies: &[(Arc<Mutex<NestedVm>>, GuestCopy)], maps: &[Vec<Vec<u64>>]) -> u64 {
+    let mut n = 0;
+    for ((_, gc), per) in copies.iter().zip(maps) {
+        for (sc, bm) in gc.slots.iter().zip(per) {
+            n += sc.copy_dirty(bm);
+        }
+    }
+    n
+}
+
 /// Most live rounds before falling back to stop-and-copy of the remainder.
 pub const MAX_ROUNDS: u32 = 30;
 
@@ -208,27 +219,14 @@ pub fn precopy_live(
         if estimate <= budget || stats.rounds >= MAX_ROUNDS {
             // Those pages are copied now, live; whatever gets dirty after this
             // is copied in the stop-and-copy step.
-            let t = Instant::now();
-            let mut n = 0;
-            for ((_, gc), per) in copies.iter().zip(&maps) {
-                for (sc, bm) in gc.slots.iter().zip(per) {
-                    n += sc.copy_dirty(bm);
-                }
-            }
-            stats.live_bytes += n;
+            stats.live_bytes += copy_rounds(&copies, &maps);
             stats.rounds += 1;
             stats.remaining_pages = pending;
             stats.converged = estimate <= budget;
-            let _ = t;
             break;
         }
         let t = Instant::now();
-        let mut n = 0;
-        for ((_, gc), per) in copies.iter().zip(&maps) {
-            for (sc, bm) in gc.slots.iter().zip(per) {
-                n += sc.copy_dirty(bm);
-            }
-        }
+        let n = copy_rounds(&copies, &maps);
         stats.live_bytes += n;
         stats.rounds += 1;
         if n > 0 {

@@ -169,6 +169,22 @@ impl Session {
     fn is_aged(&self, vm: &HostVm) -> bool {
         self.aged.id == vm.id
     }
+
+    /// For the aged side's ops: the session must be handing over and the
+    /// caller must be the aged VM; returns the successor.
+    fn aged_op(&self, vm: &HostVm) -> Result<Arc<HostVm>, Status> {
+        if !self.is_aged(vm) {
+            return Err(Status::NotPermitted);
+        }
+        if self.phase() != Phase::HandingOver {
+            return Err(Status::BadState);
+        }
+        self.successor
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or(Status::BadState)
+    }
 }
 
 fn session_of(vm: &HostVm) -> Result<Arc<Session>, Status> {
@@ -217,18 +233,7 @@ pub fn op_grant(vm: &HostVm, handle: u64, p: &mut HypercallPage) -> HcResult {
 
 fn grant_inner(vm: &HostVm, handle: u64, p: &mut HypercallPage, froze: &mut bool) -> HcResult {
     let s = session_of(vm)?;
-    if !s.is_aged(vm) {
-        return Err(Status::NotPermitted);
-    }
-    if s.phase() != Phase::HandingOver {
-        return Err(Status::BadState);
-    }
-    let succ = s
-        .successor
-        .lock()
-        .unwrap()
-        .clone()
-        .ok_or(Status::BadState)?;
+    let succ = s.aged_op(vm)?;
     let n = vm.nested_vm(handle).ok_or(Status::NoSuchHandle)?;
     let mut n = n.lock().unwrap();
     let record = n.record.clone().ok_or(Status::BadState)?;
@@ -465,18 +470,7 @@ pub fn op_notify(vm: &HostVm) -> HcResult {
 /// OP_HANDOVER_DONE: checks no guest is left behind, then retires the caller.
 pub fn op_done(vm: &HostVm, count: u64) -> HcResult {
     let s = session_of(vm)?;
-    if !s.is_aged(vm) {
-        return Err(Status::NotPermitted);
-    }
-    if s.phase() != Phase::HandingOver {
-        return Err(Status::BadState);
-    }
-    let succ = s
-        .successor
-        .lock()
-        .unwrap()
-        .clone()
-        .ok_or(Status::BadState)?;
+    let succ = s.aged_op(vm)?;
     let st = s.st.lock().unwrap();
     if st.grants.len() as u64 != count {
         return Err(Status::BadState);

@@ -820,10 +820,11 @@ impl Drop for HostVm {
     }
 }
 
-fn set_slot(vm: &VmFd, r: &Region) -> Result<(), kvm_ioctls::Error> {
+/// Installs (or, with other `flags`, updates) the KVM memory slot of `r`.
+pub(crate) fn set_slot_flags(vm: &VmFd, r: &Region, flags: u32) -> Result<(), kvm_ioctls::Error> {
     let region = kvm_userspace_memory_region {
         slot: r.slot,
-        flags: 0,
+        flags,
         guest_phys_addr: r.gpa,
         memory_size: r.size,
         userspace_addr: r.map.as_ptr() as u64,
@@ -831,4 +832,8 @@ fn set_slot(vm: &VmFd, r: &Region) -> Result<(), kvm_ioctls::Error> {
     // SAFETY: the mapping is live for as long as the region is in the VM's
     // memory list; slots are deleted (drop_memory) before regions are dropped.
     unsafe { vm.set_user_memory_region(region) }
+}
+
+fn set_slot(vm: &VmFd, r: &Region) -> Result<(), kvm_ioctls::Error> {
+    set_slot_flags(vm, r, 0)
 }

@@ -16,7 +16,6 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_userspace_memory_region;
 use vmbeam_abi::layout;
 use vmbeam_abi::state::VcpuState;
 
@@ -138,20 +137,14 @@ fn kind_name(k: &RegionKind) -> (&'static str, Option<String>) {
 }
 
 fn set_l1_logging(vm: &HostVm, on: bool) {
+    let flags = if on {
+        kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+    } else {
+        0
+    };
     for r in vm.mem.read().unwrap().regions.iter() {
-        let region = kvm_userspace_memory_region {
-            slot: r.slot,
-            flags: if on {
-                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
-            guest_phys_addr: r.gpa,
-            memory_size: r.size,
-            userspace_addr: r.map.as_ptr() as u64,
-        };
-        // SAFETY: same slot and live mapping as installed; only flags change.
-        let _ = unsafe { vm.vm.set_user_memory_region(region) };
+        // Same slot and live mapping as installed; only the flags change.
+        let _ = crate::hostvm::set_slot_flags(&vm.vm, r, flags);
     }
 }
 
@@ -772,16 +765,8 @@ fn build(
         .map_err(|e| local(format!("create VM: {e}")))?;
     let _ = vm.set_tss_address(0xfffb_d000);
     for r in &regions {
-        let region = kvm_userspace_memory_region {
-            slot: r.slot,
-            flags: 0,
-            guest_phys_addr: r.gpa,
-            memory_size: r.size,
-            userspace_addr: r.map.as_ptr() as u64,
-        };
-        // SAFETY: the mapping lives in `regions`, which the host VM keeps.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(|e| local(format!("memory slot: {e}")))?;
+        // The mappings live in `regions`, which the host VM keeps.
+        crate::hostvm::set_slot_flags(&vm, r, 0).map_err(|e| local(format!("memory slot: {e}")))?;
     }
     let mut fds = Vec::new();
     for (i, b) in st.l1_vcpus.iter().enumerate() {

@@ -27,6 +27,22 @@ fn api_call(
     }
 }
 
+/// Prints an API reply: raw JSON with `--json`, else for a person.
+fn show<T: serde::de::DeserializeOwned>(
+    body: &str,
+    json: bool,
+    what: &str,
+    print: fn(&T),
+) -> Result<(), String> {
+    if json {
+        println!("{body}");
+    } else {
+        let v: T = serde_json::from_str(body).map_err(|e| format!("bad {what}: {e}"))?;
+        print(&v);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res: Result<(), String> = match &cli.command {
@@ -36,17 +52,8 @@ fn main() -> ExitCode {
             Ok(false) => Err("demo checks failed".into()),
             Err(e) => Err(e.to_string()),
         },
-        Command::Status(a) => api_call(&a.sock.path(), "GET", "/status", None).and_then(|b| {
-            if a.json {
-                println!("{b}");
-                Ok(())
-            } else {
-                let s: Status =
-                    serde_json::from_str(&b).map_err(|e| format!("bad status reply: {e}"))?;
-                vmbeam::demo::print_status(&s);
-                Ok(())
-            }
-        }),
+        Command::Status(a) => api_call(&a.sock.path(), "GET", "/status", None)
+            .and_then(|b| show::<Status>(&b, a.json, "status reply", vmbeam::demo::print_status)),
         Command::Rejuvenate(a) => {
             let body = serde_json::json!({
                 "vm": a.vm,
@@ -56,17 +63,8 @@ fn main() -> ExitCode {
                 "downtime_ms": a.downtime_ms,
             })
             .to_string();
-            api_call(&a.sock.path(), "POST", "/rejuvenate", Some(&body)).and_then(|b| {
-                if a.json {
-                    println!("{b}");
-                    Ok(())
-                } else {
-                    let r: Report =
-                        serde_json::from_str(&b).map_err(|e| format!("bad report: {e}"))?;
-                    vmbeam::demo::print_report(&r);
-                    Ok(())
-                }
-            })
+            api_call(&a.sock.path(), "POST", "/rejuvenate", Some(&body))
+                .and_then(|b| show::<Report>(&b, a.json, "report", vmbeam::demo::print_report))
         }
         Command::Inspect(a) => a
             .range()
@@ -76,30 +74,13 @@ fn main() -> ExitCode {
                 api_call(&a.sock.path(), "POST", "/inspect", Some(&body.to_string()))
             })
             .and_then(|b| {
-                if a.json {
-                    println!("{b}");
-                    Ok(())
-                } else {
-                    let i: Inspection =
-                        serde_json::from_str(&b).map_err(|e| format!("bad inspect reply: {e}"))?;
-                    vmbeam::demo::print_inspection(&i);
-                    Ok(())
-                }
+                show::<Inspection>(&b, a.json, "inspect reply", vmbeam::demo::print_inspection)
             }),
         Command::Migrate(a) => {
             let body = serde_json::json!({ "vm": a.vm, "to": a.to, "downtime_ms": a.downtime_ms })
                 .to_string();
-            api_call(&a.sock.path(), "POST", "/migrate", Some(&body)).and_then(|b| {
-                if a.json {
-                    println!("{b}");
-                    Ok(())
-                } else {
-                    let r: Report =
-                        serde_json::from_str(&b).map_err(|e| format!("bad report: {e}"))?;
-                    vmbeam::demo::print_report(&r);
-                    Ok(())
-                }
-            })
+            api_call(&a.sock.path(), "POST", "/migrate", Some(&body))
+                .and_then(|b| show::<Report>(&b, a.json, "report", vmbeam::demo::print_report))
         }
         Command::Shutdown(a) => api_call(&a.path(), "PUT", "/shutdown", None).map(|_| ()),
     };

@@ -207,3 +207,55 @@ fn run_status_rejuvenate_shutdown_through_the_api() {
     assert!(status.success());
     assert!(!sock.exists(), "the API socket is removed on exit");
 }
+
+#[test]
+fn the_api_answers_while_a_rejuvenation_runs() {
+    if !common::kvm_or_skip("the_api_answers_while_a_rejuvenation_runs") {
+        return;
+    }
+    let dir = common::temp_dir("cli-concurrent");
+    let sock = dir.join("api.sock");
+    let mut child = bin()
+        .args(["run", "--duration", "120", "--nested", "1", "--console-dir"])
+        .arg(&dir)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_console(&dir, "l2-0", Duration::from_secs(60), |t| {
+        t.lines().count() >= 2
+    });
+    // A rejuvenation whose successor never becomes ready holds for ~3 s.
+    let s2 = sock.clone();
+    let slow = std::thread::spawn(move || {
+        vmbeam_vmm::api::call(
+            &s2,
+            "POST",
+            "/rejuvenate",
+            Some(r#"{"fault":"hang-at-boot","timeout_secs":3}"#),
+        )
+        .unwrap()
+    });
+    // Probe with a request that changes nothing when it gets through (an
+    // unknown host VM, 404) until the running rejuvenation makes it 409.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (code, body) = loop {
+        let (code, body) =
+            vmbeam_vmm::api::call(&sock, "POST", "/rejuvenate", Some(r#"{"vm":"nope"}"#)).unwrap();
+        if code != 404 || Instant::now() > deadline {
+            break (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("already running"), "{body}");
+    let (code, body) = vmbeam_vmm::api::call(&sock, "GET", "/status", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = slow.join().unwrap();
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("rolled back"), "{body}");
+    let _ = bin().args(["shutdown", "--api-sock"]).arg(&sock).output();
+    let _ = child.wait();
+}

@@ -12,6 +12,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmbeam_abi::boot::fault;
@@ -175,6 +176,24 @@ impl ApiServer {
     pub fn accept_all(&self, vmm: &Vmm) {
         while let Ok((stream, _)) = self.listener.accept() {
             let _ = self.serve(vmm, stream);
+        }
+    }
+
+    /// Serves every pending connection, each on its own thread, so a long
+    /// request (a rejuvenation, a migration) does not hold up `GET /status`
+    /// and a concurrent rejuvenation gets its 409.
+    pub fn accept_all_threaded(self: &Arc<Self>, vmm: &Arc<Vmm>) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            let (me, vmm) = (self.clone(), vmm.clone());
+            let spawned = std::thread::Builder::new()
+                .name("vmbeam-api".into())
+                .spawn(move || {
+                    let _ = me.serve(&vmm, stream);
+                });
+            if spawned.is_err() {
+                // Out of threads: the client sees its connection close.
+                continue;
+            }
         }
     }
 

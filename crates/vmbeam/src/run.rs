@@ -82,7 +82,7 @@ struct ApiSubscriber {
 
 impl MutEventSubscriber for ApiSubscriber {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        self.server.accept_all(&self.vmm);
+        self.server.accept_all_threaded(&self.vmm);
     }
     fn init(&mut self, ops: &mut EventOps) {
         let _ = ops.add(Events::new(self.server.listener(), EventSet::IN));

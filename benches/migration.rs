@@ -116,7 +116,6 @@ fn run_size(size: u64, workload: &'static str, reps: usize, modes: &[Mode]) -> V
     let tcp_ok = !tcp.is_empty();
     let mut by_mode: Vec<(&'static str, Vec<Report>)> =
         by_mode.into_iter().map(|(m, r)| (m.as_str(), r)).collect();
-    let mut ok = ok;
     if tcp_ok {
         by_mode.push(("tcp", tcp));
         ok.push(true);

@@ -29,7 +29,7 @@ fn boots_embedded_hypervisor_banner_and_ping() {
         t.contains("hypercall ping ok")
     });
     assert!(
-        text.contains("vmbeam guest hypervisor v0.1.0 abi 1: vm=hv0 gen=1 role=primary ram=32MiB")
+        text.contains("vmbeam guest hypervisor v0.1.0 abi 2: vm=hv0 gen=1 role=primary ram=32MiB")
     );
     assert!(
         vmm.wait_healthy(Duration::from_secs(30)),

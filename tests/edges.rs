@@ -400,6 +400,32 @@ fn bad_api_requests_get_one_clear_error_and_change_nothing() {
         "was not complete within",
     );
 
+    // A flood of connections that send nothing: at most MAX_CONNECTIONS are
+    // served (each cut off at the deadline), the others are answered 503 at
+    // once; then the API serves as before.
+    let flood: Vec<UnixStream> = (0..2 * api::MAX_CONNECTIONS)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    let mut refused = 0;
+    for mut s in flood {
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        match parse_response(&out) {
+            (503, body) => {
+                refused += 1;
+                expect_error(
+                    "flood",
+                    (503, body),
+                    503,
+                    "too many API connections at once",
+                );
+            }
+            answer => expect_error("flood", answer, 400, "was not complete within"),
+        }
+    }
+    assert!(refused >= 1, "no connection of the flood was refused");
+    assert_eq!(call(&sock, "GET", "/status", None).0, 200);
+
     // A second `vmbeam run` on the same socket fails with one clear
     // sentence, and leaves the first one's socket working.
     let out = bin()

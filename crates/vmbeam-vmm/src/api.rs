@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -131,7 +131,13 @@ pub struct ApiServer {
     path: PathBuf,
     /// Set by `PUT /shutdown`.
     pub shutdown: AtomicBool,
+    /// Connections being served now (threaded server).
+    active: AtomicUsize,
 }
+
+/// Most connections the threaded server serves at once; a connection
+/// beyond that is answered 503 at once instead of getting a thread.
+pub const MAX_CONNECTIONS: usize = 32;
 
 impl ApiServer {
     /// Binds `path` (owner-only); a stale socket file is replaced.
@@ -164,6 +170,7 @@ impl ApiServer {
             listener,
             path: path.to_path_buf(),
             shutdown: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
         })
     }
 
@@ -184,15 +191,34 @@ impl ApiServer {
     /// and a concurrent rejuvenation gets its 409.
     pub fn accept_all_threaded(self: &Arc<Self>, vmm: &Arc<Vmm>) {
         while let Ok((stream, _)) = self.listener.accept() {
+            if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                self.active.fetch_sub(1, Ordering::SeqCst);
+                // A short answer fits the socket buffer: this does not block.
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+                let msg = format!(
+                    "too many API connections at once (at most {MAX_CONNECTIONS}); try again"
+                );
+                let _ = respond(&stream, 503, &err_json(&msg));
+                continue;
+            }
             let (me, vmm) = (self.clone(), vmm.clone());
             let spawned = std::thread::Builder::new()
                 .name("vmbeam-api".into())
                 .spawn(move || {
+                    // Give the slot back even if serving panics.
+                    struct Done<'a>(&'a AtomicUsize);
+                    impl Drop for Done<'_> {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    let _done = Done(&me.active);
                     let _ = me.serve(&vmm, stream);
                 });
             if spawned.is_err() {
                 // Out of threads: the client sees its connection close.
-                continue;
+                self.active.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }
@@ -456,6 +482,7 @@ fn respond(mut s: &UnixStream, code: u16, body: &str) -> Result<(), ApiError> {
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     };
     write!(

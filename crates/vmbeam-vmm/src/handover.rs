@@ -528,6 +528,12 @@ pub fn op_abort(vm: &HostVm, code: u64) -> HcResult {
         Phase::HandingOver | Phase::Ready => {}
         _ => return Err(Status::BadState),
     }
+    // Take back what the successor was adopting before L1 resumes its
+    // guests: stop the successor first so it cannot touch them meanwhile.
+    if let Some(succ) = s.successor.lock().unwrap().clone() {
+        succ.stop_vcpus();
+        return_adopted(vm, &succ);
+    }
     unfreeze(vm);
     s.set_phase(Phase::Aborted(format!(
         "the guest hypervisor aborted the handover (reason code {code})"

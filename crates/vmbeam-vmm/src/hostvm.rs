@@ -244,6 +244,7 @@ pub struct HostVm {
     pub pool_file: Arc<MemFile>,
     channel_file: Arc<MemFile>,
     deferred_slots: Mutex<Vec<u32>>,
+    l0_writes: Mutex<Option<Vec<(u64, u64)>>>,
     serial: Mutex<HostSerial>,
     /// Hypercalls served.
     pub hypercalls: AtomicU64,
@@ -485,6 +486,7 @@ impl HostVm {
             pool_file,
             channel_file: channel,
             deferred_slots: Mutex::new(Vec::new()),
+            l0_writes: Mutex::new(None),
             serial: Mutex::new(Serial::new(NoIrq, LineWriter::new(console))),
             hypercalls: AtomicU64::new(0),
         }))
@@ -694,6 +696,24 @@ impl HostVm {
         let mut s = self.next_slot.lock().unwrap();
         *s += 1;
         *s - 1
+    }
+
+    /// Starts recording the guest memory L0 itself writes (KVM's dirty log
+    /// does not see it), for a migration in progress.
+    pub fn start_l0_write_log(&self) {
+        *self.l0_writes.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// Records that L0 wrote `[gpa, gpa+len)` of this VM's memory.
+    pub fn note_l0_write(&self, gpa: u64, len: u64) {
+        if let Some(v) = self.l0_writes.lock().unwrap().as_mut() {
+            v.push((gpa, len));
+        }
+    }
+
+    /// Stops recording and returns what was written.
+    pub fn take_l0_writes(&self) -> Vec<(u64, u64)> {
+        self.l0_writes.lock().unwrap().take().unwrap_or_default()
     }
 
     /// Adds a region to the VM's bookkeeping now and its KVM memory slot

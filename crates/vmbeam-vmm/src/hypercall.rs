@@ -161,7 +161,11 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
         OP_FILL_PATTERN => {
             let n = nested(vm, a[0])?;
             check_fill_args(a[1], a[2])?;
-            n.lock().unwrap().fill_pattern(a[1], a[2], a[3])?;
+            let n = n.lock().unwrap();
+            n.fill_pattern(a[1], a[2], a[3])?;
+            for (gpa, len) in n.l1_ranges(a[1], a[2]) {
+                vm.note_l0_write(gpa, len);
+            }
             OK
         }
         OP_HANDOVER_READY => handover::op_ready(vm),

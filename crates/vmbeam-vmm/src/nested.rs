@@ -154,7 +154,7 @@ pub struct NestedVm {
     /// VM (until commit); `None` otherwise.
     pub adopted_from: Option<u32>,
     /// Slots the adopting guest hypervisor has confirmed with VM_MAP.
-    pub confirmed_slots: usize,
+    pub confirmed_slots: Vec<bool>,
     /// vCPUs the adopting guest hypervisor has confirmed with VCPU_CREATE.
     pub confirmed_vcpus: usize,
 }
@@ -183,7 +183,7 @@ impl NestedVm {
             last_exit: None,
             state_set: false,
             adopted_from: None,
-            confirmed_slots: 0,
+            confirmed_slots: Vec::new(),
             confirmed_vcpus: 0,
         })
     }
@@ -266,7 +266,7 @@ impl NestedVm {
     pub fn begin_adoption(&mut self, handle: u32) {
         self.adopted_from = Some(self.handle);
         self.handle = handle;
-        self.confirmed_slots = 0;
+        self.confirmed_slots = vec![false; self.slots.len()];
         self.confirmed_vcpus = 0;
         self.state_set = false;
     }
@@ -282,7 +282,8 @@ impl NestedVm {
 
     /// True once the successor confirmed every slot and vCPU and set the state.
     pub fn adoption_complete(&self) -> bool {
-        self.confirmed_slots == self.slots.len()
+        self.confirmed_slots.len() == self.slots.len()
+            && self.confirmed_slots.iter().all(|c| *c)
             && self.confirmed_vcpus == self.vcpus.len()
             && self.state_set
     }
@@ -297,16 +298,20 @@ impl NestedVm {
         file: &Arc<MemFile>,
         offset: u64,
     ) -> Result<(), Status> {
-        let s = self
+        let i = self
             .slots
-            .iter_mut()
-            .find(|s| s.l2_gpa == l2_gpa && s.len == len)
+            .iter()
+            .position(|s| s.l2_gpa == l2_gpa && s.len == len)
             .ok_or(Status::BadArg)?;
+        if self.confirmed_slots.get(i).copied().unwrap_or(true) {
+            return Err(Status::Overlap);
+        }
+        let s = &mut self.slots[i];
         if !Arc::ptr_eq(&s.file, file) || s.file_offset != offset {
             return Err(Status::NotPermitted);
         }
         s.l1_gpa = l1_gpa;
-        self.confirmed_slots += 1;
+        self.confirmed_slots[i] = true;
         Ok(())
     }
 
@@ -541,6 +546,17 @@ impl NestedVm {
             at += take;
         }
         Ok(out)
+    }
+
+    /// The L1 ranges behind a mapped nested range.
+    pub fn l1_ranges(&self, l2_gpa: u64, len: u64) -> Vec<(u64, u64)> {
+        self.pieces(l2_gpa, len)
+            .map(|v| {
+                v.into_iter()
+                    .map(|(i, off, take)| (self.slots[i].l1_gpa + off, take))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Fills a mapped range with the seeded pattern (host speed).

@@ -84,6 +84,9 @@ pub struct Hello {
     pub vcpus: u32,
     /// Slice.
     pub slice_us: u32,
+    /// Aging injector setting of the guest hypervisor (kept on arrival).
+    #[serde(default)]
+    pub age_leak_pages: u32,
     /// Memory regions, in index order.
     pub regions: Vec<RegionDesc>,
 }
@@ -126,6 +129,10 @@ pub struct Verdict {
 }
 
 const MAX_REGIONS: usize = 64;
+
+/// What the stop-and-copy phase yields: bytes sent, (name, bytes, checksum)
+/// of each nested guest at pause, and the receiver's verdict.
+type FinalPhase = (u64, Vec<(String, u64, u64)>, Verdict);
 
 fn kind_name(k: &RegionKind) -> (&'static str, Option<String>) {
     match k {
@@ -321,6 +328,7 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
         pool: vm.spec.pool,
         vcpus: vm.spec.vcpus,
         slice_us: vm.spec.slice_us,
+        age_leak_pages: vm.spec.age_leak_pages,
         regions: regions
             .iter()
             .map(|r| {
@@ -338,6 +346,7 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
     wire::write_frame(&mut w, Kind::Hello, json(&hello).as_bytes())?;
 
     // Live phase: everything keeps running.
+    vm.start_l0_write_log();
     set_l1_logging(vm, true);
     for n in &nested {
         let _ = n.lock().unwrap().set_dirty_logging(true);
@@ -371,62 +380,74 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
         // Stop-and-copy.
         let t_pause = Instant::now();
         let fds = vm.pause_vcpus();
-        let mut sent = stats.live_bytes;
-        let d = collect_dirty(vm, &regions, &nested);
-        sent += send_dirty(&mut w, &regions, &d)?;
-        let mut l1_vcpus = Vec::new();
-        for fd in &fds {
-            let st = arch::get_state(fd).map_err(|e| RemoteError::Local(e.to_string()))?;
-            l1_vcpus.push(vmbeam_abi::as_bytes(&st).to_vec());
-        }
-        let mut descs = Vec::new();
-        let mut before = Vec::new();
-        for n in &nested {
-            let mut n = n.lock().unwrap();
-            let states = n
-                .save_vcpus()
-                .map_err(|s| RemoteError::Local(format!("{}: {s:?}", n.name)))?;
-            before.push((n.name.clone(), n.mem_bytes(), n.checksum_all()));
-            descs.push(NestedDesc {
-                handle: n.handle,
-                name: n.name.clone(),
-                crashed: n.state == NestedState::Crashed,
-                moves: n
-                    .record
-                    .as_ref()
-                    .map(|r| r.info.lock().unwrap().moves)
-                    .unwrap_or(0),
-                slots: n
-                    .slots
-                    .iter()
-                    .map(|s| (s.l1_gpa, s.l2_gpa, s.len))
-                    .collect(),
-                vcpus: states
-                    .iter()
-                    .map(|s| vmbeam_abi::as_bytes(s).to_vec())
-                    .collect(),
-            });
-        }
-        let state = StateMsg {
-            l1_vcpus,
-            nested: descs,
-        };
-        // From here on a failure must resume the source.
-        let res = (|| -> Result<Verdict, RemoteError> {
+        // Everything from here to the verdict resumes the source on failure.
+        let res = (|| -> Result<FinalPhase, RemoteError> {
+            let mut sent = stats.live_bytes;
+            let d = collect_dirty(vm, &regions, &nested);
+            sent += send_dirty(&mut w, &regions, &d)?;
+            // What L0 itself wrote is not in any dirty log: the boot-info and
+            // hypercall pages (answers, control word) and pattern fills.
+            let mut l0 = vec![(0u64, layout::PML4_ADDR)];
+            l0.extend(vm.take_l0_writes());
+            for (gpa, len) in l0 {
+                if let Some(i) = regions.iter().position(|r| r.contains(gpa, len)) {
+                    sent += send_range(&mut w, i, &regions[i], gpa - regions[i].gpa, len)?;
+                }
+            }
+            let mut l1_vcpus = Vec::new();
+            for fd in &fds {
+                let st = arch::get_state(fd).map_err(|e| RemoteError::Local(e.to_string()))?;
+                l1_vcpus.push(vmbeam_abi::as_bytes(&st).to_vec());
+            }
+            let mut descs = Vec::new();
+            let mut before = Vec::new();
+            for n in &nested {
+                let mut n = n.lock().unwrap();
+                let states = n
+                    .save_vcpus()
+                    .map_err(|s| RemoteError::Local(format!("{}: {s:?}", n.name)))?;
+                before.push((n.name.clone(), n.mem_bytes(), n.checksum_all()));
+                descs.push(NestedDesc {
+                    handle: n.handle,
+                    name: n.name.clone(),
+                    crashed: n.state == NestedState::Crashed,
+                    moves: n
+                        .record
+                        .as_ref()
+                        .map(|r| r.info.lock().unwrap().moves)
+                        .unwrap_or(0),
+                    slots: n
+                        .slots
+                        .iter()
+                        .map(|s| (s.l1_gpa, s.l2_gpa, s.len))
+                        .collect(),
+                    vcpus: states
+                        .iter()
+                        .map(|s| vmbeam_abi::as_bytes(s).to_vec())
+                        .collect(),
+                });
+            }
+            let state = StateMsg {
+                l1_vcpus,
+                nested: descs,
+            };
             wire::write_frame(&mut w, Kind::State, json(&state).as_bytes())?;
             wire::write_frame(&mut w, Kind::Done, &[])?;
             w.flush().map_err(WireError::Io)?;
             let (k, p) = wire::read_frame(&mut r)?;
-            match k {
+            let verdict = match k {
                 Kind::Result => serde_json::from_slice::<Verdict>(&p)
-                    .map_err(|e| RemoteError::Refused(format!("unreadable verdict: {e}"))),
-                Kind::Abort => Err(RemoteError::Refused(
-                    String::from_utf8_lossy(&p).into_owned(),
-                )),
-                other => Err(RemoteError::Refused(format!("unexpected {other:?} frame"))),
-            }
+                    .map_err(|e| RemoteError::Refused(format!("unreadable verdict: {e}")))?,
+                Kind::Abort => {
+                    return Err(RemoteError::Refused(
+                        String::from_utf8_lossy(&p).into_owned(),
+                    ))
+                }
+                other => return Err(RemoteError::Refused(format!("unexpected {other:?} frame"))),
+            };
+            Ok((sent, before, verdict))
         })();
-        let verdict = match res {
+        let (sent, before, verdict) = match res {
             Ok(v) => v,
             Err(e) => return Err(resume_err(vm, fds, e)),
         };
@@ -448,9 +469,11 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
                 return Err(resume_err(vm, fds, e));
             }
         }
-        wire::write_frame(&mut w, Kind::Commit, &[])
-            .map_err(|e| resume_err(vm, Vec::new(), e.into()))?;
-        w.flush().map_err(WireError::Io)?;
+        let committed = wire::write_frame(&mut w, Kind::Commit, &[])
+            .and_then(|_| w.flush().map_err(WireError::Io));
+        if let Err(e) = committed {
+            return Err(resume_err(vm, fds, e.into()));
+        }
         let downtime = t_pause.elapsed();
         // The destination runs the guests now: release this copy.
         let allocated = vm.ram_file.allocated_bytes() + vm.pool_file.allocated_bytes();
@@ -502,6 +525,7 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
             Ok(report)
         }
         Err(e) => {
+            vm.take_l0_writes();
             set_l1_logging(vm, false);
             for n in &nested {
                 let _ = n.lock().unwrap().set_dirty_logging(false);
@@ -516,6 +540,7 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
 }
 
 fn resume_err(vm: &Arc<HostVm>, fds: Vec<kvm_ioctls::VcpuFd>, e: RemoteError) -> RemoteError {
+    vm.take_l0_writes();
     set_l1_logging(vm, false);
     for n in vm.nested.lock().unwrap().vms.values() {
         let _ = n.lock().unwrap().set_dirty_logging(false);
@@ -801,7 +826,7 @@ fn build(
         nested: Vec::new(),
         flags: 0,
         slice_us: h.slice_us,
-        age_leak_pages: 0,
+        age_leak_pages: h.age_leak_pages,
     };
     let ram = GuestRam { regions };
     let hv = HostVm::assemble(shared.clone(), spec, vm, ram, ram_file, pool_file, channel)
@@ -813,6 +838,23 @@ fn build(
                 "nested handle {} repeated",
                 d.handle
             )));
+        }
+        if d.name.len() > vmbeam_abi::NAME_LEN
+            || crate::hypercall::check_name(&vmbeam_abi::name_to_bytes(&d.name))
+                != Ok(d.name.as_str())
+        {
+            return Err(RemoteError::Invalid(format!(
+                "bad nested guest name {:?}",
+                d.name
+            )));
+        }
+        if let Some(r) = shared.records.lock().unwrap().get(&d.name) {
+            if r.info.lock().unwrap().bound_vm != 0 {
+                return Err(RemoteError::Invalid(format!(
+                    "a nested guest named {} already runs here",
+                    d.name
+                )));
+            }
         }
         let mut n =
             NestedVm::new(&shared.kvm, d.handle, &d.name).map_err(|s| local(format!("{s:?}")))?;

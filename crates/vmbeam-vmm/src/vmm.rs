@@ -43,7 +43,7 @@ pub enum VmmError {
     #[error("no nested guest named '{}'", .0.escape_debug())]
     NoSuchGuest(String),
     /// Another rejuvenation is running.
-    #[error("a rejuvenation is already running; try again when it ends")]
+    #[error("a rejuvenation or migration is already running; try again when it ends")]
     Busy,
     /// Host-to-host migration failed; the source keeps running.
     #[error(transparent)]

@@ -321,6 +321,15 @@ fn bad_api_requests_get_one_clear_error_and_change_nothing() {
         400,
         "body is not UTF-8",
     );
+    expect_error(
+        "chunked body",
+        raw(
+            &sock,
+            b"POST /rejuvenate HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        ),
+        400,
+        "Transfer-Encoding is not supported",
+    );
     expect_error("empty request", raw(&sock, b""), 400, "empty request");
     expect_error("no path", raw(&sock, req("GET").as_bytes()), 400, "no path");
     expect_error(

@@ -252,3 +252,41 @@ fn copy_and_precopy_move_guests_by_copying_every_page() {
     }
     assert!(!console(&dir, "l2-0").contains("bad=1"));
 }
+
+#[test]
+fn an_aged_hypervisor_dying_mid_handover_is_finished_by_l0() {
+    if !kvm_or_skip("an_aged_hypervisor_dying_mid_handover_is_finished_by_l0") {
+        return;
+    }
+    let (vmm, dir) = started("agedcrash", 3);
+    let base = progress(&dir, 3);
+    let r = vmm
+        .rejuvenate(
+            None,
+            &RejuvenateOptions {
+                fault: vmbeam_vmm::api::parse_fault("aged-crash-after-first").unwrap(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    // The aged L1 handed over one guest and died; L0 offered the other two.
+    assert_eq!(r.rescued, Some(2), "{r:?}");
+    check_report(&r, 3, 2);
+    wait_progress_beyond(&dir, 3, &base);
+    let l1 = console(&dir, "hv0-g1");
+    assert!(
+        l1.contains("fault: aged hypervisor crashing after the first guest"),
+        "{l1}"
+    );
+    let st = vmm.status();
+    assert_eq!(st.host_vms.len(), 1);
+    assert_eq!(st.host_vms[0].generation, 2);
+    assert_eq!(st.host_vms[0].nested.len(), 3);
+    assert!(vmm.failure().is_none());
+    // The new generation works normally afterwards.
+    let base = progress(&dir, 3);
+    let r = vmm.rejuvenate(None, &RejuvenateOptions::default()).unwrap();
+    check_report(&r, 3, 3);
+    assert_eq!(r.rescued, None);
+    wait_progress_beyond(&dir, 3, &base);
+}

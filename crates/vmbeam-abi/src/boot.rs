@@ -24,6 +24,9 @@ pub mod control {
     pub const ABORT: u32 = 2;
     /// Successor: the aged VM is revoked; resume the adopted guests.
     pub const COMMIT: u32 = 3;
+    /// Test only: like HANDOVER, but the aged L1 crashes right after its
+    /// first guest is accepted (exercises L0's rescue of the handover).
+    pub const HANDOVER_THEN_CRASH: u32 = 4;
 }
 
 /// Fault-injection flags for tests (`BootInfo::flags`); zero in production.
@@ -36,6 +39,9 @@ pub mod fault {
     pub const CRASH_AFTER_FIRST: u64 = 1 << 2;
     /// Successor never says it is ready.
     pub const HANG_AT_BOOT: u64 = 1 << 3;
+    /// The aged L1 crashes after its first guest is accepted (L0 writes
+    /// `control::HANDOVER_THEN_CRASH` instead of `HANDOVER`).
+    pub const AGED_CRASH_AFTER_FIRST: u64 = 1 << 4;
 }
 
 /// Kinds of workload images.

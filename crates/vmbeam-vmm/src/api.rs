@@ -121,6 +121,7 @@ pub fn parse_fault(s: &str) -> Option<u64> {
         "crash-before-adopt" => fault::CRASH_BEFORE_ADOPT,
         "crash-after-first" => fault::CRASH_AFTER_FIRST,
         "hang-at-boot" => fault::HANG_AT_BOOT,
+        "aged-crash-after-first" => fault::AGED_CRASH_AFTER_FIRST,
         _ => return None,
     })
 }
@@ -462,6 +463,13 @@ fn read_headers(r: &mut impl BufRead) -> Result<usize, ApiError> {
             return Ok(len);
         }
         if let Some((k, v)) = h.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("transfer-encoding") {
+                // Without this a chunked body would be read as an empty
+                // one, and an empty POST /rejuvenate means "the default".
+                return Err(ApiError::Malformed(
+                    "Transfer-Encoding is not supported; send a Content-Length".into(),
+                ));
+            }
             if k.trim().eq_ignore_ascii_case("content-length") {
                 len = v
                     .trim()
@@ -574,6 +582,10 @@ mod tests {
             err(b"POST /x HTTP/1.1\r\nContent-Length: 2\r\n\r\n\xff\xfe").contains("not UTF-8")
         );
         assert!(err(b"GET /\xff HTTP/1.1\r\n\r\n").contains("not UTF-8"));
+        assert!(err(
+            b"POST /rejuvenate HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n{\"vm\":1}\r\n0\r\n\r\n"
+        )
+        .contains("Transfer-Encoding is not supported"));
     }
 
     #[test]

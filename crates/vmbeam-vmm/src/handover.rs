@@ -234,6 +234,25 @@ pub fn op_grant(vm: &HostVm, handle: u64, p: &mut HypercallPage) -> HcResult {
 fn grant_inner(vm: &HostVm, handle: u64, p: &mut HypercallPage, froze: &mut bool) -> HcResult {
     let s = session_of(vm)?;
     let succ = s.aged_op(vm)?;
+    let ranges = grant_guest(&s, vm, &succ, handle, froze)?;
+    for (i, r) in ranges.iter().enumerate() {
+        let b = vmbeam_abi::as_bytes(r);
+        p.data[i * b.len()..(i + 1) * b.len()].copy_from_slice(b);
+    }
+    p.ret[0] = ranges.len() as u64;
+    Ok(HcOutcome::Continue)
+}
+
+/// Grants nested VM `handle` of the aged VM `vm` to the successor: pauses
+/// it, maps (or copies) its pages into the successor's grant window and
+/// records the grant. Returns the successor-side ranges.
+pub(crate) fn grant_guest(
+    s: &Session,
+    vm: &HostVm,
+    succ: &HostVm,
+    handle: u64,
+    froze: &mut bool,
+) -> Result<Vec<GrantRange>, Status> {
     let n = vm.nested_vm(handle).ok_or(Status::NoSuchHandle)?;
     let mut n = n.lock().unwrap();
     let record = n.record.clone().ok_or(Status::BadState)?;
@@ -337,21 +356,16 @@ fn grant_inner(vm: &HostVm, handle: u64, p: &mut HypercallPage, froze: &mut bool
             len: slot.len,
         });
     }
-    for (i, r) in ranges.iter().enumerate() {
-        let b = vmbeam_abi::as_bytes(r);
-        p.data[i * b.len()..(i + 1) * b.len()].copy_from_slice(b);
-    }
-    p.ret[0] = ranges.len() as u64;
     st.grants.push(Grant {
         guest: record.name.clone(),
         record,
         aged_handle: n.handle,
         mem_bytes: n.mem_bytes(),
-        ranges,
+        ranges: ranges.clone(),
         checksum_before,
         paused_at,
     });
-    Ok(HcOutcome::Continue)
+    Ok(ranges)
 }
 
 /// Called when the successor maps granted pages into a nested VM.
@@ -467,38 +481,36 @@ pub fn op_notify(vm: &HostVm) -> HcResult {
     Ok(HcOutcome::Continue)
 }
 
-/// OP_HANDOVER_DONE: checks no guest is left behind, then retires the caller.
-pub fn op_done(vm: &HostVm, count: u64) -> HcResult {
-    let s = session_of(vm)?;
-    let succ = s.aged_op(vm)?;
-    let st = s.st.lock().unwrap();
-    if st.grants.len() as u64 != count {
-        return Err(Status::BadState);
-    }
-    // Every live guest of the aged VM must have been granted...
+/// True if every live guest of the aged VM `vm` was granted and the
+/// successor adopted each grant completely (vCPUs, state, all memory).
+pub fn everyone_adopted(s: &Session, vm: &HostVm, succ: &HostVm) -> bool {
     for n in vm.nested.lock().unwrap().vms.values() {
         let n = n.lock().unwrap();
         if n.record.is_some() && n.state != NestedState::Crashed && !n.frozen {
-            return Err(Status::BadState);
+            return false;
         }
     }
-    // ...and adopted by the successor with its state set.
+    let st = s.st.lock().unwrap();
     let succ_table = succ.nested.lock().unwrap();
-    for g in &st.grants {
-        let adopted = succ_table.vms.values().any(|n| {
+    st.grants.iter().all(|g| {
+        succ_table.vms.values().any(|n| {
             let n = n.lock().unwrap();
             (n.adopted_from.is_none() || n.adoption_complete())
                 && n.state_set
                 && n.vcpu_count() > 0
                 && n.record.as_ref().is_some_and(|r| Arc::ptr_eq(r, &g.record))
                 && n.mem_bytes() == g.mem_bytes
-        });
-        if !adopted {
-            return Err(Status::BadState);
-        }
+        })
+    })
+}
+
+/// OP_HANDOVER_DONE: checks no guest is left behind, then retires the caller.
+pub fn op_done(vm: &HostVm, count: u64) -> HcResult {
+    let s = session_of(vm)?;
+    let succ = s.aged_op(vm)?;
+    if s.st.lock().unwrap().grants.len() as u64 != count || !everyone_adopted(&s, vm, &succ) {
+        return Err(Status::BadState);
     }
-    drop(succ_table);
-    drop(st);
     s.set_phase(Phase::AgedDone);
     // The aged L1 stays inside this hypercall until L0 decides: revoke it
     // (Committing) or give its guests back (Aborted, e.g. the successor died

@@ -660,6 +660,13 @@ impl HostVm {
         self.status_cv.notify_all();
     }
 
+    /// Marks the VM retired (its guests moved on), even if its guest
+    /// hypervisor had failed during the handover.
+    pub fn mark_retired(&self) {
+        *self.status.lock().unwrap() = VmStatus::Retired;
+        self.status_cv.notify_all();
+    }
+
     /// Waits until `pred` holds on the status or `timeout` passes.
     pub fn wait_status(&self, timeout: Duration, pred: impl Fn(&VmStatus) -> bool) -> VmStatus {
         let g = self.status.lock().unwrap();

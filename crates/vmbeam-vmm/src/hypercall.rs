@@ -162,6 +162,12 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
             let n = nested(vm, a[0])?;
             check_fill_args(a[1], a[2])?;
             let n = n.lock().unwrap();
+            if n.frozen {
+                // Granted away (aged L1) or adopted but not committed
+                // (successor): its memory must reach the successor as the
+                // guest left it, and a rollback must give it back intact.
+                return Err(Status::NotPermitted);
+            }
             n.fill_pattern(a[1], a[2], a[3])?;
             for (gpa, len) in n.l1_ranges(a[1], a[2]) {
                 vm.note_l0_write(gpa, len);

@@ -28,6 +28,7 @@ pub mod nested;
 pub mod policy;
 pub mod rejuvenate;
 pub mod remote;
+pub mod rescue;
 pub mod shared;
 pub mod vmm;
 pub mod wire;

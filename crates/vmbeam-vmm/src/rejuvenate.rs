@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmbeam_abi::boot::{control, ROLE_SUCCESSOR};
+use vmbeam_abi::boot::{control, fault, ROLE_SUCCESSOR};
 
 use crate::handover::{self, Phase, Session};
 use crate::hostvm::{HostVm, VmStatus};
@@ -91,6 +91,15 @@ pub enum RejuvenateError {
         /// Generation still running.
         generation: u32,
     },
+    /// The aged guest hypervisor died mid-handover and L0 could not finish
+    /// the handover in its place; the guests are paused in L0, not lost.
+    #[error("rejuvenation of {vm} failed: {msg}; the nested guests are preserved, paused, in L0")]
+    Rescue {
+        /// VM.
+        vm: String,
+        /// Cause.
+        msg: String,
+    },
     /// The handover failed and was rolled back.
     #[error("rejuvenation of {vm} failed: {msg}; rolled back: all {guests} nested guests keep running under generation {generation}")]
     RolledBack {
@@ -160,6 +169,10 @@ pub struct Report {
     pub guests: Vec<GuestReport>,
     /// Pre-copy rounds (precopy mode only).
     pub precopy: Option<crate::copy::PrecopyStats>,
+    /// Guests L0 offered itself because the aged guest hypervisor died
+    /// mid-handover (absent when it did not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rescued: Option<usize>,
 }
 
 /// Resident set size of this process in bytes.
@@ -289,10 +302,11 @@ pub fn rejuvenate(
         VmStatus::Failed(m) => Some(format!("the aged guest hypervisor died: {m}")),
         _ => None,
     };
+    // (If the aged L1 dies meanwhile, its guests still need the successor.)
     let boot_wait = session.wait_phase(
         opts.timeout.min(Duration::from_secs(30)),
         |p| *p == Phase::Ready,
-        || succ_dead().or_else(aged_dead),
+        succ_dead,
     );
     if let Err(m) = boot_wait {
         return Err(rollback(
@@ -324,14 +338,36 @@ pub fn rejuvenate(
 
     // 2. Ask the aged guest hypervisor to hand over.
     session.set_phase(Phase::HandingOver);
-    aged.set_control(control::HANDOVER);
-    let done = session.wait_phase(
-        opts.timeout,
-        |p| matches!(p, Phase::AgedDone | Phase::Aborted(_)),
-        || succ_dead().or_else(aged_dead),
-    );
+    aged.set_control(if opts.fault & fault::AGED_CRASH_AFTER_FIRST != 0 {
+        control::HANDOVER_THEN_CRASH
+    } else {
+        control::HANDOVER
+    });
+    let done = if aged_dead().is_some() {
+        Err(String::new())
+    } else {
+        session.wait_phase(
+            opts.timeout,
+            |p| matches!(p, Phase::AgedDone | Phase::Aborted(_)),
+            || succ_dead().or_else(aged_dead),
+        )
+    };
+    let mut rescued = None;
     match done {
         Ok(Phase::AgedDone) => {}
+        // The aged L1 died: its guests cannot go back to it, so L0 finishes
+        // the handover itself (the successor is alive and ready).
+        Err(_) if aged_dead().is_some() && succ_dead().is_none() => {
+            match crate::rescue::rescue(&session, &succ) {
+                Ok(n) => rescued = Some(n),
+                Err(m) => {
+                    return Err(RejuvenateError::Rescue {
+                        vm: line.clone(),
+                        msg: format!("{}; then {m}", aged_dead().unwrap_or_default()),
+                    })
+                }
+            }
+        }
         Ok(Phase::Aborted(m)) => return Err(rollback(&session, Some(&succ), m)),
         Ok(p) => {
             return Err(rollback(
@@ -385,7 +421,7 @@ pub fn rejuvenate(
 
     // 3. Revoke the aged VM: no vCPU, no nested VM, no slot survives.
     aged.stop_vcpus();
-    aged.set_status(VmStatus::Retired);
+    aged.mark_retired();
     let allocated_before = aged.ram_file.allocated_bytes() + aged.pool_file.allocated_bytes();
     // Slots go now (the aged VM can no longer reach any page); the host
     // mappings and the nested KVM VMs are torn down after commit, off the
@@ -522,6 +558,7 @@ pub fn rejuvenate(
             })
             .collect(),
         precopy,
+        rescued,
     };
     drop(st);
     *session.successor.lock().unwrap() = None;

@@ -516,6 +516,7 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
                 })
                 .collect(),
             precopy: Some(stats),
+            rescued: None,
         };
         Ok((report, fds))
     })();

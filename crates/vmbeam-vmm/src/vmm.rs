@@ -443,7 +443,13 @@ impl Vmm {
     /// The first failure of a current host VM, if any.
     pub fn failure(&self) -> Option<String> {
         for l in self.lines.lock().unwrap().iter() {
-            if let VmStatus::Failed(m) = l.current.lock().unwrap().status() {
+            let vm = l.current.lock().unwrap().clone();
+            // A guest hypervisor that dies during a handover is the
+            // handover's business: L0 finishes it and the line moves on.
+            if vm.session.lock().unwrap().is_some() {
+                continue;
+            }
+            if let VmStatus::Failed(m) = vm.status() {
                 return Some(m);
             }
         }

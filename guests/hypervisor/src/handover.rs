@@ -153,9 +153,12 @@ enum Stop {
 
 /// Aged side: offers every guest to the successor; on any failure the
 /// guests keep running here.
-pub fn aged(hv: &mut Hv) {
+///
+/// `crash_after_first` is fault injection for tests: crash once the first
+/// guest is accepted, leaving L0 to finish the handover.
+pub fn aged(hv: &mut Hv, crash_after_first: bool) {
     say!("handover: started");
-    match offer_all(hv) {
+    match offer_all(hv, crash_after_first) {
         Ok(n) => {
             say!("handover: {n} guests accepted, done");
             // L0 revokes this VM during the call, so normally no return.
@@ -173,7 +176,7 @@ pub fn aged(hv: &mut Hv) {
     }
 }
 
-fn offer_all(hv: &mut Hv) -> Result<u64, Stop> {
+fn offer_all(hv: &mut Hv, crash_after_first: bool) -> Result<u64, Stop> {
     let ch = hv.boot.channel_base;
     if ch == 0 {
         say!("handover: no channel");
@@ -240,7 +243,13 @@ fn offer_all(hv: &mut Hv) -> Result<u64, Stop> {
             return Err(Stop::Local(abort::PROTOCOL));
         }
         match h.kind {
-            kind::ACCEPT => say!("handover: {name} accepted"),
+            kind::ACCEPT => {
+                say!("handover: {name} accepted");
+                if crash_after_first {
+                    say!("fault: aged hypervisor crashing after the first guest");
+                    guest_rt::crash();
+                }
+            }
             kind::REJECT => {
                 say!("handover: {name} rejected (code {})", h.code);
                 return Err(Stop::Local(abort::REJECTED));

@@ -27,8 +27,8 @@ pub fn run(hv: &mut Hv) -> ! {
             }
         }
         let c = hv.control();
-        if c == control::HANDOVER && last_control != control::HANDOVER {
-            handover::aged(hv);
+        if (c == control::HANDOVER || c == control::HANDOVER_THEN_CRASH) && last_control != c {
+            handover::aged(hv, c == control::HANDOVER_THEN_CRASH);
         }
         last_control = c;
         health::tick(hv);

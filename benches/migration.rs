@@ -21,6 +21,8 @@ use vmbeam_vmm::config::{VmmConfig, Workload};
 
 #[path = "common.rs"]
 mod common;
+#[path = "qemu.rs"]
+mod qemu;
 use common::*;
 use vmbeam_vmm::rejuvenate::{Mode, RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::Vmm;
@@ -254,6 +256,37 @@ fn main() {
             eprintln!("bench: {} {workload} ...", human(size));
             cells.extend(run_size(size, workload, reps, &modes));
         }
+        if size * 3 <= mem {
+            let fill = |path: &std::path::Path, len: u64| {
+                use std::io::Write as _;
+                let mut f = std::io::BufWriter::with_capacity(
+                    1 << 20,
+                    std::fs::File::create(path).unwrap(),
+                );
+                let seed = 0x5eed_0000;
+                for a in (0..len).step_by(8) {
+                    f.write_all(&vmbeam_abi::checksum::pattern_word(seed, a).to_le_bytes())
+                        .unwrap();
+                }
+            };
+            for q in qemu::measure(size, &fill) {
+                cells.push(Cell {
+                    size,
+                    workload: "paused",
+                    mode: if q.variant == "normal" {
+                        "QEMU"
+                    } else {
+                        "QEMU x-ignore-shared"
+                    },
+                    total_ms: q.total_ms,
+                    handover_ms: q.total_ms,
+                    downtime_ms: q.downtime_ms,
+                    copied: q.transferred,
+                    cpu_ms: q.cpu_ms,
+                    ok: true,
+                });
+            }
+        }
     }
     let mut t = String::new();
     let _ = writeln!(
@@ -266,6 +299,11 @@ fn main() {
         let zc = cells
             .iter()
             .find(|z| z.size == c.size && z.workload == c.workload && z.mode == "zero-copy")
+            .or_else(|| {
+                cells
+                    .iter()
+                    .find(|z| z.size == c.size && z.workload == "idle" && z.mode == "zero-copy")
+            })
             .unwrap();
         let _ = writeln!(
             t,
@@ -315,6 +353,11 @@ fn main() {
             human(c.copied),
             human(p.copied)
         );
+    }
+    if qemu::qemu().is_none() {
+        t += "\nQEMU reference: not measured, `qemu-system-x86_64` is not installed on this machine.\n";
+    } else {
+        t += "\nQEMU rows: a paused QEMU VM (q35) whose RAM is a shared memory-backend-file holding the same pattern, migrated locally over a Unix socket; `x-ignore-shared` leaves the shared RAM unsent. They are compared with vmbeam's idle (halted) guest of the same size; QEMU's CPU column is the CPU time of both QEMU processes.\n";
     }
     t += "\n![total migration time](migration.svg)\n";
     println!("{t}");

@@ -259,3 +259,65 @@ fn the_api_answers_while_a_rejuvenation_runs() {
     let _ = bin().args(["shutdown", "--api-sock"]).arg(&sock).output();
     let _ = child.wait();
 }
+
+#[test]
+fn an_interrupted_rejuvenate_client_loses_no_guest() {
+    if !common::kvm_or_skip("an_interrupted_rejuvenate_client_loses_no_guest") {
+        return;
+    }
+    let dir = common::temp_dir("cli-interrupt");
+    let sock = dir.join("api.sock");
+    let mut server = bin()
+        .args(["run", "--duration", "120", "--console-dir"])
+        .arg(&dir)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_console(&dir, "l2-1", Duration::from_secs(60), |t| {
+        t.lines().count() >= 2
+    });
+    for delay_ms in [0u64, 5, 30] {
+        let mut client = bin()
+            .args(["rejuvenate", "--api-sock"])
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = client.kill();
+        let _ = client.wait();
+        // Whatever the server was doing finishes on its own: wait until it is
+        // idle (a probe that changes nothing stops answering 409).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (code, _) =
+                vmbeam_vmm::api::call(&sock, "POST", "/rejuvenate", Some(r#"{"vm":"nope"}"#))
+                    .unwrap();
+            if code == 404 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the server stayed busy");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Every guest runs under exactly one guest hypervisor, the current one.
+        let (code, body) = vmbeam_vmm::api::call(&sock, "GET", "/status", None).unwrap();
+        assert_eq!(code, 200);
+        let st: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let vms = st["host_vms"].as_array().unwrap();
+        assert_eq!(vms.len(), 1, "{body}");
+        assert_eq!(vms[0]["status"], "running", "{body}");
+        let nested = vms[0]["nested"].as_array().unwrap();
+        assert_eq!(nested.len(), 2, "{body}");
+        let before = common::console(&dir, "l2-1").lines().count();
+        common::wait_console(&dir, "l2-1", Duration::from_secs(60), |t| {
+            t.lines().count() > before
+        });
+    }
+    let _ = bin().args(["shutdown", "--api-sock"]).arg(&sock).output();
+    let status = server.wait().unwrap();
+    assert!(status.success());
+}

@@ -11,6 +11,12 @@ use vmbeam_vmm::rejuvenate::{RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::{Vmm, VmmError};
 
 fn started(test: &str, nested: u32) -> (Vmm, std::path::PathBuf) {
+    started_as(test, nested, "hv0")
+}
+
+/// Like `started`, with a host VM name of its own (so this test's memory
+/// files can be told apart from other tests' in the same process).
+fn started_as(test: &str, nested: u32, line: &str) -> (Vmm, std::path::PathBuf) {
     let dir = temp_dir(test);
     let vmm = vmm(
         &dir,
@@ -20,7 +26,7 @@ fn started(test: &str, nested: u32) -> (Vmm, std::path::PathBuf) {
             ..Default::default()
         },
     );
-    vmm.start("hv0").unwrap();
+    vmm.start(line).unwrap();
     for i in 0..nested {
         wait_console(&dir, &format!("l2-{i}"), Duration::from_secs(60), |t| {
             t.lines().count() >= 3
@@ -113,11 +119,28 @@ fn rejuvenation_moves_every_guest_without_copying() {
     assert!(vmm.failure().is_none());
 }
 
+/// Memory files of host VM `line` (generation `g`) still open in this process.
+fn memfds(line: &str, g: u32) -> usize {
+    let tag = format!("memfd:vmbeam-{line}/g{g}-");
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .map(|l| l.to_string_lossy().contains(&tag))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
 fn rollback_case(test: &str, fault: &str, expect: &str) {
     if !kvm_or_skip(test) {
         return;
     }
-    let (vmm, dir) = started(test, 2);
+    let line = format!("rb{test}");
+    let (vmm, dir) = started_as(test, 2, &line);
+    let aged_files = memfds(&line, 1);
+    assert!(aged_files >= 2, "ram and pool files of {line}/g1");
     let base = progress(&dir, 2);
     let opts = RejuvenateOptions {
         fault: vmbeam_vmm::api::parse_fault(fault).unwrap(),
@@ -132,8 +155,11 @@ fn rollback_case(test: &str, fault: &str, expect: &str) {
         msg.contains("all 2 nested guests keep running under generation 1"),
         "{msg}"
     );
-    // Every guest still runs under the aged guest hypervisor.
+    // Every guest still runs under the aged guest hypervisor, and nothing
+    // of the successor is left behind.
     wait_progress_beyond(&dir, 2, &base);
+    assert_eq!(memfds(&line, 2), 0, "the successor's memory was released");
+    assert_eq!(memfds(&line, 1), aged_files);
     let st = vmm.status();
     assert_eq!(st.host_vms[0].generation, 1);
     assert_eq!(st.host_vms[0].status, "running");

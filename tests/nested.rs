@@ -132,3 +132,38 @@ fn a_triple_faulting_nested_guest_does_not_take_down_its_siblings() {
         "L1 stopped serving"
     );
 }
+
+#[test]
+fn an_unsupported_instruction_in_a_nested_guest_is_named_on_its_console() {
+    if !kvm_or_skip("an_unsupported_instruction_in_a_nested_guest_is_named_on_its_console") {
+        return;
+    }
+    let dir = temp_dir("l2avx");
+    let vmm = vmm(
+        &dir,
+        VmmConfig {
+            nested: 2,
+            workloads: vec![Workload::Ticker, Workload::Memtouch],
+            // ticker: fault with an AVX instruction after 2 ticks; memtouch: 2 rounds.
+            workload_param: (1 << 63) | 2,
+            ..Default::default()
+        },
+    );
+    vmm.start("hv0").unwrap();
+    let l1 = wait_console(&dir, "hv0-g1", Duration::from_secs(60), |t| {
+        t.contains("nested guest l2-0 crashed")
+    });
+    let t = console(&dir, "l2-0");
+    // On an emulating KVM this is an emulation failure with the bytes of
+    // `vpxor`; on hardware KVM the guest has no AVX enabled and it is #UD.
+    if l1.contains("crashed: fail") {
+        assert!(
+            t.contains("[vmbeam] nested guest stopped: KVM internal error (emulation failure)")
+                && t.contains("instruction bytes: c5 fd ef c0"),
+            "{t}"
+        );
+    } else {
+        assert!(l1.contains("crashed: shutdown"), "{l1}");
+    }
+    assert!(vmm.failure().is_none());
+}

@@ -510,9 +510,17 @@ impl NestedVm {
         }
         timer.disarm(gen);
         v.fd.set_kvm_immediate_exit(0);
+        let mut rip_gpa = None;
         if internal {
             // SAFETY: KVM_EXIT_INTERNAL_ERROR fills the `internal` member.
             out.detail = unsafe { v.fd.get_kvm_run().__bindgen_anon_1.internal.suberror } as u64;
+            if let Ok(r) = v.fd.get_regs() {
+                rip_gpa =
+                    v.fd.translate_gva(r.rip)
+                        .ok()
+                        .filter(|t| t.valid != 0)
+                        .map(|t| (r.rip, t.physical_address));
+            }
         }
         let now = Instant::now();
         out.run_ns = (now - t0).as_nanos() as u64;
@@ -526,6 +534,34 @@ impl NestedVm {
             exit::HLT => NestedState::Halted,
             _ => NestedState::Running,
         };
+        if internal {
+            // Say why, with the instruction bytes, on the guest's own console
+            // (L1 only learns "FAIL"): an unsupported instruction is then
+            // obvious at a glance.
+            let bytes = rip_gpa
+                .and_then(|(_, gpa)| self.read(gpa, 15).ok())
+                .map(|b| {
+                    b.iter()
+                        .map(|x| format!("{x:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_else(|| "unavailable".into());
+            let what = if out.detail == 1 {
+                "emulation failure".to_string()
+            } else {
+                format!("suberror {}", out.detail)
+            };
+            if let Some(r) = &self.record {
+                r.console.write_line(
+                    format!(
+                        "[vmbeam] nested guest stopped: KVM internal error ({what}) at rip {:#x}; instruction bytes: {bytes}",
+                        rip_gpa.map(|x| x.0).unwrap_or(0)
+                    )
+                    .as_bytes(),
+                );
+            }
+        }
         Ok(out)
     }
 

@@ -67,7 +67,7 @@ pub struct VmArgs {
     /// Nested workloads, assigned round-robin (memtouch, ticker).
     #[arg(long, default_value = "memtouch,ticker", value_delimiter = ',', value_parser = workload)]
     pub workload: Vec<Workload>,
-    /// memtouch: rounds before it halts (0 = forever); ticker: ticks before it faults on purpose (0 = never).
+    /// memtouch: rounds before it halts (0 = forever); ticker: ticks before it faults on purpose (0 = never; with bit 63 set the fault is an AVX instruction).
     #[arg(long, default_value_t = 0)]
     pub workload_param: u64,
     /// Write each console to DIR/<name>.log instead of the terminal.

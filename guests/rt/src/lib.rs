@@ -60,6 +60,16 @@ pub fn crash() -> ! {
     halt_forever()
 }
 
+/// Executes an AVX instruction (for fault tests): a KVM that runs guest
+/// code through its instruction emulator stops with an emulation failure;
+/// elsewhere (AVX not enabled in CR4) it is #UD and a triple fault.
+pub fn crash_avx() -> ! {
+    // SAFETY: deliberately executes `vpxor ymm0, ymm0, ymm0` as raw bytes so
+    // the compiler needs no AVX target feature; the guest stops here.
+    unsafe { asm!(".byte 0xc5, 0xfd, 0xef, 0xc0", options(nomem, nostack)) }
+    halt_forever()
+}
+
 /// A `core::fmt` writer to a 16550 data port (no FIFO checks: the VMM's
 /// UART model is always ready).
 pub struct Serial(pub u16);

@@ -22,8 +22,15 @@ pub extern "C" fn _start() -> ! {
         n += 1;
         let us = (guest_rt::rdtsc() - start) / (khz / 1000).max(1);
         let _ = writeln!(out, "tick {n} t={us}us");
-        if p.param0 != 0 && n >= p.param0 {
+        // param0: fault on purpose after that many ticks (0 = never); with
+        // bit 63 set the fault is an AVX instruction instead of ud2.
+        let avx = p.param0 & (1 << 63) != 0;
+        let after = p.param0 & !(1 << 63);
+        if after != 0 && n >= after {
             let _ = writeln!(out, "ticker {name} faulting on purpose");
+            if avx {
+                guest_rt::crash_avx();
+            }
             guest_rt::crash();
         }
         // A short spin so the console is not flooded.

@@ -4,15 +4,20 @@
 //! running next to it in the same process.
 //!
 //! The hostile guest (`guests/hostile`) checks every status itself and
-//! prints one line per case; these tests read its console.
+//! prints one line per case; these tests read its console. Booted as the
+//! successor of a real guest hypervisor in a rejuvenation, it must not be
+//! able to take or harm the guests it is offered either.
 
 mod common;
 
+use std::net::TcpListener;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmbeam_vmm::config::VmmConfig;
-use vmbeam_vmm::vmm::Vmm;
+use vmbeam_vmm::rejuvenate::{RejuvenateError, RejuvenateOptions};
+use vmbeam_vmm::vmm::{Vmm, VmmError};
 
 /// Console of the hostile host VM line "hostile", generation 1.
 const HOSTILE_CONSOLE: &str = "hostile-g1";
@@ -189,4 +194,190 @@ fn hostile_guest_does_not_disturb_a_neighbour() {
         "{:?}",
         st.host_vms[0].nested
     );
+}
+
+/// Console of the aged guest hypervisor (line "hv0", generation 1).
+const AGED_CONSOLE: &str = "hv0-g1";
+/// Console of the successor generation 2 (the hostile one, at first).
+const SUCCESSOR_CONSOLE: &str = "hv0-g2";
+
+/// Starts host VM `line` (2 nested guests, consoles in `dir`) and
+/// rejuvenates it with the hostile guest hypervisor as the successor;
+/// returns the VMM and the error the rejuvenation must end with.
+fn rejuvenate_to_hostile(dir: &Path, line: &str) -> (Vmm, VmmError) {
+    let vmm = common::vmm(dir, VmmConfig::default());
+    vmm.start(line).unwrap();
+    wait_progress(&vmm, (0, 0), "at start");
+    let opts = RejuvenateOptions {
+        successor_image: Some(vmbeam::HOSTILE_ELF.to_vec()),
+        timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let e = vmm
+        .rejuvenate(None, &opts)
+        .expect_err("a hostile successor must not get the guests");
+    (vmm, e)
+}
+
+#[test]
+fn a_hostile_successor_cannot_take_or_harm_the_guests() {
+    if !kvm_present() {
+        return;
+    }
+    let dir = common::temp_dir("hostile-successor");
+    let (vmm, e) = rejuvenate_to_hostile(&dir, "hv0");
+    let msg = e.to_string();
+    println!("rejuvenation with a hostile successor: {msg}");
+    assert!(
+        matches!(
+            e,
+            VmmError::Rejuvenate(RejuvenateError::RolledBack { guests: 2, .. })
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("all 2 nested guests keep running under generation 1"),
+        "{msg}"
+    );
+    // The aged guest hypervisor refused the garbage reply (or L0 gave up).
+    let aged = common::console(&dir, AGED_CONSOLE);
+    assert!(
+        aged.contains("handover: bad reply") || msg.contains("timed out"),
+        "neither did the aged guest hypervisor refuse the garbage nor did L0 time out: \
+         {msg}\naged console:\n{aged}"
+    );
+
+    // The hostile successor ran its whole script and every answer was right.
+    let text = common::wait_console(&dir, SUCCESSOR_CONSOLE, Duration::from_secs(60), |t| {
+        t.lines().any(|l| l.starts_with("hostile-successor: done"))
+    });
+    for l in text.lines() {
+        println!("[{SUCCESSOR_CONSOLE}] {l}");
+    }
+    let unexpected: Vec<&str> = text.lines().filter(|l| l.contains("UNEXPECTED")).collect();
+    assert!(
+        unexpected.is_empty(),
+        "L0 gave the hostile successor unexpected answers:\n{}",
+        unexpected.join("\n")
+    );
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    let words: Vec<&str> = last.split_whitespace().collect();
+    // "hostile-successor: done {n_ok} ok {n_bad} unexpected", last line.
+    assert_eq!(
+        words.len(),
+        6,
+        "the console must end with the done line: {last}"
+    );
+    assert_eq!(
+        (words[0], words[1], words[3], words[4], words[5]),
+        ("hostile-successor:", "done", "ok", "0", "unexpected"),
+        "{last}"
+    );
+    let n_ok: usize = words[2].parse().expect("count of passed steps");
+    let ok_lines = text
+        .lines()
+        .filter(|l| l.starts_with("hostile-successor: ") && l.ends_with(" ok"))
+        .count();
+    assert_eq!(n_ok, ok_lines, "the done line must count every step line");
+    // The offer arrived, so the steps after adoption ran too.
+    assert!(
+        text.contains("VM_DESTROY of the adopted guest (given back) -> Ok ok"),
+        "{text}"
+    );
+
+    // Both guests stayed with generation 1 and keep running there.
+    let after = nested_lines(&vmm);
+    wait_progress(&vmm, after, "after the hostile successor");
+    assert_eq!(vmm.failure(), None);
+    let st = vmm.status();
+    assert_eq!(st.host_vms.len(), 1, "{st:?}");
+    let hv = &st.host_vms[0];
+    assert_eq!(
+        (hv.generation, hv.status.as_str()),
+        (1, "running"),
+        "{hv:?}"
+    );
+    assert_eq!(hv.nested.len(), 2, "{:?}", hv.nested);
+    assert!(
+        hv.nested
+            .iter()
+            .all(|n| n.generation == 1 && n.moves == 0 && n.state != "crashed"),
+        "{:?}",
+        hv.nested
+    );
+    assert!(!common::console(&dir, "l2-0").contains("bad=1"));
+
+    // A normal rejuvenation still works and moves both guests intact.
+    let r = vmm.rejuvenate(None, &RejuvenateOptions::default()).unwrap();
+    assert_eq!((r.from_generation, r.to_generation), (1, 2), "{r:?}");
+    assert_eq!(r.bytes_copied, 0);
+    assert_eq!(r.guests.len(), 2, "{r:?}");
+    for g in &r.guests {
+        assert!(g.running_after, "{g:?}");
+        assert!(g.checksum_before.is_some(), "{g:?}");
+        assert_eq!(g.checksum_before, g.checksum_after, "{g:?}");
+    }
+    let moved = nested_lines(&vmm);
+    wait_progress(&vmm, moved, "after a normal rejuvenation");
+    assert_eq!(vmm.failure(), None);
+    let st = vmm.status();
+    assert_eq!(st.host_vms[0].generation, 2);
+    assert!(st.host_vms[0]
+        .nested
+        .iter()
+        .all(|n| n.generation == 2 && n.moves == 1));
+    assert!(!common::console(&dir, "l2-0").contains("bad=1"));
+}
+
+/// The hostile successor confirmed a slot of the guest it was offered (L0
+/// then records the successor's address for it) before giving the guest
+/// back: the guest must be entirely the aged guest hypervisor's again, so
+/// the whole host VM can still move to another VMM (every slot is found in
+/// the aged VM's own memory).
+#[test]
+fn guests_given_back_by_a_hostile_successor_can_still_migrate() {
+    if !kvm_present() {
+        return;
+    }
+    let dir = common::temp_dir("hostile-successor-src");
+    let (src, e) = rejuvenate_to_hostile(&dir, "hvm");
+    assert!(
+        matches!(e, VmmError::Rejuvenate(RejuvenateError::RolledBack { .. })),
+        "{e}"
+    );
+    let text = common::console(&dir, "hvm-g2");
+    assert!(
+        text.contains("VM_MAP offered range exactly -> Ok ok"),
+        "the hostile successor did not get to confirm a slot:\n{text}"
+    );
+    let ddir = common::temp_dir("hostile-successor-dst");
+    let dst = Arc::new(common::vmm(&ddir, VmmConfig::default()));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let d = dst.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            if let Ok(vm) = vmbeam_vmm::remote::receive(&d.shared, s, &|n| d.has_line(n)) {
+                d.add_line(vm);
+            }
+        }
+    });
+    let r = src
+        .migrate(None, &format!("tcp://{addr}"), Duration::from_millis(300))
+        .expect("the host VM must still migrate after the hostile successor");
+    assert_eq!(r.guests.len(), 2, "{r:?}");
+    for g in &r.guests {
+        assert!(g.checksum_before.is_some(), "{g:?}");
+        assert_eq!(g.checksum_before, g.checksum_after, "{g:?}");
+    }
+    let round = common::memtouch_round(&common::console(&dir, "l2-0")).unwrap_or(0);
+    common::wait_console(&ddir, "l2-0", Duration::from_secs(60), |t| {
+        common::memtouch_round(t).is_some_and(|n| n > round)
+    });
+    assert!(!common::console(&ddir, "l2-0").contains("bad=1"));
+    assert_eq!(dst.failure(), None);
 }

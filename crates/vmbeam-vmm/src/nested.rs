@@ -157,6 +157,11 @@ pub struct NestedVm {
     pub confirmed_slots: Vec<bool>,
     /// vCPUs the adopting guest hypervisor has confirmed with VCPU_CREATE.
     pub confirmed_vcpus: usize,
+    /// While adopted: each slot's L1 address under the aged guest
+    /// hypervisor, and the state of each vCPU from before the adopting guest
+    /// hypervisor's first SET_STATE of it. [`NestedVm::cancel_adoption`]
+    /// puts both back, so a VM given back to the aged side is as it left it.
+    adoption_undo: (Vec<u64>, Vec<(usize, VcpuState)>),
 }
 
 fn kvm_err(_: kvm_ioctls::Error) -> Status {
@@ -185,6 +190,7 @@ impl NestedVm {
             adopted_from: None,
             confirmed_slots: Vec::new(),
             confirmed_vcpus: 0,
+            adoption_undo: (Vec::new(), Vec::new()),
         })
     }
 
@@ -269,14 +275,27 @@ impl NestedVm {
         self.confirmed_slots = vec![false; self.slots.len()];
         self.confirmed_vcpus = 0;
         self.state_set = false;
+        self.adoption_undo = (self.slots.iter().map(|s| s.l1_gpa).collect(), Vec::new());
     }
 
-    /// Gives an adopted VM back to the aged guest hypervisor (rollback).
+    /// Gives an adopted VM back to the aged guest hypervisor (rollback):
+    /// its handle, its slots' L1 addresses and the state of every vCPU the
+    /// adopting guest hypervisor set are restored.
     pub fn cancel_adoption(&mut self) {
         if let Some(h) = self.adopted_from.take() {
             self.handle = h;
             self.state_set = true;
             self.frozen = false;
+            let (l1, states) = std::mem::take(&mut self.adoption_undo);
+            for (s, l1) in self.slots.iter_mut().zip(l1) {
+                s.l1_gpa = l1;
+            }
+            for (i, st) in states {
+                if let Some(v) = self.vcpus.get(i) {
+                    // The same state KVM accepted from this vCPU before.
+                    let _ = arch::set_state(&v.fd, &st);
+                }
+            }
         }
     }
 
@@ -393,11 +412,21 @@ impl NestedVm {
         Ok(out)
     }
 
-    /// Writes a vCPU's state.
+    /// Writes a vCPU's state. While the VM is adopted, the state it had
+    /// before is kept first, for [`NestedVm::cancel_adoption`].
     pub fn set_state(&mut self, idx: u64, st: &VcpuState) -> Result<(), Status> {
-        let v = self.vcpu(idx)?;
+        let adopted = self.adopted_from.is_some();
+        let v = self
+            .vcpus
+            .get(usize::try_from(idx).map_err(|_| Status::NoSuchHandle)?);
+        let v = v.ok_or(Status::NoSuchHandle)?;
         if v.pending != Pending::None {
             return Err(Status::BadState);
+        }
+        let i = idx as usize;
+        if adopted && !self.adoption_undo.1.iter().any(|(k, _)| *k == i) {
+            let before = arch::get_state(&v.fd).map_err(|_| Status::Internal)?;
+            self.adoption_undo.1.push((i, before));
         }
         arch::set_state(&v.fd, st).map_err(|_| Status::BadArg)?;
         if idx == 0 {
@@ -406,10 +435,15 @@ impl NestedVm {
         Ok(())
     }
 
-    /// Queues an external interrupt.
+    /// Queues an external interrupt. A frozen VM (granted away, or adopted
+    /// but not committed) refuses it: the interrupt would be delivered
+    /// under whichever guest hypervisor ends up running the guest.
     pub fn inject(&mut self, idx: u64, vector: u64) -> Result<(), Status> {
         if !(32..=255).contains(&vector) {
             return Err(Status::BadArg);
+        }
+        if self.frozen {
+            return Err(Status::NotPermitted);
         }
         let v = self.vcpu(idx)?;
         let mut ev = v.fd.get_vcpu_events().map_err(|_| Status::Internal)?;

@@ -55,6 +55,10 @@ pub struct RejuvenateOptions {
     pub timeout: Duration,
     /// Pre-copy: stop iterating when the rest can be copied within this.
     pub downtime_budget: Duration,
+    /// For tests and diagnostics: boot this guest hypervisor ELF as the
+    /// successor instead of the VMM's image (`None`, the default, boots the
+    /// VMM's own). Not settable through the HTTP API.
+    pub successor_image: Option<Vec<u8>>,
 }
 
 impl Default for RejuvenateOptions {
@@ -65,6 +69,7 @@ impl Default for RejuvenateOptions {
             verify: true,
             timeout: Duration::from_secs(60),
             downtime_budget: Duration::from_millis(300),
+            successor_image: None,
         }
     }
 }
@@ -277,7 +282,7 @@ pub fn rejuvenate(
     let succ = match HostVm::boot(
         shared.clone(),
         spec,
-        hypervisor,
+        opts.successor_image.as_deref().unwrap_or(hypervisor),
         modules,
         channel,
         Some(session.clone()),

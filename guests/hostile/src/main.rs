@@ -9,13 +9,18 @@
 //! (create, map, vCPU, destroy) must then still work. The run ends with
 //! `hostile: done {n_ok} ok {n_bad} unexpected`, after which the guest idles
 //! in OP_WAIT forever so the host VM keeps running.
+//!
+//! Booted as a *successor* (boot info role `ROLE_SUCCESSOR`, see
+//! `RejuvenateOptions::successor_image`) it runs the script of
+//! [`successor`] instead: a successor that tries to take or harm the guests
+//! it is offered, printing `hostile-successor: ...` lines.
 #![no_std]
 #![no_main]
 
 use core::fmt;
 use core::ptr::{addr_of, addr_of_mut};
 
-use vmbeam_abi::boot::{BootInfo, BOOT_MAGIC, MAX_NESTED};
+use vmbeam_abi::boot::{BootInfo, BOOT_MAGIC, MAX_NESTED, ROLE_SUCCESSOR};
 use vmbeam_abi::hypercall::*;
 use vmbeam_abi::layout::{self, EXTENT_SIZE, HYPERCALL_PORT};
 use vmbeam_abi::state::VcpuState;
@@ -28,6 +33,8 @@ macro_rules! say {
         let _ = writeln!(guest_rt::Serial(layout::CONSOLE_PORT), $($t)*);
     }};
 }
+
+mod successor;
 
 // Entry from L0: rdi = boot info, rsi = vCPU index, rsp = this vCPU's stack.
 // Only vCPU 0 runs; the others halt. The stack is re-aligned for the SysV ABI.
@@ -81,6 +88,8 @@ enum Want {
     Is(Status),
     /// Any refusal L0 defines (not Ok, not an unanswered call).
     Refused,
+    /// Either of two statuses.
+    Either(Status, Status),
 }
 
 /// This vCPU's hypercall page.
@@ -175,6 +184,8 @@ impl Hc {
 /// The case runner: issues calls, compares, prints and counts.
 struct Run {
     hc: Hc,
+    /// Prefix of every line (`hostile` or `hostile-successor`).
+    tag: &'static str,
     ok: u32,
     bad: u32,
 }
@@ -185,6 +196,7 @@ impl Run {
         let pass = match want {
             Want::Is(s) => got == Got::S(s),
             Want::Refused => matches!(got, Got::S(s) if s != Status::Ok),
+            Want::Either(a, b) => got == Got::S(a) || got == Got::S(b),
         };
         self.tally(case, got, pass)
     }
@@ -211,7 +223,7 @@ impl Run {
             self.bad += 1;
         }
         let verdict = if pass { "ok" } else { "UNEXPECTED" };
-        say!("hostile: {case} -> {got:?} {verdict}");
+        say!("{}: {case} -> {got:?} {verdict}", self.tag);
         pass
     }
 
@@ -252,6 +264,20 @@ extern "C" fn hostile_main(boot_addr: u64, _vcpu: u64) -> ! {
         0 => layout::hypercall_page(0),
         p => p,
     };
+    let hc = Hc {
+        page: page as *mut HypercallPage,
+    };
+    if boot.role == ROLE_SUCCESSOR {
+        successor::run(
+            Run {
+                hc,
+                tag: successor::TAG,
+                ok: 0,
+                bad: 0,
+            },
+            &boot,
+        );
+    }
     let pool = boot.pool_base;
     let pool_end = pool + boot.pool_size;
     say!(
@@ -261,9 +287,8 @@ extern "C" fn hostile_main(boot_addr: u64, _vcpu: u64) -> ! {
         boot.ram_size >> 20
     );
     let mut r = Run {
-        hc: Hc {
-            page: page as *mut HypercallPage,
-        },
+        hc,
+        tag: "hostile",
         ok: 0,
         bad: 0,
     };

@@ -178,6 +178,16 @@ fn tcp_moves(a: Vmm, reps: usize) -> Vec<Report> {
             .iter()
             .all(|g| g.checksum_before == g.checksum_after));
         out.push(r);
+        // The receiver takes the VM over on its listener thread after COMMIT.
+        let dest = if i % 2 == 0 { &b } else { &a };
+        let t = Instant::now();
+        while !dest.has_line("bench") {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the receiver never started it"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     a.shutdown();

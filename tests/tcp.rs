@@ -96,6 +96,14 @@ fn a_host_vm_moves_to_another_vmm_over_tcp() {
         "the guest was not restarted"
     );
     assert!(!console(&ddir, "l2-0").contains("bad=1"));
+    let t = std::time::Instant::now();
+    while dst.status().host_vms.is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the destination never started it"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let st = dst.status();
     assert_eq!(st.host_vms.len(), 1);
     assert_eq!(st.host_vms[0].name, "hv0");
@@ -220,5 +228,15 @@ fn the_source_keeps_running_when_the_stream_is_damaged() {
     // After all that, a clean migration still works.
     src.migrate(None, &format!("tcp://{addr}"), Duration::from_millis(300))
         .unwrap();
+    // The destination takes it over on its listener thread right after COMMIT.
+    let t = std::time::Instant::now();
+    while dst.status().host_vms.is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the destination never started it"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(dst.status().host_vms.len(), 1);
+    assert!(src.status().host_vms.is_empty());
 }

@@ -89,16 +89,10 @@ impl SlotCopy {
     /// Copies the pages whose bits are set in `bitmap`; returns bytes copied.
     pub fn copy_dirty(&self, bitmap: &[u64]) -> u64 {
         let mut n = 0;
-        for (w, &bits) in bitmap.iter().enumerate() {
-            let mut b = bits;
-            while b != 0 {
-                let i = b.trailing_zeros() as u64;
-                b &= b - 1;
-                let page = w as u64 * 64 + i;
-                if page * PAGE < self.src.len {
-                    self.copy_range(page * PAGE, PAGE);
-                    n += PAGE;
-                }
+        for page in dirty_page_numbers(bitmap) {
+            if page * PAGE < self.src.len {
+                self.copy_range(page * PAGE, PAGE);
+                n += PAGE;
             }
         }
         n
@@ -125,6 +119,20 @@ pub struct GuestCopy {
     pub guest: String,
     /// One entry per slot, in slot order.
     pub slots: Vec<SlotCopy>,
+}
+
+/// Page numbers whose bits are set in a KVM dirty bitmap, in order.
+pub fn dirty_page_numbers(bitmap: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    bitmap.iter().enumerate().flat_map(|(w, &bits)| {
+        let mut b = bits;
+        std::iter::from_fn(move || {
+            (b != 0).then(|| {
+                let i = b.trailing_zeros() as u64;
+                b &= b - 1;
+                w as u64 * 64 + i
+            })
+        })
+    })
 }
 
 /// Counts set bits.
@@ -236,4 +244,18 @@ pub fn precopy_live(
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok((copies.into_iter().map(|(_, g)| g).collect(), stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_bits_become_page_numbers() {
+        let bm = [1u64 | 1 << 63, 1, 0, 1 << 2];
+        let pages: Vec<u64> = dirty_page_numbers(&bm).collect();
+        assert_eq!(pages, vec![0, 63, 64, 194]);
+        assert_eq!(dirty_pages(&bm), pages.len() as u64);
+        assert_eq!(dirty_page_numbers(&[]).count(), 0);
+    }
 }

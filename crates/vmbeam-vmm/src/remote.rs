@@ -20,7 +20,7 @@ use vmbeam_abi::layout;
 use vmbeam_abi::state::VcpuState;
 
 use crate::arch;
-use crate::copy::{dirty_pages, PrecopyStats, PAGE};
+use crate::copy::{dirty_page_numbers, dirty_pages, PrecopyStats, PAGE};
 use crate::hostvm::{HostVm, HostVmSpec, VmStatus};
 use crate::memory::{GuestRam, MemFile, Region, RegionKind};
 use crate::nested::{NestedSlot, NestedState, NestedVm};
@@ -188,13 +188,8 @@ fn collect_dirty(
     let mut d = Dirty::new(regions);
     for (i, r) in regions.iter().enumerate() {
         if let Ok(bm) = vm.vm.get_dirty_log(r.slot, r.size as usize) {
-            for (w, &bits) in bm.iter().enumerate() {
-                let mut b = bits;
-                while b != 0 {
-                    let k = b.trailing_zeros() as u64;
-                    b &= b - 1;
-                    d.set(i, w as u64 * 64 + k);
-                }
+            for page in dirty_page_numbers(&bm) {
+                d.set(i, page);
             }
         }
     }
@@ -206,13 +201,8 @@ fn collect_dirty(
             };
             let base = (s.l1_gpa - regions[ri].gpa) / PAGE;
             if let Ok(bm) = n.take_dirty(si) {
-                for (w, &bits) in bm.iter().enumerate() {
-                    let mut b = bits;
-                    while b != 0 {
-                        let k = b.trailing_zeros() as u64;
-                        b &= b - 1;
-                        d.set(ri, base + w as u64 * 64 + k);
-                    }
+                for page in dirty_page_numbers(&bm) {
+                    d.set(ri, base + page);
                 }
             }
         }

@@ -49,6 +49,26 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmbeam"))
 }
 
+/// Starts `vmbeam run` (consoles in `dir`, API on `sock`, at most 120 s)
+/// with `extra` options; its own output is discarded.
+fn run_server(
+    dir: &std::path::Path,
+    sock: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Child {
+    bin()
+        .args(["run", "--duration", "120"])
+        .args(extra)
+        .arg("--console-dir")
+        .arg(dir)
+        .arg("--api-sock")
+        .arg(sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn bad_values_fail_with_one_clear_sentence() {
     if !common::kvm_or_skip("bad_values_fail_with_one_clear_sentence") {
@@ -90,15 +110,7 @@ fn run_status_rejuvenate_shutdown_through_the_api() {
     }
     let dir = common::temp_dir("cli-api");
     let sock = dir.join("api.sock");
-    let mut child = bin()
-        .args(["run", "--duration", "120", "--console-dir"])
-        .arg(&dir)
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = run_server(&dir, &sock, &[]);
     common::wait_console(&dir, "l2-1", Duration::from_secs(60), |t| {
         t.lines().count() >= 3
     });
@@ -215,15 +227,7 @@ fn the_api_answers_while_a_rejuvenation_runs() {
     }
     let dir = common::temp_dir("cli-concurrent");
     let sock = dir.join("api.sock");
-    let mut child = bin()
-        .args(["run", "--duration", "120", "--nested", "1", "--console-dir"])
-        .arg(&dir)
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = run_server(&dir, &sock, &["--nested", "1"]);
     common::wait_console(&dir, "l2-0", Duration::from_secs(60), |t| {
         t.lines().count() >= 2
     });
@@ -282,15 +286,7 @@ fn an_interrupted_rejuvenate_client_loses_no_guest() {
     }
     let dir = common::temp_dir("cli-interrupt");
     let sock = dir.join("api.sock");
-    let mut server = bin()
-        .args(["run", "--duration", "120", "--console-dir"])
-        .arg(&dir)
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = run_server(&dir, &sock, &[]);
     common::wait_console(&dir, "l2-1", Duration::from_secs(60), |t| {
         t.lines().count() >= 2
     });

@@ -35,30 +35,9 @@ fn started_as(test: &str, nested: u32, line: &str) -> (Vmm, std::path::PathBuf) 
     (vmm, dir)
 }
 
-fn progress(dir: &std::path::Path, nested: u32) -> Vec<u64> {
-    (0..nested)
-        .map(|i| {
-            let t = console(dir, &format!("l2-{i}"));
-            if i % 2 == 0 {
-                memtouch_round(&t).unwrap_or(0)
-            } else {
-                last_counter(&t, "tick ").unwrap_or(0)
-            }
-        })
-        .collect()
-}
-
 fn wait_progress_beyond(dir: &std::path::Path, nested: u32, base: &[u64]) {
     for i in 0..nested {
-        let name = format!("l2-{i}");
-        wait_console(dir, &name, Duration::from_secs(60), |t| {
-            let v = if i % 2 == 0 {
-                memtouch_round(t)
-            } else {
-                last_counter(t, "tick ")
-            };
-            v.is_some_and(|v| v > base[i as usize])
-        });
+        wait_beyond(dir, i, base[i as usize]);
     }
 }
 

@@ -87,35 +87,13 @@ fn settled(base: &Held) -> Held {
     }
 }
 
-/// memtouch's round (even guests) or ticker's count (odd guests).
-fn progress(dir: &Path) -> Vec<u64> {
-    (0..GUESTS)
-        .map(|i| {
-            let t = console(dir, &format!("l2-{i}"));
-            if i % 2 == 0 {
-                memtouch_round(&t).unwrap_or(0)
-            } else {
-                last_counter(&t, "tick ").unwrap_or(0)
-            }
-        })
-        .collect()
-}
-
 fn wait_progress_beyond(dir: &Path, base: &[u64], round: u32) {
     for i in 0..GUESTS {
-        let name = format!("l2-{i}");
-        let text = wait_console(dir, &name, Duration::from_secs(60), |t| {
-            let v = if i % 2 == 0 {
-                memtouch_round(t)
-            } else {
-                last_counter(t, "tick ")
-            };
-            v.is_some_and(|v| v > base[i as usize])
-        });
+        let text = wait_beyond(dir, i, base[i as usize]);
         if i % 2 == 0 {
             assert!(
                 !text.contains("bad=1"),
-                "memtouch {name} saw a corrupted word by round {round}"
+                "memtouch l2-{i} saw a corrupted word by round {round}"
             );
         }
     }
@@ -167,14 +145,14 @@ fn repeated_zero_copy_rejuvenations_leak_nothing() {
 
     // Round 1 creates what exists once per process or per guest (consoles,
     // guest records, the kick handler); the baseline is taken after it.
-    let p = progress(&dir);
+    let p = progress(&dir, GUESTS);
     check_report(&vmm.rejuvenate(None, &opts).unwrap(), 2);
     wait_progress_beyond(&dir, &p, 1);
     let base = held();
     println!("at start {at_start:?}\nbaseline after round 1 {base:?}");
 
     for round in 2..=rounds {
-        let p = progress(&dir);
+        let p = progress(&dir, GUESTS);
         let r = vmm.rejuvenate(None, &opts).unwrap();
         check_report(&r, round + 1);
         wait_progress_beyond(&dir, &p, round);

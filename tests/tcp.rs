@@ -50,6 +50,19 @@ fn destination(test: &str) -> (Arc<Vmm>, std::path::PathBuf, String) {
     (vmm, dir, addr)
 }
 
+/// Waits until the destination runs the migrated host VM: its listener
+/// thread takes it over right after COMMIT, so after `migrate` returns.
+fn wait_taken_over(dst: &Vmm) {
+    let t = std::time::Instant::now();
+    while dst.status().host_vms.is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the destination never started it"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn still_running(vmm: &Vmm, dir: &std::path::Path) {
     let before = console(dir, "l2-1").lines().count();
     wait_console(dir, "l2-1", Duration::from_secs(60), |t| {
@@ -96,14 +109,7 @@ fn a_host_vm_moves_to_another_vmm_over_tcp() {
         "the guest was not restarted"
     );
     assert!(!console(&ddir, "l2-0").contains("bad=1"));
-    let t = std::time::Instant::now();
-    while dst.status().host_vms.is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the destination never started it"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_taken_over(&dst);
     let st = dst.status();
     assert_eq!(st.host_vms.len(), 1);
     assert_eq!(st.host_vms[0].name, "hv0");
@@ -228,15 +234,7 @@ fn the_source_keeps_running_when_the_stream_is_damaged() {
     // After all that, a clean migration still works.
     src.migrate(None, &format!("tcp://{addr}"), Duration::from_millis(300))
         .unwrap();
-    // The destination takes it over on its listener thread right after COMMIT.
-    let t = std::time::Instant::now();
-    while dst.status().host_vms.is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the destination never started it"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_taken_over(&dst);
     assert_eq!(dst.status().host_vms.len(), 1);
     assert!(src.status().host_vms.is_empty());
 }

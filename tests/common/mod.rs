@@ -82,3 +82,27 @@ pub fn memtouch_round(text: &str) -> Option<u64> {
             .and_then(|n| n.parse().ok())
     })
 }
+
+/// Progress of nested guest `i` as the tests lay guests out: memtouch's
+/// round for even guests, ticker's count for odd ones.
+pub fn guest_progress(text: &str, i: u32) -> Option<u64> {
+    if i.is_multiple_of(2) {
+        memtouch_round(text)
+    } else {
+        last_counter(text, "tick ")
+    }
+}
+
+/// Progress of guests `l2-0` .. `l2-{n-1}` (0 where none is printed yet).
+pub fn progress(dir: &Path, n: u32) -> Vec<u64> {
+    (0..n)
+        .map(|i| guest_progress(&console(dir, &format!("l2-{i}")), i).unwrap_or(0))
+        .collect()
+}
+
+/// Waits until guest `l2-{i}` has progressed beyond `base`; returns its console.
+pub fn wait_beyond(dir: &Path, i: u32, base: u64) -> String {
+    wait_console(dir, &format!("l2-{i}"), Duration::from_secs(60), |t| {
+        guest_progress(t, i).is_some_and(|v| v > base)
+    })
+}

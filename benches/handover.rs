@@ -20,7 +20,7 @@ use vmbeam_vmm::config::{VmmConfig, Workload};
 #[path = "common.rs"]
 mod common;
 use common::*;
-use vmbeam_vmm::rejuvenate::{RejuvenateOptions, Report};
+use vmbeam_vmm::migration::rejuvenate::{RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::Vmm;
 
 struct Row {

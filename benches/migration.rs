@@ -24,7 +24,7 @@ mod common;
 #[path = "qemu.rs"]
 mod qemu;
 use common::*;
-use vmbeam_vmm::rejuvenate::{Mode, RejuvenateOptions, Report};
+use vmbeam_vmm::migration::rejuvenate::{Mode, RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::Vmm;
 
 #[derive(Clone)]
@@ -148,7 +148,9 @@ fn listener(vmm: Arc<Vmm>) -> String {
     let addr = format!("tcp://{}", l.local_addr().unwrap());
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
-            if let Ok(vm) = vmbeam_vmm::remote::receive(&vmm.shared, s, &|n| vmm.has_line(n)) {
+            if let Ok(vm) =
+                vmbeam_vmm::migration::remote::receive(&vmm.shared, s, &|n| vmm.has_line(n))
+            {
                 vmm.add_line(vm);
             }
         }

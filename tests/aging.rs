@@ -16,10 +16,10 @@ use clap::Parser;
 use common::*;
 use vmbeam::cli::{Cli, Command as Cmd};
 use vmbeam_abi::l2::{IMAGE_BASE, L2_MAGIC, STACK_TOP};
-use vmbeam_vmm::api::ApiServer;
 use vmbeam_vmm::config::{VmmConfig, Workload};
-use vmbeam_vmm::inspect::Inspection;
-use vmbeam_vmm::rejuvenate::RejuvenateOptions;
+use vmbeam_vmm::control::api::ApiServer;
+use vmbeam_vmm::control::inspect::Inspection;
+use vmbeam_vmm::migration::rejuvenate::RejuvenateOptions;
 use vmbeam_vmm::vmm::Vmm;
 
 const MIB: u64 = 1 << 20;
@@ -338,7 +338,7 @@ fn started(dir: &Path) -> Vmm {
 }
 
 /// Inspects until the registers are readable (not busy).
-fn regs_of(vmm: &Vmm, name: &str) -> (Inspection, vmbeam_vmm::inspect::Registers) {
+fn regs_of(vmm: &Vmm, name: &str) -> (Inspection, vmbeam_vmm::control::inspect::Registers) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let i = vmm.inspect(name, 0x1000, 64).unwrap();

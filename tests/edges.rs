@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmbeam_vmm::api::{self, ApiError};
+use vmbeam_vmm::control::api::{self, ApiError};
 use vmbeam_vmm::vmm::Status;
 
 fn bin() -> Command {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmbeam_vmm::config::VmmConfig;
-use vmbeam_vmm::rejuvenate::{RejuvenateError, RejuvenateOptions};
+use vmbeam_vmm::migration::rejuvenate::{RejuvenateError, RejuvenateOptions};
 use vmbeam_vmm::vmm::{Vmm, VmmError};
 
 /// Console of the hostile host VM line "hostile", generation 1.
@@ -361,7 +361,8 @@ fn guests_given_back_by_a_hostile_successor_can_still_migrate() {
     let d = dst.clone();
     std::thread::spawn(move || {
         for s in listener.incoming().flatten() {
-            if let Ok(vm) = vmbeam_vmm::remote::receive(&d.shared, s, &|n| d.has_line(n)) {
+            if let Ok(vm) = vmbeam_vmm::migration::remote::receive(&d.shared, s, &|n| d.has_line(n))
+            {
                 d.add_line(vm);
             }
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use vmbeam_vmm::config::{VmmConfig, Workload};
-use vmbeam_vmm::rejuvenate::{RejuvenateOptions, Report};
+use vmbeam_vmm::migration::rejuvenate::{RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::{Vmm, VmmError};
 
 fn started(test: &str, nested: u32) -> (Vmm, std::path::PathBuf) {
@@ -122,7 +122,7 @@ fn rollback_case(test: &str, fault: &str, expect: &str) {
     assert!(aged_files >= 2, "ram and pool files of {line}/g1");
     let base = progress(&dir, 2);
     let opts = RejuvenateOptions {
-        fault: vmbeam_vmm::api::parse_fault(fault).unwrap(),
+        fault: vmbeam_vmm::control::api::parse_fault(fault).unwrap(),
         timeout: Duration::from_secs(5),
         ..Default::default()
     };
@@ -183,7 +183,7 @@ fn a_second_rejuvenation_while_one_runs_is_refused() {
         v2.rejuvenate(
             None,
             &RejuvenateOptions {
-                fault: vmbeam_vmm::api::parse_fault("hang-at-boot").unwrap(),
+                fault: vmbeam_vmm::control::api::parse_fault("hang-at-boot").unwrap(),
                 timeout: Duration::from_secs(3),
                 ..Default::default()
             },
@@ -217,9 +217,9 @@ fn copy_and_precopy_move_guests_by_copying_every_page() {
     }
     let (vmm, dir) = started("copymodes", 2);
     for (mode, generation) in [
-        (vmbeam_vmm::rejuvenate::Mode::Copy, 2),
-        (vmbeam_vmm::rejuvenate::Mode::Precopy, 3),
-        (vmbeam_vmm::rejuvenate::Mode::ZeroCopy, 4),
+        (vmbeam_vmm::migration::rejuvenate::Mode::Copy, 2),
+        (vmbeam_vmm::migration::rejuvenate::Mode::Precopy, 3),
+        (vmbeam_vmm::migration::rejuvenate::Mode::ZeroCopy, 4),
     ] {
         let base = progress(&dir, 2);
         let r = vmm
@@ -239,7 +239,7 @@ fn copy_and_precopy_move_guests_by_copying_every_page() {
         }
         // memtouch's bulk is filled by L0, so at least that much must have crossed.
         let bulk = (16 << 20) - vmbeam_abi::l2::BULK_BASE;
-        if mode == vmbeam_vmm::rejuvenate::Mode::ZeroCopy {
+        if mode == vmbeam_vmm::migration::rejuvenate::Mode::ZeroCopy {
             assert_eq!(r.bytes_copied, 0);
         } else {
             assert!(
@@ -248,7 +248,7 @@ fn copy_and_precopy_move_guests_by_copying_every_page() {
                 r.bytes_copied
             );
         }
-        if mode == vmbeam_vmm::rejuvenate::Mode::Precopy {
+        if mode == vmbeam_vmm::migration::rejuvenate::Mode::Precopy {
             let p = r.precopy.as_ref().expect("precopy stats");
             assert!(p.rounds >= 2, "{p:?}");
             assert!(p.live_bytes >= bulk, "{p:?}");
@@ -269,7 +269,7 @@ fn an_aged_hypervisor_dying_mid_handover_is_finished_by_l0() {
         .rejuvenate(
             None,
             &RejuvenateOptions {
-                fault: vmbeam_vmm::api::parse_fault("aged-crash-after-first").unwrap(),
+                fault: vmbeam_vmm::control::api::parse_fault("aged-crash-after-first").unwrap(),
                 ..Default::default()
             },
         )

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::*;
 use vmbeam_vmm::config::{VmmConfig, Workload};
-use vmbeam_vmm::rejuvenate::{RejuvenateOptions, Report};
+use vmbeam_vmm::migration::rejuvenate::{RejuvenateOptions, Report};
 
 const GUESTS: u32 = 3;
 
@@ -64,7 +64,7 @@ fn held() -> Held {
         kvm_vms: count("anon_inode:kvm-vm"),
         kvm_vcpus: count("anon_inode:kvm-vcpu"),
         threads: std::fs::read_dir("/proc/self/task").unwrap().count(),
-        rss: vmbeam_vmm::rejuvenate::rss_bytes(),
+        rss: vmbeam_vmm::migration::rejuvenate::rss_bytes(),
     }
 }
 

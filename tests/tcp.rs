@@ -42,7 +42,8 @@ fn destination(test: &str) -> (Arc<Vmm>, std::path::PathBuf, String) {
     let v = vmm.clone();
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
-            if let Ok(vm) = vmbeam_vmm::remote::receive(&v.shared, s, &|n| v.has_line(n)) {
+            if let Ok(vm) = vmbeam_vmm::migration::remote::receive(&v.shared, s, &|n| v.has_line(n))
+            {
                 v.add_line(vm);
             }
         }
@@ -116,7 +117,10 @@ fn a_host_vm_moves_to_another_vmm_over_tcp() {
     assert!(st.host_vms[0].nested.iter().all(|n| n.moves == 1));
     // And it can be rejuvenated there.
     let rj = dst
-        .rejuvenate(None, &vmbeam_vmm::rejuvenate::RejuvenateOptions::default())
+        .rejuvenate(
+            None,
+            &vmbeam_vmm::migration::rejuvenate::RejuvenateOptions::default(),
+        )
         .unwrap();
     assert!(rj
         .guests
@@ -140,8 +144,8 @@ fn a_corrupted_or_truncated_stream_is_rejected() {
     // A valid header announcing a huge frame.
     let mut s = TcpStream::connect(&addr).unwrap();
     let mut h = Vec::new();
-    h.extend_from_slice(&vmbeam_vmm::wire::MAGIC.to_le_bytes());
-    h.extend_from_slice(&vmbeam_vmm::wire::VERSION.to_le_bytes());
+    h.extend_from_slice(&vmbeam_vmm::migration::wire::MAGIC.to_le_bytes());
+    h.extend_from_slice(&vmbeam_vmm::migration::wire::VERSION.to_le_bytes());
     h.extend_from_slice(&1u16.to_le_bytes());
     h.extend_from_slice(&u32::MAX.to_le_bytes());
     h.extend_from_slice(&0u32.to_le_bytes());
@@ -150,10 +154,15 @@ fn a_corrupted_or_truncated_stream_is_rejected() {
     // A HELLO asking for absurd memory.
     let mut s = TcpStream::connect(&addr).unwrap();
     let hello = br#"{"line":"evil","generation":1,"ram":1,"pool":99999999999999,"vcpus":1,"slice_us":1,"regions":[]}"#;
-    vmbeam_vmm::wire::write_frame(&mut s, vmbeam_vmm::wire::Kind::Hello, hello).unwrap();
-    let (k, p) = vmbeam_vmm::wire::read_frame(&mut s).unwrap();
-    assert_eq!(k, vmbeam_vmm::wire::Kind::Result);
-    let v: vmbeam_vmm::remote::Verdict = serde_json::from_slice(&p).unwrap();
+    vmbeam_vmm::migration::wire::write_frame(
+        &mut s,
+        vmbeam_vmm::migration::wire::Kind::Hello,
+        hello,
+    )
+    .unwrap();
+    let (k, p) = vmbeam_vmm::migration::wire::read_frame(&mut s).unwrap();
+    assert_eq!(k, vmbeam_vmm::migration::wire::Kind::Result);
+    let v: vmbeam_vmm::migration::remote::Verdict = serde_json::from_slice(&p).unwrap();
     assert!(!v.ok);
     assert!(v.error.unwrap().contains("rejected"));
     std::thread::sleep(Duration::from_millis(200));

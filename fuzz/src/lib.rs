@@ -10,11 +10,11 @@
 //!
 //! | target | what it feeds |
 //! |---|---|
-//! | `hypercall_page` | `from_bytes::<HypercallPage>`, then the pure argument checks of the op it names (`vmbeam_vmm::hypercall::{check_name, console_len, check_map_args, nested_memory_region, check_fill_args}`) |
+//! | `hypercall_page` | `from_bytes::<HypercallPage>`, then the pure argument checks of the op it names (`vmbeam_vmm::nesting::hypercall::{check_name, console_len, check_map_args, nested_memory_region, check_fill_args}`) |
 //! | `vm_map_sequence` | a sequence of VM_MAP / FILL_PATTERN calls against a model guest hypervisor with three nested VMs, built from the same checks; after each call the isolation invariants must hold |
 //! | `guest_msg` | `from_bytes::<GuestMsg>` + `GuestMsg::validate`, compared with an oracle |
-//! | `api_request` | `vmbeam_vmm::api::parse_request`, then the JSON bodies the API accepts |
-//! | `wire_frame` | `vmbeam_vmm::wire::read_frame` on a stream of migration frames (what `run --listen` reads from the network), then `parse_pages` |
+//! | `api_request` | `vmbeam_vmm::control::api::parse_request`, then the JSON bodies the API accepts |
+//! | `wire_frame` | `vmbeam_vmm::migration::wire::read_frame` on a stream of migration frames (what `run --listen` reads from the network), then `parse_pages` |
 
 use vmbeam_abi::handover::{kind, GuestMsg, MsgError, MsgHeader, UartState, MAX_GUEST_RANGES};
 use vmbeam_abi::handover::{HANDOVER_VERSION, MAX_NESTED_VCPUS, MSG_MAGIC};
@@ -22,11 +22,11 @@ use vmbeam_abi::hypercall::*;
 use vmbeam_abi::layout::{self, EXTENT_SIZE};
 use vmbeam_abi::state::VcpuState;
 use vmbeam_abi::NAME_LEN;
-use vmbeam_vmm::api;
-use vmbeam_vmm::hypercall::{
+use vmbeam_vmm::control::api;
+use vmbeam_vmm::host::memory::RegionKind;
+use vmbeam_vmm::nesting::hypercall::{
     check_fill_args, check_map_args, check_name, console_len, nested_memory_region, ranges_overlap,
 };
-use vmbeam_vmm::memory::RegionKind;
 
 /// A harness: takes any bytes, panics only on a broken invariant.
 pub type Harness = fn(&[u8]);
@@ -40,10 +40,10 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("wire_frame", wire_frame),
 ];
 
-/// Most slots of a nested VM (as `vmbeam_vmm::nested::MAX_SLOTS`).
-const MAX_SLOTS: usize = vmbeam_vmm::nested::MAX_SLOTS;
-/// Highest nested guest-physical address (as `vmbeam_vmm::nested::MAX_L2_GPA`).
-const MAX_L2_GPA: u64 = vmbeam_vmm::nested::MAX_L2_GPA;
+/// Most slots of a nested VM (as `vmbeam_vmm::nesting::nested::MAX_SLOTS`).
+const MAX_SLOTS: usize = vmbeam_vmm::nesting::nested::MAX_SLOTS;
+/// Highest nested guest-physical address (as `vmbeam_vmm::nesting::nested::MAX_L2_GPA`).
+const MAX_L2_GPA: u64 = vmbeam_vmm::nesting::nested::MAX_L2_GPA;
 
 /// `T` from the start of `data`, zero-padded if `data` is short.
 fn decode_padded<T: vmbeam_abi::Pod>(data: &[u8]) -> T {
@@ -530,7 +530,7 @@ pub fn api_request(data: &[u8]) {
 
 /// Target `wire_frame`: a TCP migration stream as the receiver reads it.
 pub fn wire_frame(data: &[u8]) {
-    use vmbeam_vmm::wire::{self, Kind};
+    use vmbeam_vmm::migration::wire::{self, Kind};
     let mut r = data;
     for _ in 0..64 {
         let before = r.len();
@@ -748,10 +748,10 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let wf = "wire_frame";
     let frame = |kind, payload: &[u8]| {
         let mut v = Vec::new();
-        vmbeam_vmm::wire::write_frame(&mut v, kind, payload).unwrap();
+        vmbeam_vmm::migration::wire::write_frame(&mut v, kind, payload).unwrap();
         v
     };
-    use vmbeam_vmm::wire::{pages_payload, Kind};
+    use vmbeam_vmm::migration::wire::{pages_payload, Kind};
     let hello = br#"{"line":"hv0","generation":1,"ram":33554432,"pool":67108864,"vcpus":1}"#;
     let mut stream = frame(Kind::Hello, hello);
     stream.extend(frame(Kind::Pages, &pages_payload(1, 4096, &[0x5a; 64])));

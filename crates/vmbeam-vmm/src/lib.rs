@@ -4,31 +4,16 @@
 //! hypervisor without copying their memory.
 //!
 //! Data path, top-down: [`vmm::Vmm`] (lines of host VMs, control) →
-//! [`hostvm::HostVm`] (a KVM VM, its vCPU loop) → [`hypercall`] (the ops L1
-//! asks for) → [`nested`] (KVM VMs backing nested guests) and
-//! [`handover`]/[`rejuvenate`] (moving guests between guest hypervisors).
+//! [`host::hostvm::HostVm`] (a KVM VM, its vCPU loop) → [`nesting::hypercall`] (the ops L1
+//! asks for) → [`nesting::nested`] (KVM VMs backing nested guests) and
+//! [`migration::handover`]/[`migration::rejuvenate`] (moving guests between guest hypervisors).
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-pub mod api;
-pub mod arch;
 pub mod config;
-pub mod console;
-pub mod copy;
-pub mod events;
-pub mod handover;
-pub mod hostvm;
-pub mod hypercall;
-pub mod images;
-pub mod inspect;
-pub mod kick;
-pub mod loader;
-pub mod memory;
-pub mod nested;
-pub mod policy;
-pub mod rejuvenate;
-pub mod remote;
-pub mod rescue;
+pub mod control;
+pub mod host;
+pub mod migration;
+pub mod nesting;
 pub mod shared;
 pub mod vmm;
-pub mod wire;

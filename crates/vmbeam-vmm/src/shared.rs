@@ -9,9 +9,9 @@ use std::time::Duration;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 
-use crate::console::{ConsoleError, ConsoleHub, ConsoleTarget};
-use crate::hostvm::HostVm;
-use crate::nested::{GuestRecord, RecordInfo};
+use crate::host::console::{ConsoleError, ConsoleHub, ConsoleTarget};
+use crate::host::hostvm::HostVm;
+use crate::nesting::nested::{GuestRecord, RecordInfo};
 
 /// Why L0 cannot use KVM.
 #[derive(Debug, thiserror::Error)]

@@ -12,15 +12,15 @@ use std::time::{Duration, Instant};
 use vmbeam_abi::boot::{NestedSpec, ROLE_PRIMARY};
 
 use crate::config::{ConfigError, VmmConfig};
-use crate::console::ConsoleTarget;
-use crate::events::{unix_ms, EventLog};
-use crate::hostvm::{HostVm, HostVmError, HostVmSpec, VmStatus};
-use crate::images::Images;
-use crate::inspect::{self, InspectError, Inspection, Registers};
-use crate::memory::MemFile;
-use crate::nested::NestedVm;
-use crate::policy::Trigger;
-use crate::rejuvenate::{self, RejuvenateError, RejuvenateOptions, Report};
+use crate::control::events::{unix_ms, EventLog};
+use crate::control::inspect::{self, InspectError, Inspection, Registers};
+use crate::control::policy::Trigger;
+use crate::host::console::ConsoleTarget;
+use crate::host::hostvm::{HostVm, HostVmError, HostVmSpec, VmStatus};
+use crate::host::images::Images;
+use crate::host::memory::MemFile;
+use crate::migration::rejuvenate::{self, RejuvenateError, RejuvenateOptions, Report};
+use crate::nesting::nested::NestedVm;
 use crate::shared::{KvmError, Shared};
 
 /// Errors of VMM operations.
@@ -47,7 +47,7 @@ pub enum VmmError {
     Busy,
     /// Host-to-host migration failed; the source keeps running.
     #[error(transparent)]
-    Remote(#[from] crate::remote::RemoteError),
+    Remote(#[from] crate::migration::remote::RemoteError),
     /// Rejuvenation failed (rolled back).
     #[error(transparent)]
     Rejuvenate(#[from] RejuvenateError),
@@ -418,7 +418,7 @@ impl Vmm {
         let _guard = self.busy.try_lock().map_err(|_| VmmError::Busy)?;
         let line = self.line(name)?;
         let vm = line.current.lock().unwrap().clone();
-        let report = crate::remote::migrate_out(&vm, to, budget)?;
+        let report = crate::migration::remote::migrate_out(&vm, to, budget)?;
         self.lines
             .lock()
             .unwrap()

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use vmbeam_vmm::config::{parse_size, ConfigError, VmmConfig, Workload};
-use vmbeam_vmm::inspect::{parse_number, InspectError};
-use vmbeam_vmm::policy::{parse_duration, Condition, PolicyError};
-use vmbeam_vmm::rejuvenate::Mode;
+use vmbeam_vmm::control::inspect::{parse_number, InspectError};
+use vmbeam_vmm::control::policy::{parse_duration, Condition, PolicyError};
+use vmbeam_vmm::migration::rejuvenate::Mode;
 
 /// Default API socket path.
 pub fn default_socket() -> PathBuf {
@@ -233,7 +233,7 @@ impl InspectArgs {
             Some([g, l]) => (*g, *l),
             _ => (0, 0),
         };
-        vmbeam_vmm::inspect::check_range(gpa, len)?;
+        vmbeam_vmm::control::inspect::check_range(gpa, len)?;
         Ok((gpa, len))
     }
 }

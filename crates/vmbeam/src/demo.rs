@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vmbeam_vmm::inspect::Inspection;
-use vmbeam_vmm::rejuvenate::{RejuvenateOptions, Report};
+use vmbeam_vmm::control::inspect::Inspection;
+use vmbeam_vmm::migration::rejuvenate::{RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::{Status, Vmm};
 
 use crate::cli::DemoArgs;
@@ -289,7 +289,7 @@ pub fn demo(args: &DemoArgs) -> Result<bool, RunError> {
             .guests
             .iter()
             .all(|g| g.running_after && g.checksum_before == g.checksum_after);
-        ok &= r.bytes_copied == 0 || args.mode != vmbeam_vmm::rejuvenate::Mode::ZeroCopy;
+        ok &= r.bytes_copied == 0 || args.mode != vmbeam_vmm::migration::rejuvenate::Mode::ZeroCopy;
         if !args.json {
             println!();
             print_report(&r);

@@ -5,8 +5,8 @@ pub mod cli;
 pub mod demo;
 pub mod run;
 
-use vmbeam_vmm::images::Images;
-use vmbeam_vmm::loader::LoaderError;
+use vmbeam_vmm::host::images::Images;
+use vmbeam_vmm::host::loader::LoaderError;
 
 /// The bundled guest hypervisor (L1) ELF.
 pub const HYPERVISOR_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hypervisor.elf"));

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmbeam::cli::{Cli, Command};
-use vmbeam_vmm::api;
-use vmbeam_vmm::inspect::Inspection;
-use vmbeam_vmm::rejuvenate::Report;
+use vmbeam_vmm::control::api;
+use vmbeam_vmm::control::inspect::Inspection;
+use vmbeam_vmm::migration::rejuvenate::Report;
 use vmbeam_vmm::vmm::Status;
 
 fn api_call(

@@ -12,11 +12,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use vmbeam_vmm::api::ApiServer;
-use vmbeam_vmm::events::{EventLog, EventsError};
-use vmbeam_vmm::hostvm::{HostVm, VmStatus};
-use vmbeam_vmm::policy::{Backoff, Observation, Policy, PolicyError, PoolHealth, Trigger};
-use vmbeam_vmm::rejuvenate::RejuvenateOptions;
+use vmbeam_vmm::control::api::ApiServer;
+use vmbeam_vmm::control::events::{EventLog, EventsError};
+use vmbeam_vmm::control::policy::{Backoff, Observation, Policy, PolicyError, PoolHealth, Trigger};
+use vmbeam_vmm::host::hostvm::{HostVm, VmStatus};
+use vmbeam_vmm::migration::rejuvenate::RejuvenateOptions;
 use vmbeam_vmm::vmm::Vmm;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,7 +30,7 @@ pub enum RunError {
     Vmm(#[from] vmbeam_vmm::vmm::VmmError),
     /// The API socket failed.
     #[error(transparent)]
-    Api(#[from] vmbeam_vmm::api::ApiError),
+    Api(#[from] vmbeam_vmm::control::api::ApiError),
     /// The guest hypervisor image could not be read or checked.
     #[error("{0}")]
     Image(String),
@@ -293,7 +293,9 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
                         .peer_addr()
                         .map(|a| a.to_string())
                         .unwrap_or_default();
-                    match vmbeam_vmm::remote::receive(&v.shared, stream, &|n| v.has_line(n)) {
+                    match vmbeam_vmm::migration::remote::receive(&v.shared, stream, &|n| {
+                        v.has_line(n)
+                    }) {
                         Ok(vm) => {
                             eprintln!(
                                 "vmbeam: host VM {} arrived from {peer} and runs here now",

@@ -7,7 +7,7 @@ use kvm_ioctls::VcpuFd;
 use vmbeam_abi::layout::{GDT_ADDR, IDENTITY_MAP_GIB, PDPT_ADDR, PD_BASE, PML4_ADDR};
 use vmbeam_abi::state::{DTable, Regs, Segment, Sregs, VcpuState, GDT_ENTRIES};
 
-use crate::memory::GuestRam;
+use crate::host::memory::GuestRam;
 
 /// IA32_TSC.
 const MSR_IA32_TSC: u32 = 0x10;

@@ -19,10 +19,10 @@ use vmbeam_abi::checksum;
 use vmbeam_abi::hypercall::{exit, NestedExit, Status};
 use vmbeam_abi::state::VcpuState;
 
-use crate::arch;
-use crate::console::Console;
-use crate::kick::SliceTimer;
-use crate::memory::MemFile;
+use crate::host::arch;
+use crate::host::console::Console;
+use crate::host::kick::SliceTimer;
+use crate::host::memory::MemFile;
 
 /// Most memory slots per nested VM.
 pub const MAX_SLOTS: usize = vmbeam_abi::handover::MAX_GUEST_RANGES;

@@ -15,12 +15,12 @@ use vmbeam_abi::handover::{MailboxHeader, MAILBOX_TO_AGED, MAILBOX_TO_SUCCESSOR}
 use vmbeam_abi::hypercall::{GrantRange, HypercallPage, Status, MAX_GRANT_RANGES};
 use vmbeam_abi::layout;
 
-use crate::copy::{GuestCopy, SlotCopy};
-use crate::hostvm::HostVm;
-use crate::hypercall::{HcOutcome, HcResult};
-use crate::memory::{MemFile, Region, RegionKind};
-use crate::nested::{GuestRecord, NestedState, NestedVm};
-use crate::rejuvenate::Mode;
+use crate::host::hostvm::HostVm;
+use crate::host::memory::{MemFile, Region, RegionKind};
+use crate::migration::copy::{GuestCopy, SlotCopy};
+use crate::migration::rejuvenate::Mode;
+use crate::nesting::hypercall::{HcOutcome, HcResult};
+use crate::nesting::nested::{GuestRecord, NestedState, NestedVm};
 
 /// Phase of a handover session.
 #[derive(Debug, Clone, PartialEq, Eq)]

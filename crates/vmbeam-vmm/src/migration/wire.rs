@@ -22,7 +22,7 @@ pub const CHUNK: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
 pub enum Kind {
-    /// Sender → receiver: what is coming (JSON [`crate::remote::Hello`]).
+    /// Sender → receiver: what is coming (JSON [`crate::migration::remote::Hello`]).
     Hello = 1,
     /// Sender → receiver: pages of one region (binary).
     Pages = 2,

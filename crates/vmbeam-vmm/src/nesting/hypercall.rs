@@ -12,11 +12,11 @@ use std::time::Duration;
 use vmbeam_abi::hypercall::*;
 use vmbeam_abi::layout::{self, EXTENT_SIZE};
 
-use crate::handover;
-use crate::hostvm::HostVm;
-use crate::kick::SliceTimer;
-use crate::memory::RegionKind;
-use crate::nested::{NestedSlot, NestedVm};
+use crate::host::hostvm::HostVm;
+use crate::host::kick::SliceTimer;
+use crate::host::memory::RegionKind;
+use crate::migration::handover;
+use crate::nesting::nested::{NestedSlot, NestedVm};
 
 /// What the vCPU loop does after a hypercall.
 #[derive(Debug, PartialEq, Eq)]

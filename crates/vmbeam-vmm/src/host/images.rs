@@ -1,7 +1,7 @@
 //! The guest images a VMM runs: the guest hypervisor ELF and the nested
 //! workloads, flattened once at start-up so every host VM gets them cheaply.
 
-use crate::loader::{self, FlatImage, LoaderError};
+use crate::host::loader::{self, FlatImage, LoaderError};
 use vmbeam_abi::boot::workload;
 use vmbeam_abi::l2;
 

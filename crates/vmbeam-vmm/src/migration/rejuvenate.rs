@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use vmbeam_abi::boot::{control, fault, ROLE_SUCCESSOR};
 
-use crate::handover::{self, Phase, Session};
-use crate::hostvm::{HostVm, VmStatus};
-use crate::loader::FlatImage;
-use crate::nested::NestedState;
+use crate::host::hostvm::{HostVm, VmStatus};
+use crate::host::loader::FlatImage;
+use crate::migration::handover::{self, Phase, Session};
+use crate::nesting::nested::NestedState;
 use crate::shared::Shared;
 
 /// How nested memory moves.
@@ -173,7 +173,7 @@ pub struct Report {
     /// Per guest.
     pub guests: Vec<GuestReport>,
     /// Pre-copy rounds (precopy mode only).
-    pub precopy: Option<crate::copy::PrecopyStats>,
+    pub precopy: Option<crate::migration::copy::PrecopyStats>,
     /// Guests L0 offered itself because the aged guest hypervisor died
     /// mid-handover (absent when it did not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -326,7 +326,7 @@ pub fn rejuvenate(
     let mut precopy = None;
     if opts.mode == Mode::Precopy {
         let vms: Vec<_> = aged.nested.lock().unwrap().vms.values().cloned().collect();
-        match crate::copy::precopy_live(&vms, opts.downtime_budget) {
+        match crate::migration::copy::precopy_live(&vms, opts.downtime_budget) {
             Ok((copies, stats)) => {
                 session.st.lock().unwrap().bytes_copied += stats.live_bytes;
                 *session.precopied.lock().unwrap() = copies;
@@ -363,7 +363,7 @@ pub fn rejuvenate(
         // The aged L1 died: its guests cannot go back to it, so L0 finishes
         // the handover itself (the successor is alive and ready).
         Err(_) if aged_dead().is_some() && succ_dead().is_none() => {
-            match crate::rescue::rescue(&session, &succ) {
+            match crate::migration::rescue::rescue(&session, &succ) {
                 Ok(n) => rescued = Some(n),
                 Err(m) => {
                     return Err(RejuvenateError::Rescue {

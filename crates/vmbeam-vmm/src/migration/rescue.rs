@@ -22,9 +22,9 @@ use vmbeam_abi::hypercall::GrantRange;
 use vmbeam_abi::layout::CHANNEL_BASE;
 use vmbeam_abi::state::VcpuState;
 
-use crate::handover::{grant_guest, Phase, Session};
-use crate::hostvm::HostVm;
-use crate::nested::NestedState;
+use crate::host::hostvm::HostVm;
+use crate::migration::handover::{grant_guest, Phase, Session};
+use crate::nesting::nested::NestedState;
 
 /// How long L0 waits for each answer of the successor.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,7 +65,7 @@ fn reply(aged: &HostVm, succ: &HostVm, seen: u32) -> Result<MsgHeader, String> {
         if h.seq != seen {
             return Ok(m);
         }
-        if !matches!(succ.status(), crate::hostvm::VmStatus::Running) {
+        if !matches!(succ.status(), crate::host::hostvm::VmStatus::Running) {
             return Err("the successor stopped".into());
         }
         if Instant::now() >= deadline {
@@ -111,7 +111,7 @@ pub fn rescue(s: &Arc<Session>, succ: &Arc<HostVm>) -> Result<usize, String> {
         next = out.index + 1;
     }
     // Offer every live guest the successor has not adopted yet.
-    let adopted = |rec: &Arc<crate::nested::GuestRecord>| {
+    let adopted = |rec: &Arc<crate::nesting::nested::GuestRecord>| {
         succ.nested.lock().unwrap().vms.values().any(|n| {
             n.lock()
                 .unwrap()
@@ -201,7 +201,7 @@ pub fn rescue(s: &Arc<Session>, succ: &Arc<HostVm>) -> Result<usize, String> {
     // The successor adopts while it answers; give it a moment to finish the
     // last one, then check exactly what HANDOVER_DONE would have checked.
     let deadline = Instant::now() + REPLY_TIMEOUT;
-    while !crate::handover::everyone_adopted(s, aged, succ) {
+    while !crate::migration::handover::everyone_adopted(s, aged, succ) {
         if Instant::now() >= deadline {
             return Err("the successor did not adopt every guest".into());
         }

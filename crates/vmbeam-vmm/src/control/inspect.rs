@@ -5,7 +5,7 @@
 //! the bytes asked for and the guest is not paused: the reader only takes
 //! the nested VM's lock, which the L1 vCPU thread holds for at most one
 //! RUN time slice. Registers come from a read-only query
-//! ([`crate::nested::NestedVm::peek_regs`]) that never completes a pending
+//! ([`crate::nesting::nested::NestedVm::peek_regs`]) that never completes a pending
 //! exit; while one is pending, [`crate::vmm::Vmm::inspect`] looks again at
 //! the guest's next stops for a short while and then answers "busy".
 //! Everything here is read-only, and one request reads at most

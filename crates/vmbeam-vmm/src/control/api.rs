@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vmbeam_abi::boot::fault;
 
-use crate::rejuvenate::{Mode, RejuvenateOptions};
+use crate::migration::rejuvenate::{Mode, RejuvenateOptions};
 use crate::vmm::{Vmm, VmmError};
 
 /// Errors of the API server and client.
@@ -104,14 +104,14 @@ pub struct InspectRequest {
     pub guest: String,
     /// Nested guest-physical start: an integer or a string (`"0x1000"`).
     #[serde(default = "zero")]
-    pub gpa: crate::inspect::Number,
+    pub gpa: crate::control::inspect::Number,
     /// Bytes to read (at most 64 KiB); 0 reads only the registers.
     #[serde(default = "zero")]
-    pub len: crate::inspect::Number,
+    pub len: crate::control::inspect::Number,
 }
 
-fn zero() -> crate::inspect::Number {
-    crate::inspect::Number::Int(0)
+fn zero() -> crate::control::inspect::Number {
+    crate::control::inspect::Number::Int(0)
 }
 
 /// Parses a fault name.
@@ -341,7 +341,7 @@ fn error_code(e: &VmmError) -> u16 {
     match e {
         VmmError::NoSuchVm(_) | VmmError::NoSuchGuest(_) => 404,
         VmmError::Busy => 409,
-        VmmError::Remote(crate::remote::RemoteError::Address(_)) => 400,
+        VmmError::Remote(crate::migration::remote::RemoteError::Address(_)) => 400,
         VmmError::Inspect { .. } | VmmError::InspectRequest(_) => 400,
         _ => 500,
     }

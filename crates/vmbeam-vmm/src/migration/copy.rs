@@ -18,8 +18,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::memory::MemFile;
-use crate::nested::{NestedSlot, NestedVm};
+use crate::host::memory::MemFile;
+use crate::nesting::nested::{NestedSlot, NestedVm};
 
 /// Errors of copy-based migration.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +30,7 @@ pub enum CopyError {
         /// Guest.
         guest: String,
         /// Cause.
-        source: crate::memory::MemoryError,
+        source: crate::host::memory::MemoryError,
     },
     /// KVM dirty logging failed.
     #[error("dirty logging failed for {guest}: {status:?}")]
@@ -63,8 +63,15 @@ impl SlotCopy {
             source,
         };
         let dst = MemFile::new(&format!("{guest}-copy"), src.len).map_err(err)?;
-        let r = crate::memory::Region::map(&dst, 0, src.len, 0, crate::memory::RegionKind::Pool, 0)
-            .map_err(err)?;
+        let r = crate::host::memory::Region::map(
+            &dst,
+            0,
+            src.len,
+            0,
+            crate::host::memory::RegionKind::Pool,
+            0,
+        )
+        .map_err(err)?;
         Ok(SlotCopy {
             src: src.clone(),
             dst,
@@ -180,7 +187,7 @@ pub fn precopy_live(
     for v in vms {
         let (name, slots) = {
             let mut n = v.lock().unwrap();
-            if n.record.is_none() || n.state == crate::nested::NestedState::Crashed {
+            if n.record.is_none() || n.state == crate::nesting::nested::NestedState::Crashed {
                 continue;
             }
             n.set_dirty_logging(true)

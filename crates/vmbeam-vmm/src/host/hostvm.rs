@@ -16,14 +16,14 @@ use vm_superio::Serial;
 use vmbeam_abi::boot::{BootInfo, Module, NestedSpec, CONTROL_OFFSET};
 use vmbeam_abi::layout;
 
-use crate::arch;
-use crate::console::{Console, LineWriter};
-use crate::handover::Session;
-use crate::hypercall::{self, HcOutcome};
-use crate::kick::{self, SliceTimer};
-use crate::loader::{self, FlatImage};
-use crate::memory::{GuestRam, MemFile, Region, RegionKind};
-use crate::nested::NestedVm;
+use crate::host::arch;
+use crate::host::console::{Console, LineWriter};
+use crate::host::kick::{self, SliceTimer};
+use crate::host::loader::{self, FlatImage};
+use crate::host::memory::{GuestRam, MemFile, Region, RegionKind};
+use crate::migration::handover::Session;
+use crate::nesting::hypercall::{self, HcOutcome};
+use crate::nesting::nested::NestedVm;
 use crate::shared::Shared;
 
 /// Errors of building or running a host VM.
@@ -45,7 +45,7 @@ pub enum HostVmError {
         /// VM name.
         vm: String,
         /// Cause.
-        source: crate::memory::MemoryError,
+        source: crate::host::memory::MemoryError,
     },
     /// The guest hypervisor image could not be loaded.
     #[error("host VM {vm}: {source}")]

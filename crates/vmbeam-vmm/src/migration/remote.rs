@@ -19,14 +19,14 @@ use std::time::{Duration, Instant};
 use vmbeam_abi::layout;
 use vmbeam_abi::state::VcpuState;
 
-use crate::arch;
-use crate::copy::{dirty_page_numbers, dirty_pages, PrecopyStats, PAGE};
-use crate::hostvm::{HostVm, HostVmSpec, VmStatus};
-use crate::memory::{GuestRam, MemFile, Region, RegionKind};
-use crate::nested::{NestedSlot, NestedState, NestedVm};
-use crate::rejuvenate::{cpu_ms, rss_bytes, GuestReport, Report};
+use crate::host::arch;
+use crate::host::hostvm::{HostVm, HostVmSpec, VmStatus};
+use crate::host::memory::{GuestRam, MemFile, Region, RegionKind};
+use crate::migration::copy::{dirty_page_numbers, dirty_pages, PrecopyStats, PAGE};
+use crate::migration::rejuvenate::{cpu_ms, rss_bytes, GuestReport, Report};
+use crate::migration::wire::{self, Kind, WireError};
+use crate::nesting::nested::{NestedSlot, NestedState, NestedVm};
 use crate::shared::Shared;
-use crate::wire::{self, Kind, WireError};
 
 /// Errors of host-to-host migration.
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +151,7 @@ fn set_l1_logging(vm: &HostVm, on: bool) {
     };
     for r in vm.mem.read().unwrap().regions.iter() {
         // Same slot and live mapping as installed; only the flags change.
-        let _ = crate::hostvm::set_slot_flags(&vm.vm, r, flags);
+        let _ = crate::host::hostvm::set_slot_flags(&vm.vm, r, flags);
     }
 }
 
@@ -353,7 +353,7 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
             let pending = d.count();
             let est = Duration::from_secs_f64(pending as f64 * PAGE as f64 / bps.max(1.0));
             stats.rounds += 1;
-            if est <= budget || stats.rounds >= crate::copy::MAX_ROUNDS {
+            if est <= budget || stats.rounds >= crate::migration::copy::MAX_ROUNDS {
                 stats.live_bytes += send_dirty(&mut w, &regions, &d)?;
                 stats.remaining_pages = pending;
                 stats.converged = est <= budget;
@@ -782,7 +782,8 @@ fn build(
     let _ = vm.set_tss_address(0xfffb_d000);
     for r in &regions {
         // The mappings live in `regions`, which the host VM keeps.
-        crate::hostvm::set_slot_flags(&vm, r, 0).map_err(|e| local(format!("memory slot: {e}")))?;
+        crate::host::hostvm::set_slot_flags(&vm, r, 0)
+            .map_err(|e| local(format!("memory slot: {e}")))?;
     }
     let mut fds = Vec::new();
     for (i, b) in st.l1_vcpus.iter().enumerate() {
@@ -831,7 +832,7 @@ fn build(
             )));
         }
         if d.name.len() > vmbeam_abi::NAME_LEN
-            || crate::hypercall::check_name(&vmbeam_abi::name_to_bytes(&d.name))
+            || crate::nesting::hypercall::check_name(&vmbeam_abi::name_to_bytes(&d.name))
                 != Ok(d.name.as_str())
         {
             return Err(RemoteError::Invalid(format!(

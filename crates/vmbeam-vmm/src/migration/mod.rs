@@ -1,0 +1,10 @@
+//! Moving nested guests: the zero-copy handover between two guest
+//! hypervisors on one host, its orchestration and rescue, copy and pre-copy
+//! modes, and host-to-host migration over TCP.
+
+pub mod copy;
+pub mod handover;
+pub mod rejuvenate;
+pub mod remote;
+pub mod rescue;
+pub mod wire;

@@ -16,4 +16,5 @@ pub mod host;
 pub mod migration;
 pub mod nesting;
 pub mod shared;
+pub mod sync;
 pub mod vmm;

@@ -251,7 +251,11 @@ impl RankedCondvar {
 
     /// Releases `guard`'s lock, waits up to `dur` for a notification, and
     /// takes the lock again.
-    pub fn wait_timeout<'a, T>(&self, guard: RankedGuard<'a, T>, dur: Duration) -> WaitResult<'a, T> {
+    pub fn wait_timeout<'a, T>(
+        &self,
+        guard: RankedGuard<'a, T>,
+        dur: Duration,
+    ) -> WaitResult<'a, T> {
         self.wait_with(guard, |cv, g| cv.wait_timeout(g, dur))
     }
 
@@ -331,11 +335,11 @@ mod tests {
         })
         .join();
         let msg = r.unwrap_err();
-        let msg = msg
-            .downcast_ref::<String>()
-            .cloned()
-            .unwrap_or_default();
-        assert!(msg.contains("NestedTable") && msg.contains("SessionState"), "{msg}");
+        let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            msg.contains("NestedTable") && msg.contains("SessionState"),
+            "{msg}"
+        );
     }
 
     #[test]

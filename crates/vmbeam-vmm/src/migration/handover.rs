@@ -108,15 +108,18 @@ impl Session {
             verify,
             mode,
             precopied: RankedMutex::new(Rank::SessionCopies, Vec::new()),
-            st: RankedMutex::new(Rank::SessionState, SessionState {
-                phase: Phase::Booting,
-                grants: Vec::new(),
-                next_grant_gpa: layout::GRANT_BASE,
-                channel_bytes: 0,
-                bytes_copied: 0,
-                verify_time: Duration::ZERO,
-                asked_at: None,
-            }),
+            st: RankedMutex::new(
+                Rank::SessionState,
+                SessionState {
+                    phase: Phase::Booting,
+                    grants: Vec::new(),
+                    next_grant_gpa: layout::GRANT_BASE,
+                    channel_bytes: 0,
+                    bytes_copied: 0,
+                    verify_time: Duration::ZERO,
+                    asked_at: None,
+                },
+            ),
             cv: RankedCondvar::new(),
         })
     }
@@ -492,14 +495,13 @@ pub fn everyone_adopted(s: &Session, vm: &HostVm, succ: &HostVm) -> bool {
         }
     }
     // The grants are read first: the session state ranks after the tables.
-    let grants: Vec<(Arc<GuestRecord>, u64)> = s
-        .st
-        .lock()
-        .unwrap()
-        .grants
-        .iter()
-        .map(|g| (g.record.clone(), g.mem_bytes))
-        .collect();
+    let grants: Vec<(Arc<GuestRecord>, u64)> =
+        s.st.lock()
+            .unwrap()
+            .grants
+            .iter()
+            .map(|g| (g.record.clone(), g.mem_bytes))
+            .collect();
     let succ_table = succ.nested.lock().unwrap();
     grants.iter().all(|(record, mem_bytes)| {
         succ_table.vms.values().any(|n| {

@@ -890,9 +890,13 @@ fn build(
         }
         n.record = Some(rec);
         table.next_handle = table.next_handle.max(d.handle);
-        table
-            .vms
-            .insert(d.handle, Arc::new(crate::sync::RankedMutex::new(crate::sync::Rank::NestedVm, n)));
+        table.vms.insert(
+            d.handle,
+            Arc::new(crate::sync::RankedMutex::new(
+                crate::sync::Rank::NestedVm,
+                n,
+            )),
+        );
     }
     drop(table);
     Ok((hv, fds))

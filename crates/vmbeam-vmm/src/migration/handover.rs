@@ -14,7 +14,7 @@
 //! lets go of it, and only then locks nested VMs (or the other way round).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmbeam_abi::handover::{MailboxHeader, MAILBOX_TO_AGED, MAILBOX_TO_SUCCESSOR};
@@ -28,6 +28,7 @@ pub use crate::migration::handover_state::{GuestMove, Handover, Phase, SuccSide}
 use crate::migration::rejuvenate::Mode;
 use crate::nesting::hypercall::{HcOutcome, HcResult};
 use crate::nesting::nested::{NestedState, NestedVm};
+use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
 /// How long after the handover's deadline an aged L1 waiting inside
 /// HANDOVER_DONE gives up on L0's decision (L0 decides well before).
@@ -38,7 +39,7 @@ pub struct Session {
     /// The VM whose guests move.
     pub aged: Arc<HostVm>,
     /// The successor, once built.
-    pub successor: Mutex<Option<Arc<HostVm>>>,
+    pub successor: RankedMutex<Option<Arc<HostVm>>>,
     /// The shared-page channel.
     pub channel: Arc<MemFile>,
     /// Whether to hash guests before and after.
@@ -46,11 +47,11 @@ pub struct Session {
     /// How memory moves.
     pub mode: Mode,
     /// Pre-copied destinations, by guest (precopy mode). A leaf lock.
-    pub precopied: Mutex<Vec<GuestCopy>>,
+    pub precopied: RankedMutex<Vec<GuestCopy>>,
     /// The state machine. A leaf lock: only [`Session::with`] takes it.
-    st: Mutex<Handover>,
+    st: RankedMutex<Handover>,
     /// Signalled on every phase change.
-    cv: Condvar,
+    cv: RankedCondvar,
 }
 
 impl Session {
@@ -64,13 +65,13 @@ impl Session {
     ) -> Arc<Session> {
         Arc::new(Session {
             aged,
-            successor: Mutex::new(None),
+            successor: RankedMutex::new(Rank::SessionSuccessor, None),
             channel,
             verify,
             mode,
-            precopied: Mutex::new(Vec::new()),
-            st: Mutex::new(Handover::new(deadline)),
-            cv: Condvar::new(),
+            precopied: RankedMutex::new(Rank::SessionCopies, Vec::new()),
+            st: RankedMutex::new(Rank::SessionState, Handover::new(deadline)),
+            cv: RankedCondvar::new(),
         })
     }
 
@@ -305,7 +306,11 @@ pub(crate) fn grant_guest(
 
 /// Freezes nested VM `n` for a grant and takes what the grant needs, under
 /// the VM's own lock only.
-fn hold(s: &Session, n: &Arc<Mutex<NestedVm>>, asked: Option<Instant>) -> Result<Held, Status> {
+fn hold(
+    s: &Session,
+    n: &Arc<RankedMutex<NestedVm>>,
+    asked: Option<Instant>,
+) -> Result<Held, Status> {
     let mut n = n.lock().unwrap();
     let record = n.record.clone().ok_or(Status::BadState)?;
     if n.state == NestedState::Crashed || n.frozen {
@@ -393,7 +398,7 @@ fn hold(s: &Session, n: &Arc<Mutex<NestedVm>>, asked: Option<Instant>) -> Result
 pub fn bind_granted(
     vm: &HostVm,
     handle: u32,
-    n: &Arc<Mutex<NestedVm>>,
+    n: &Arc<RankedMutex<NestedVm>>,
     guest: &str,
 ) -> Result<(), Status> {
     let s = successor_session(vm).ok_or(Status::NotPermitted)?;
@@ -440,7 +445,7 @@ pub fn bind_granted(
 /// the aged guest hypervisor's nested VM itself (KVM VM, vCPUs, slots)
 /// moves to the successor's table under `handle` instead of a new one being
 /// built. The VM stays frozen.
-pub fn try_adopt(vm: &HostVm, name: &str, handle: u32) -> Option<Arc<Mutex<NestedVm>>> {
+pub fn try_adopt(vm: &HostVm, name: &str, handle: u32) -> Option<Arc<RankedMutex<NestedVm>>> {
     let s = successor_session(vm)?;
     if s.mode != Mode::ZeroCopy {
         return None;
@@ -494,7 +499,7 @@ pub fn is_adoption(vm: &HostVm, handle: u32) -> bool {
 pub fn confirm_slot(
     vm: &HostVm,
     handle: u32,
-    n: &Arc<Mutex<NestedVm>>,
+    n: &Arc<RankedMutex<NestedVm>>,
     backing: &(RegionKind, Arc<MemFile>, u64),
     range: (u64, u64, u64),
 ) -> Result<(), Status> {

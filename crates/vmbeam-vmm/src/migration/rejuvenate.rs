@@ -265,7 +265,7 @@ enum Failure {
 /// What revocation leaves for the commit: things to drop off the critical
 /// path, and the memory it gave back.
 struct Revoked {
-    nested: Vec<Arc<std::sync::Mutex<NestedVm>>>,
+    nested: Vec<Arc<crate::sync::RankedMutex<NestedVm>>>,
     regions: Vec<Region>,
     released: u64,
 }

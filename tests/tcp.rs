@@ -109,7 +109,7 @@ fn a_host_vm_moves_to_another_vmm_over_tcp() {
         !console(&ddir, "l2-0").contains("start mem"),
         "the guest was not restarted"
     );
-    assert!(!console(&ddir, "l2-0").contains("bad=1"));
+    assert_memtouch_clean(&ddir, "l2-0", "on the destination");
     wait_taken_over(&dst);
     let st = dst.status();
     assert_eq!(st.host_vms.len(), 1);

@@ -20,10 +20,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::procfs::{self, Backing};
+use common::moves;
+use common::procfs;
 use common::*;
 use vmbeam_vmm::config::{VmmConfig, Workload};
-use vmbeam_vmm::host::hostvm::HostVm;
 use vmbeam_vmm::migration::rejuvenate::RejuvenateOptions;
 
 const GUESTS: u32 = 2;
@@ -34,98 +34,6 @@ const GUEST_MEM: u64 = 64 << 20;
 /// image, page tables, stacks; a few MiB) and the new vCPU threads. A copy
 /// of the guests would add `GUESTS * GUEST_MEM` (128 MiB), 8 times this.
 const MARGIN: u64 = 16 << 20;
-
-/// One slot of a guest before the move: where it is in the guest and the
-/// memfd pages behind it.
-#[derive(Debug, Clone)]
-struct SlotBefore {
-    l2_gpa: u64,
-    backing: Backing,
-}
-
-/// Slots of each guest of `vm` (by name, ordered by nested address), each
-/// with the file range behind the nested VM's own mapping, checked to be
-/// the same as behind the host VM's mapping of the same L1 pages; and a
-/// checksum of each guest's memory read through the host VM's mapping.
-fn guests_before(vm: &HostVm) -> BTreeMap<String, (Vec<SlotBefore>, u64)> {
-    let mut out = BTreeMap::new();
-    for n in vm.nested.lock().unwrap().vms.values() {
-        let n = n.lock().unwrap();
-        let mut slots = n.slots.clone();
-        slots.sort_by_key(|s| s.l2_gpa);
-        let mut sum = vmbeam_abi::checksum::CHECKSUM_INIT;
-        let mut before = Vec::new();
-        for s in &slots {
-            let nested = procfs::backing(s.hva, s.len).unwrap();
-            let l1 = vm
-                .host_mapping(s.l1_gpa, s.len)
-                .expect("the slot's L1 pages are in one region of the host VM");
-            let host = procfs::backing(l1.host_addr, s.len).unwrap();
-            assert_eq!(
-                nested, host,
-                "{}: the nested VM and its host VM map different pages",
-                n.name
-            );
-            assert_eq!(procfs::fd_inode(l1.fd), host.inode);
-            sum = procfs::fold_bytes(sum, &procfs::read_mem(l1.host_addr, s.len).unwrap());
-            before.push(SlotBefore {
-                l2_gpa: s.l2_gpa,
-                backing: nested,
-            });
-        }
-        out.insert(n.name.clone(), (before, sum));
-    }
-    out
-}
-
-/// Checks that the grant mappings of `succ` for every guest are backed by
-/// exactly the memfd pages the guest had before, and that a checksum read
-/// through them equals the one taken before. Returns the inodes in use.
-fn check_grants(succ: &HostVm, before: &BTreeMap<String, (Vec<SlotBefore>, u64)>) -> Vec<u64> {
-    let grants = succ.grant_mappings();
-    let mut inodes = Vec::new();
-    for (name, (slots, sum_before)) in before {
-        let mine: Vec<_> = grants
-            .iter()
-            .filter(|g| g.guest.as_deref() == Some(name.as_str()))
-            .collect();
-        assert_eq!(
-            mine.len(),
-            slots.len(),
-            "{name}: one grant mapping per slot: {mine:?}"
-        );
-        // Match each grant mapping to the slot whose pages it maps; the
-        // checksum then runs in nested-address order, like the one before.
-        let mut by_l2 = Vec::new();
-        for g in &mine {
-            let b = procfs::backing(g.host_addr, g.len).unwrap();
-            assert_eq!(
-                procfs::fd_inode(g.fd),
-                b.inode,
-                "{name}: the mapping is not of the file L0 names"
-            );
-            let slot = slots.iter().find(|s| s.backing == b).unwrap_or_else(|| {
-                panic!(
-                    "{name}: the successor's mapping at {:#x} is backed by {b:?}, \
-                     which is none of the guest's pages before the move: {slots:?}",
-                    g.host_addr
-                )
-            });
-            inodes.push(b.inode);
-            by_l2.push((slot.l2_gpa, g.host_addr, g.len));
-        }
-        by_l2.sort();
-        let mut sum = vmbeam_abi::checksum::CHECKSUM_INIT;
-        for (_, addr, len) in by_l2 {
-            sum = procfs::fold_bytes(sum, &procfs::read_mem(addr, len).unwrap());
-        }
-        assert_eq!(
-            sum, *sum_before,
-            "{name}: memory read through the successor's mapping differs from before the move"
-        );
-    }
-    inodes
-}
 
 /// Names of the memfds in `after` that are not in `before`, sorted.
 fn new_memfds(
@@ -172,7 +80,7 @@ fn a_zero_copy_move_keeps_every_page_where_it_was() {
     let mut prev_memfds: Option<usize> = None;
     for generation in [2u32, 3] {
         let aged = vmm.current(None).unwrap();
-        let before = guests_before(&aged);
+        let before = moves::guest_pages(&aged, true);
         assert_eq!(before.len(), GUESTS as usize, "{before:?}");
         let fds_before = procfs::memfds();
         let rss_before = procfs::rss();
@@ -199,10 +107,10 @@ fn a_zero_copy_move_keeps_every_page_where_it_was() {
         );
 
         // Every page of every guest is where it was.
-        let inodes = check_grants(&succ, &before);
+        let kept = moves::check_same_pages(&succ, &before);
         // L0's own hash agrees with the one taken from outside.
         for g in &r.guests {
-            let (_, sum) = &before[&g.name];
+            let sum = before[&g.name].sum.unwrap();
             assert_eq!(g.checksum_before, Some(format!("{sum:016x}")), "{g:?}");
         }
         // No memfd was created for the guests: the only new files are the
@@ -216,9 +124,14 @@ fn a_zero_copy_move_keeps_every_page_where_it_was() {
             ],
             "memfds before {fds_before:?}\nafter {fds_after:?}"
         );
-        for ino in &inodes {
-            assert!(fds_before.contains_key(ino), "guest pages in a new file");
+        for k in &kept {
+            assert!(
+                fds_before.contains_key(&k.inode),
+                "guest pages in a new file"
+            );
         }
+        // The aged guest hypervisor's own pages were returned to the host.
+        moves::check_aged_released(&fds_before, "hv0", generation - 1, &kept);
         // Nothing the size of a guest was allocated, held or touched.
         assert!(
             allocated(&fds_after) <= allocated(&fds_before) + MARGIN,

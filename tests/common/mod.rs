@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 mod kvm;
+pub mod moves;
 pub mod procfs;
 pub use kvm::kvm_or_skip;
 

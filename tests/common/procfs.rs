@@ -181,3 +181,15 @@ pub fn peak_rss() -> u64 {
 pub fn reset_peak_rss() {
     std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
 }
+
+/// A `/proc/self/fd` path of the memfd with inode `inode`, if one is open.
+pub fn memfd_path(inode: u64) -> Option<std::path::PathBuf> {
+    std::fs::read_dir("/proc/self/fd")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            std::fs::read_link(p).is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:"))
+                && std::fs::metadata(p).is_ok_and(|m| m.ino() == inode)
+        })
+}

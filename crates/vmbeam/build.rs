@@ -26,7 +26,11 @@ fn sysroot() -> Option<PathBuf> {
 }
 
 fn has_target(sysroot: &Path) -> bool {
-    sysroot.join("lib/rustlib").join(GUEST_TARGET).join("lib").is_dir()
+    sysroot
+        .join("lib/rustlib")
+        .join(GUEST_TARGET)
+        .join("lib")
+        .is_dir()
 }
 
 /// Stops the build with one sentence on stderr (cargo shows it under the
@@ -43,6 +47,13 @@ fn ensure_guest_target() {
         // report what is wrong.
         return;
     };
+    // Cargo replays a build script's warnings while its output is cached; a
+    // change of the target's directory (the install below) reruns the
+    // script, which then finds the target and says nothing.
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("lib/rustlib").join(GUEST_TARGET).display()
+    );
     if has_target(&root) {
         return;
     }
@@ -141,7 +152,11 @@ fn main() {
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_PRIMARY_PACKAGE")
         .status()
-        .unwrap_or_else(|e| fail(format!("cargo could not be started to build the guests ({e})")));
+        .unwrap_or_else(|e| {
+            fail(format!(
+                "cargo could not be started to build the guests ({e})"
+            ))
+        });
     if !status.success() {
         fail(format!(
             "building the guests in {} for {GUEST_TARGET} failed (see the compiler's messages above)",

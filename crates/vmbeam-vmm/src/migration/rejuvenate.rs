@@ -221,6 +221,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Fault injection ([`fault::FLIP_BYTE_BEFORE_VERIFY`]): inverts one byte of
+/// the first granted guest, paused between its two checksums.
+fn flip_first_granted(moves: &[GuestMove], succ: &HostVm) {
+    let Some(m) = moves.first() else { return };
+    let n = m
+        .succ
+        .as_ref()
+        .and_then(|side| succ.nested_vm(side.handle as u64));
+    if let Some(n) = n {
+        let _ = n.lock().unwrap().flip_byte(fault::FLIP_BYTE_GPA);
+    }
+}
+
 /// Moves every nested guest of `aged` to a fresh guest hypervisor.
 /// On success returns the report and the successor. `events` receives one
 /// `handover` event per phase.
@@ -605,6 +618,9 @@ impl<'a> Rejuvenation<'a> {
             return Ok(());
         }
         let moves: Vec<GuestMove> = self.session.with(|h| h.moves.clone());
+        if self.opts.fault & fault::FLIP_BYTE_BEFORE_VERIFY != 0 {
+            flip_first_granted(&moves, self.succ());
+        }
         for m in &moves {
             let n = m
                 .succ

@@ -24,7 +24,9 @@ use vmbeam_abi::layout;
 use crate::host::hostvm::HostVm;
 use crate::host::memory::{MemFile, Region, RegionKind};
 use crate::migration::copy::{GuestCopy, SlotCopy};
-pub use crate::migration::handover_state::{GuestMove, Handover, Phase, SuccSide};
+pub use crate::migration::handover_state::{
+    Batch, BatchStep, GuestMove, Handover, Phase, SuccSide,
+};
 use crate::migration::rejuvenate::Mode;
 use crate::nesting::hypercall::{HcOutcome, HcResult};
 use crate::nesting::nested::{NestedState, NestedVm};
@@ -127,6 +129,12 @@ impl Session {
         }
     }
 
+    /// Waits up to `timeout` for any change of the handover state.
+    pub fn wait_change(&self, timeout: Duration) {
+        let g = self.st.lock().unwrap();
+        drop(self.cv.wait_timeout(g, timeout));
+    }
+
     /// True if `vm` is the aged side.
     pub fn is_aged(&self, vm: &HostVm) -> bool {
         self.aged.id == vm.id
@@ -223,10 +231,27 @@ pub(crate) fn grant_guest(
     succ: &HostVm,
     handle: u64,
 ) -> Result<Vec<GrantRange>, Status> {
+    grant_or_offer(s, vm, succ, handle, None)
+}
+
+/// [`grant_guest`], or with `offer = Some(live)` the batch handover's
+/// offer: the same mapping into the successor, but the guest keeps running
+/// (no freeze, no hash) and its move records where its live state is.
+pub(crate) fn grant_or_offer(
+    s: &Session,
+    vm: &HostVm,
+    succ: &HostVm,
+    handle: u64,
+    offer: Option<u64>,
+) -> Result<Vec<GrantRange>, Status> {
     let n = vm.nested_vm(handle).ok_or(Status::NoSuchHandle)?;
     let asked = s.with(|h| h.asked_at);
-    let held = hold(s, &n, asked)?;
-    let unhold = || n.lock().unwrap().frozen = false;
+    let held = hold(s, &n, asked, offer.is_none())?;
+    let unhold = || {
+        if offer.is_none() {
+            n.lock().unwrap().frozen = false;
+        }
+    };
     let total: u64 = held.lens.iter().map(|(_, len)| len).sum();
     let start = match s.with(|h| h.reserve_grant(total)) {
         Ok(a) => a,
@@ -278,6 +303,13 @@ pub(crate) fn grant_guest(
         checksum_before: held.checksum,
         paused_at: held.paused_at,
         succ: None,
+        batch: offer.map(|live| Batch {
+            vm: n.clone(),
+            live_aged: live,
+            live_succ: 0,
+            step: BatchStep::Offered,
+            moved_at: None,
+        }),
     };
     let recorded = s.with(|h| {
         h.verify_time += held.hashing;
@@ -310,6 +342,7 @@ fn hold(
     s: &Session,
     n: &Arc<RankedMutex<NestedVm>>,
     asked: Option<Instant>,
+    freeze: bool,
 ) -> Result<Held, Status> {
     let mut n = n.lock().unwrap();
     let record = n.record.clone().ok_or(Status::BadState)?;
@@ -327,12 +360,8 @@ fn hold(
         (None, a) => a.unwrap_or_else(Instant::now),
     };
     let t = Instant::now();
-    let checksum = s.verify.then(|| n.checksum_all());
-    let hashing = if s.verify {
-        t.elapsed()
-    } else {
-        Duration::ZERO
-    };
+    let checksum = (s.verify && freeze).then(|| n.checksum_all());
+    let hashing = t.elapsed();
     // Where the successor's pages come from: the guest's own pages
     // (zero-copy), or fresh memory filled by copying (copy, precopy).
     let slots = n.slots.clone();
@@ -377,7 +406,7 @@ fn hold(
             }
         }
     }
-    n.frozen = true;
+    n.frozen = freeze;
     Ok(Held {
         record,
         aged_handle: n.handle,

@@ -2,10 +2,12 @@
 //! hypervisors on one host, its orchestration and rescue, copy and pre-copy
 //! modes, and host-to-host migration over TCP.
 
+pub mod batch;
 pub mod copy;
 pub mod handover;
 pub mod handover_state;
 pub mod rejuvenate;
 pub mod remote;
 pub mod rescue;
+pub mod verify;
 pub mod wire;

@@ -72,3 +72,46 @@ fn a_batch_moves_every_guest_with_its_memory_and_console() {
     let r = vmm.rejuvenate(None, &RejuvenateOptions::default()).unwrap();
     assert_eq!(r.guests.len(), 6);
 }
+
+#[test]
+fn a_guest_the_successor_cannot_take_leaves_every_guest_with_the_aged_hypervisor() {
+    if !kvm_or_skip("batch_rollback") {
+        return;
+    }
+    let (vmm, dir) = started("batchrollback", "batrb", 4);
+    let base = progress(&dir, 4);
+    // The successor takes the first guest and then no other: the batch
+    // cannot start moving, so nothing has paused and nothing moves.
+    let e = vmm
+        .rejuvenate(
+            None,
+            &RejuvenateOptions {
+                fault: vmbeam_vmm::control::api::parse_fault("reject-first").unwrap(),
+                timeout: Duration::from_secs(3),
+                ..batch()
+            },
+        )
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("all 4 nested guests keep running under generation 1"),
+        "{msg}"
+    );
+    for i in 0..4 {
+        wait_beyond(&dir, i, base[i as usize]);
+    }
+    let st = vmm.status();
+    assert_eq!(st.host_vms[0].generation, 1);
+    assert!(st.host_vms[0].nested.iter().all(|n| n.moves == 0), "{st:?}");
+    assert_eq!(st.host_vms[0].nested.len(), 4);
+    // The same guests then move in a batch that works.
+    let base = progress(&dir, 4);
+    let r = vmm.rejuvenate(None, &batch()).unwrap();
+    assert!(
+        r.guests.iter().all(|g| g.running_after && g.moves == 1),
+        "{r:?}"
+    );
+    for i in 0..4 {
+        wait_beyond(&dir, i, base[i as usize]);
+    }
+}

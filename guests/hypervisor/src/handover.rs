@@ -346,6 +346,11 @@ pub fn aged_batch(hv: &mut Hv) {
 fn successor_batch(hv: &mut Hv) -> ! {
     let mut taken = 0;
     loop {
+        if taken == 1 && hv.boot.flags & fault::REJECT_FIRST != 0 {
+            // Fault injection: a successor that cannot take a second guest.
+            say!("fault: taking no more guests");
+            idle(hv);
+        }
         if hv.n_guests >= MAX_NESTED {
             break;
         }

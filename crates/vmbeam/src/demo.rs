@@ -279,6 +279,7 @@ pub fn demo(args: &DemoArgs) -> Result<bool, RunError> {
     }
     let opts = RejuvenateOptions {
         mode: args.mode,
+        batch: args.batch,
         ..Default::default()
     };
     let mut reports = Vec::new();

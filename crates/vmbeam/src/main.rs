@@ -59,6 +59,7 @@ fn main() -> ExitCode {
                 "vm": a.vm,
                 "mode": a.mode,
                 "verify": !a.no_verify,
+                "batch": a.batch,
                 "fault": a.fault,
                 "downtime_ms": a.downtime_ms,
             })

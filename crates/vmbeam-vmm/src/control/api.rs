@@ -63,6 +63,8 @@ pub struct RejuvenateRequest {
     pub mode: Option<Mode>,
     /// Hash guests before/after (default true).
     pub verify: Option<bool>,
+    /// Batch handover: each guest moves on its own (default false).
+    pub batch: Option<bool>,
     /// Fault to inject into the successor (tests): reject-first,
     /// crash-before-adopt, crash-after-first, hang-at-boot.
     pub fault: Option<String>,
@@ -263,6 +265,7 @@ impl ApiServer {
                 let mut opts = RejuvenateOptions {
                     mode: req.mode.unwrap_or(Mode::ZeroCopy),
                     verify: req.verify.unwrap_or(true),
+                    batch: req.batch.unwrap_or(false),
                     ..Default::default()
                 };
                 if let Some(d) = req.downtime_ms {

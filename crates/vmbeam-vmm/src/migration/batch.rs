@@ -308,36 +308,52 @@ pub fn run_gate(vm: &HostVm, handle: u32) -> Result<Gate, Status> {
     }
     if s.is_aged(vm) {
         return s.with(|h| {
+            // While guests are offered and moved, every run is short: the
+            // aged L1 must see the request and reach each guest quickly.
+            let capped = matches!(h.phase, Phase::Moving | Phase::HandingOver);
             let moving = h.phase == Phase::Moving;
             let head = h.head;
+            let gate = if capped {
+                Gate::Capped(MOVING_SLICE)
+            } else {
+                Gate::Free
+            };
             let Some((i, m)) = h
                 .moves
                 .iter_mut()
                 .enumerate()
                 .find(|(_, m)| m.batch.is_some() && m.aged_handle == handle)
             else {
-                return Ok(Gate::Free);
+                return Ok(gate);
             };
             let b = m.batch.as_mut().expect("batch move");
             match b.step {
                 BatchStep::Moved => Err(Status::Moved),
                 BatchStep::Taken if moving && i == head => {
                     b.step = BatchStep::LastRun;
-                    Ok(Gate::Capped(MOVING_SLICE))
+                    Ok(gate)
                 }
-                _ if moving => Ok(Gate::Capped(MOVING_SLICE)),
-                _ => Ok(Gate::Free),
+                _ => Ok(gate),
             }
         });
     }
     // Successor: wait until the guest is here.
+    let arrived = |h: &crate::migration::handover::Handover| {
+        h.moves
+            .iter()
+            .find(|m| m.batch.is_some() && m.succ.as_ref().is_some_and(|x| x.handle == handle))
+            .and_then(|m| m.batch.as_ref())
+            .map(|b| (b.step, h.phase == Phase::Moving))
+    };
     let deadline = s.deadline();
     loop {
-        let step = s.with(|h| {
-            let moving = h.phase == Phase::Moving;
-            h.batch_of_successor(handle)
-                .and_then(|m| m.batch.as_ref())
-                .map(|b| (b.step, moving))
+        let mut step = None;
+        s.wait_for(Duration::from_millis(20), |h| {
+            step = arrived(h);
+            !matches!(
+                step,
+                Some((BatchStep::Taken | BatchStep::LastRun | BatchStep::Taking, _))
+            )
         });
         match step {
             None => return Ok(Gate::Free),
@@ -349,7 +365,6 @@ pub fn run_gate(vm: &HostVm, handle: u32) -> Result<Gate, Status> {
         if Instant::now() >= deadline || crate::migration::handover::stopping(vm) {
             return Err(Status::BadState);
         }
-        s.wait_change(Duration::from_millis(20));
     }
 }
 

@@ -129,6 +129,24 @@ impl Session {
         }
     }
 
+    /// Waits up to `timeout` until `pred` holds on the handover state
+    /// (checked under its lock, so no change is missed); returns whether it
+    /// does.
+    pub fn wait_for(&self, timeout: Duration, mut pred: impl FnMut(&Handover) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.st.lock().unwrap();
+        loop {
+            if pred(&g) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self.cv.wait_timeout(g, left).unwrap().0;
+        }
+    }
+
     /// Waits up to `timeout` for any change of the handover state.
     pub fn wait_change(&self, timeout: Duration) {
         let g = self.st.lock().unwrap();

@@ -62,7 +62,8 @@ pub struct RejuvenateOptions {
     pub mode: Mode,
     /// Fault-injection flags for the successor (tests).
     pub fault: u64,
-    /// Hash every guest before and after (excluded from downtime).
+    /// Hash every guest before and after (channel protocol: inside the
+    /// pause, so it counts as downtime; batch: outside every pause).
     pub verify: bool,
     /// Give up after this long.
     pub timeout: Duration,
@@ -148,8 +149,8 @@ pub struct GuestReport {
     pub name: String,
     /// RAM bytes.
     pub mem_bytes: u64,
-    /// Last exit under the aged L1 → first entry under the successor,
-    /// minus verification hashing.
+    /// The guest-visible pause: last exit under the aged L1 → first entry
+    /// under the successor, nothing subtracted.
     pub downtime_us: u64,
     /// L0 hash of the whole guest memory when paused (hex).
     pub checksum_before: Option<String>,
@@ -190,7 +191,8 @@ pub struct Report {
     pub host_rss_after: u64,
     /// CPU time of L0 (all threads, including guest time) during the operation, ms.
     pub cpu_ms: f64,
-    /// Time spent hashing for verification (excluded from downtime), ms.
+    /// Time spent hashing for verification, ms (inside the pause in the
+    /// channel protocol, outside every pause in a batch).
     pub verify_ms: f64,
     /// Per guest.
     pub guests: Vec<GuestReport>,
@@ -1036,15 +1038,30 @@ impl<'a> Rejuvenation<'a> {
         *succ.session.lock().unwrap() = None;
         succ.set_control(control::COMMIT);
         let t_commit = Instant::now();
-        // Off the critical path: the successor's own view of the granted pages.
-        if let Err(e) = succ.install_deferred_slots() {
-            succ.console().write_line(
-                format!(
-                    "vmbeam: cannot map granted memory into {}: {e}",
-                    succ.name()
-                )
-                .as_bytes(),
-            );
+        // Off the critical path: the successor's own view of the granted
+        // pages. Its guest hypervisor names them but does not touch them,
+        // and a KVM slot costs time in proportion to its size, so in a batch
+        // they are installed on a thread of their own after the report.
+        let install = {
+            let succ = succ.clone();
+            move || {
+                if let Err(e) = succ.install_deferred_slots() {
+                    succ.console().write_line(
+                        format!(
+                            "vmbeam: cannot map granted memory into {}: {e}",
+                            succ.name()
+                        )
+                        .as_bytes(),
+                    );
+                }
+            }
+        };
+        if self.batch() {
+            let _ = std::thread::Builder::new()
+                .name("vmbeam-slots".into())
+                .spawn(install);
+        } else {
+            install();
         }
         let Revoked {
             nested,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 
+use crate::devices::binding::Bindings;
 use crate::host::console::{ConsoleError, ConsoleHub, ConsoleTarget};
 use crate::host::hostvm::HostVm;
 use crate::nesting::nested::{GuestRecord, RecordInfo};
@@ -51,6 +52,7 @@ pub struct Shared {
     /// Every live host VM by id (weak: lines and handovers own them), so a
     /// record's `bound_vm` leads to the VM that runs the guest now.
     host_vms: Mutex<HashMap<u64, Weak<HostVm>>>,
+    bindings: Mutex<Arc<Bindings>>,
     events: Mutex<u64>,
     events_cv: Condvar,
 }
@@ -68,6 +70,7 @@ impl Shared {
             consoles: ConsoleHub::new(consoles)?,
             records: Mutex::new(HashMap::new()),
             host_vms: Mutex::new(HashMap::new()),
+            bindings: Mutex::new(Arc::new(Bindings::default())),
             events: Mutex::new(0),
             events_cv: Condvar::new(),
         }))
@@ -86,6 +89,16 @@ impl Shared {
         });
         recs.insert(name.to_string(), r.clone());
         Ok(r)
+    }
+
+    /// Sets the device backends the operator bound to guest names.
+    pub fn set_bindings(&self, b: Bindings) {
+        *self.bindings.lock().unwrap() = Arc::new(b);
+    }
+
+    /// The device backends bound to guest names.
+    pub fn bindings(&self) -> Arc<Bindings> {
+        self.bindings.lock().unwrap().clone()
     }
 
     /// Remembers a newly built host VM (and forgets dropped ones).

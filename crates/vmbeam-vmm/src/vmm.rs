@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use vmbeam_abi::boot::{NestedSpec, ROLE_PRIMARY};
 
 use crate::config::{ConfigError, VmmConfig};
+use crate::devices::binding::{BindError, Bindings};
 use crate::control::events::{unix_ms, EventLog};
 use crate::control::inspect::{self, InspectError, Inspection, Registers};
 use crate::control::policy::Trigger;
@@ -32,6 +33,9 @@ pub enum VmmError {
     /// Bad configuration.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A device binding cannot be used.
+    #[error(transparent)]
+    Devices(#[from] BindError),
     /// A host VM could not be built.
     #[error(transparent)]
     Boot(#[from] HostVmError),
@@ -209,6 +213,8 @@ impl Vmm {
             ConsoleTarget::Terminal
         };
         let shared = Shared::new(target)?;
+        let names: Vec<String> = (0..config.nested).map(|i| format!("l2-{i}")).collect();
+        shared.set_bindings(Bindings::open(&config.devices, &names)?);
         Ok(Vmm {
             shared,
             images,

@@ -19,6 +19,9 @@ use vmbeam_abi::checksum;
 use vmbeam_abi::hypercall::{exit, NestedExit, Status};
 use vmbeam_abi::state::VcpuState;
 
+use crate::devices::binding::Backend;
+use crate::devices::queue::DeviceMemory;
+use crate::devices::{DeviceError, DeviceSet};
 use crate::host::arch;
 use crate::host::console::Console;
 use crate::host::kick::SliceTimer;
@@ -162,6 +165,8 @@ pub struct NestedVm {
     /// hypervisor's first SET_STATE of it. [`NestedVm::cancel_adoption`]
     /// puts both back, so a VM given back to the aged side is as it left it.
     adoption_undo: (Vec<u64>, Vec<(usize, VcpuState)>),
+    /// Virtio devices (they stay with the VM through an adoption).
+    pub devices: DeviceSet,
 }
 
 fn kvm_err(_: kvm_ioctls::Error) -> Status {
@@ -191,6 +196,7 @@ impl NestedVm {
             confirmed_slots: Vec::new(),
             confirmed_vcpus: 0,
             adoption_undo: (Vec::new(), Vec::new()),
+            devices: DeviceSet::default(),
         })
     }
 
@@ -252,6 +258,9 @@ impl NestedVm {
         {
             return Err(Status::Overlap);
         }
+        if self.devices.overlaps(slot.l2_gpa, slot.len) {
+            return Err(Status::Overlap);
+        }
         let region = kvm_userspace_memory_region {
             slot: self.slots.len() as u32,
             flags: 0,
@@ -263,7 +272,44 @@ impl NestedVm {
         // mapping that the slot keeps alive for as long as this VM exists.
         unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err)?;
         self.slots.push(slot);
+        if !self.devices.is_empty() {
+            self.devices.set_memory(self.device_memory());
+        }
         Ok(())
+    }
+
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        let views: Vec<_> = self
+            .slots
+            .iter()
+            .map(|s| (s.l2_gpa, s.hva, s.len as usize, s.map.clone()))
+            .collect();
+        DeviceMemory::new(&views)
+    }
+
+    /// Places a virtio device bound to this guest (`index` in binding
+    /// order) at nested address `base` with interrupt line `gsi`; returns
+    /// its virtio device id.
+    pub fn place_device(
+        &mut self,
+        index: u32,
+        base: u64,
+        gsi: u32,
+        backend: &Backend,
+    ) -> Result<u32, DeviceError> {
+        let ram: Vec<(u64, u64)> = self.slots.iter().map(|s| (s.l2_gpa, s.len)).collect();
+        let kind = self.devices.place(
+            &self.vm,
+            index,
+            base,
+            gsi,
+            backend,
+            &self.name,
+            &ram,
+            self.vcpus.len(),
+        )?;
+        self.devices.set_memory(self.device_memory());
+        Ok(kind)
     }
 
     /// Starts an adoption by a successor under handle `handle`: the KVM VM,
@@ -475,7 +521,10 @@ impl NestedVm {
         // alone (`runs == 0` marks the first entry after a move).
         self.vcpu(idx)?;
         self.runs += 1;
-        let v = self.vcpu(idx)?;
+        let v = self
+            .vcpus
+            .get_mut(idx as usize)
+            .ok_or(Status::NoSuchHandle)?;
         complete_pending(v, answer);
         let ie = &mut v.fd.get_kvm_run().immediate_exit as *mut u8 as *const AtomicU8;
         // SAFETY: the kvm_run mapping of `v.fd` lives until `v` is dropped,
@@ -484,7 +533,18 @@ impl NestedVm {
         let t0 = Instant::now();
         let mut out = NestedExit::default();
         let mut internal = false;
+        let devices = &self.devices;
+        loop {
         match v.fd.run() {
+            // Device registers are served here, at host speed, and the
+            // guest continues: the guest hypervisor never sees them.
+            Ok(VcpuExit::MmioRead(addr, data)) if devices.owns(addr) => {
+                devices.mmio_read(addr, data);
+                continue;
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) if devices.mmio_write(addr, data) => {
+                continue;
+            }
             Ok(VcpuExit::IoOut(port, data)) if data.len() <= 8 => {
                 out.reason = exit::IO_OUT;
                 out.port = port as u32;
@@ -541,6 +601,8 @@ impl NestedVm {
                 out.reason = exit::FAIL;
                 out.detail = e.errno() as u64;
             }
+        }
+        break;
         }
         timer.disarm(gen);
         v.fd.set_kvm_immediate_exit(0);

@@ -16,5 +16,7 @@ pub mod devices;
 pub mod host;
 pub mod migration;
 pub mod nesting;
+pub mod progress;
 pub mod shared;
+pub mod sync;
 pub mod vmm;

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use vmbeam_abi::boot::{NestedSpec, ROLE_PRIMARY};
@@ -23,6 +23,7 @@ use crate::host::memory::MemFile;
 use crate::migration::rejuvenate::{self, RejuvenateError, RejuvenateOptions, Report};
 use crate::nesting::nested::NestedVm;
 use crate::shared::{KvmError, Shared};
+use crate::sync::{Rank, RankedMutex};
 
 /// Errors of VMM operations.
 #[derive(Debug, thiserror::Error)]
@@ -99,9 +100,9 @@ pub struct Line {
     /// Name.
     pub name: String,
     /// The host VM serving it now.
-    pub current: Mutex<Arc<HostVm>>,
+    pub current: RankedMutex<Arc<HostVm>>,
     /// The last [`HISTORY_LEN`] retired generations, oldest first.
-    pub retired: Mutex<VecDeque<RetiredGeneration>>,
+    pub retired: RankedMutex<VecDeque<RetiredGeneration>>,
 }
 
 /// Status of a nested guest.
@@ -186,11 +187,11 @@ pub struct Vmm {
     pub images: Images,
     /// Configuration.
     pub config: VmmConfig,
-    lines: Mutex<Vec<Arc<Line>>>,
-    busy: Mutex<()>,
+    lines: RankedMutex<Vec<Arc<Line>>>,
+    busy: RankedMutex<()>,
     rejuvenating: AtomicBool,
     events: OnceLock<EventLog>,
-    policy: Mutex<String>,
+    policy: RankedMutex<String>,
 }
 
 /// Clears a flag when dropped.
@@ -219,11 +220,11 @@ impl Vmm {
             shared,
             images,
             config,
-            lines: Mutex::new(Vec::new()),
-            busy: Mutex::new(()),
+            lines: RankedMutex::new(Rank::Lines, Vec::new()),
+            busy: RankedMutex::new(Rank::Busy, ()),
             rejuvenating: AtomicBool::new(false),
             events: OnceLock::new(),
-            policy: Mutex::new("manual".into()),
+            policy: RankedMutex::new(Rank::Signal, "manual".into()),
         })
     }
 
@@ -271,8 +272,8 @@ impl Vmm {
         )?;
         self.lines.lock().unwrap().push(Arc::new(Line {
             name: name.to_string(),
-            current: Mutex::new(vm.clone()),
-            retired: Mutex::new(VecDeque::new()),
+            current: RankedMutex::new(Rank::Line, vm.clone()),
+            retired: RankedMutex::new(Rank::Line, VecDeque::new()),
         }));
         Ok(vm)
     }
@@ -436,8 +437,8 @@ impl Vmm {
     pub fn add_line(&self, vm: Arc<HostVm>) {
         self.lines.lock().unwrap().push(Arc::new(Line {
             name: vm.spec.line.clone(),
-            current: Mutex::new(vm),
-            retired: Mutex::new(VecDeque::new()),
+            current: RankedMutex::new(Rank::Line, vm),
+            retired: RankedMutex::new(Rank::Line, VecDeque::new()),
         }));
     }
 
@@ -531,7 +532,7 @@ impl Vmm {
     /// The host VM and nested VM that run guest `name` now, found through
     /// the guest's record (its identity on this host), so the answer follows
     /// the guest across moves. `None` while it is bound to no VM.
-    fn locate(&self, name: &str) -> Option<(Arc<HostVm>, Arc<Mutex<NestedVm>>)> {
+    fn locate(&self, name: &str) -> Option<(Arc<HostVm>, Arc<RankedMutex<NestedVm>>)> {
         let record = self.shared.find_record(name)?;
         let (bound, handle) = {
             let info = record.info.lock().unwrap();

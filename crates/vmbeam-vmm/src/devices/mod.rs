@@ -17,7 +17,7 @@ pub mod tap;
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::devices::binding::Backend;
 use crate::devices::mmio::{DeviceCounters, MmioDevice, QUEUE_NOTIFY};
 use crate::devices::queue::DeviceMemory;
+use crate::sync::{Rank, RankedMutex};
 
 /// Size of a device window.
 pub const WINDOW: u64 = vmbeam_abi::hypercall::DEVICE_WINDOW;
@@ -87,16 +88,17 @@ pub struct DeviceStatus {
 
 struct Placed {
     index: u32,
-    dev: Arc<Mutex<MmioDevice>>,
+    base: u64,
+    gsi: u32,
+    dev: Arc<RankedMutex<MmioDevice>>,
     stop: Arc<AtomicBool>,
     worker: Option<JoinHandle<()>>,
 }
 
 /// The devices of one nested VM.
-#[derive(Default)]
 pub struct DeviceSet {
     placed: Vec<Placed>,
-    mem: Arc<RwLock<Option<Arc<DeviceMemory>>>>,
+    mem: Arc<RankedMutex<Option<Arc<DeviceMemory>>>>,
     irqchip: bool,
 }
 
@@ -110,6 +112,16 @@ impl std::fmt::Debug for DeviceSet {
 
 fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
     a < b.saturating_add(blen) && b < a.saturating_add(alen)
+}
+
+impl Default for DeviceSet {
+    fn default() -> Self {
+        DeviceSet {
+            placed: Vec::new(),
+            mem: Arc::new(RankedMutex::new(Rank::DeviceMemory, None)),
+            irqchip: false,
+        }
+    }
 }
 
 impl DeviceSet {
@@ -132,14 +144,13 @@ impl DeviceSet {
     pub fn overlaps(&self, addr: u64, len: u64) -> bool {
         self.placed
             .iter()
-            .any(|p| overlaps(addr, len, p.dev.lock().unwrap().base, WINDOW))
+            .any(|p| overlaps(addr, len, p.base, WINDOW))
     }
 
     fn find(&self, addr: u64) -> Option<&Placed> {
-        self.placed.iter().find(|p| {
-            let base = p.dev.lock().unwrap().base;
-            addr >= base && addr - base < WINDOW
-        })
+        self.placed
+            .iter()
+            .find(|p| addr >= p.base && addr - p.base < WINDOW)
     }
 
     /// Whether `addr` is inside a device window.
@@ -149,10 +160,10 @@ impl DeviceSet {
 
     /// Where device `index` is placed: (window, interrupt line).
     pub fn placement(&self, index: u32) -> Option<(u64, u32)> {
-        self.placed.iter().find(|p| p.index == index).map(|p| {
-            let d = p.dev.lock().unwrap();
-            (d.base, d.gsi)
-        })
+        self.placed
+            .iter()
+            .find(|p| p.index == index)
+            .map(|p| (p.base, p.gsi))
     }
 
     /// Serves an MMIO read if `addr` is in a window; false otherwise.
@@ -173,7 +184,7 @@ impl DeviceSet {
         let Some(p) = self.find(addr) else {
             return false;
         };
-        let mem = self.mem.read().unwrap().clone();
+        let mem = self.mem.lock().unwrap().clone();
         let mut d = p.dev.lock().unwrap();
         let off = addr - d.base;
         if d.write(off, data, mem.as_ref().map(|m| &m.mem)) {
@@ -186,7 +197,7 @@ impl DeviceSet {
 
     /// Replaces the memory view (after the VM's slots changed).
     pub fn set_memory(&self, mem: Option<DeviceMemory>) {
-        *self.mem.write().unwrap() = mem.map(Arc::new);
+        *self.mem.lock().unwrap() = mem.map(Arc::new);
     }
 
     /// Places `backend` as device `index` at `base` with line `gsi`.
@@ -225,7 +236,7 @@ impl DeviceSet {
         if gsi < GSI_RANGE.0 || gsi > GSI_RANGE.1 || gsi == 2 {
             return Err(DeviceError::BadIrq(gsi));
         }
-        if self.placed.iter().any(|p| p.dev.lock().unwrap().gsi == gsi) {
+        if self.placed.iter().any(|p| p.gsi == gsi) {
             return Err(DeviceError::BadIrq(gsi));
         }
         if !self.irqchip {
@@ -250,7 +261,7 @@ impl DeviceSet {
             }
             Backend::Net { .. } => return Err(DeviceError::Kvm("a network device (not served yet)")),
         };
-        let dev = Arc::new(Mutex::new(MmioDevice::new(base, gsi, be, irq)));
+        let dev = Arc::new(RankedMutex::new(Rank::Device, MmioDevice::new(base, gsi, be, irq)));
         let stop = Arc::new(AtomicBool::new(false));
         let worker = {
             let (dev, stop, mem) = (dev.clone(), stop.clone(), self.mem.clone());
@@ -262,6 +273,8 @@ impl DeviceSet {
         let kind = backend.device_type();
         self.placed.push(Placed {
             index,
+            base,
+            gsi,
             dev,
             stop,
             worker: Some(worker),
@@ -310,9 +323,9 @@ impl Drop for DeviceSet {
 /// Serves a device's queues whenever the driver notifies it.
 fn worker(
     notify: EventFd,
-    dev: Arc<Mutex<MmioDevice>>,
+    dev: Arc<RankedMutex<MmioDevice>>,
     stop: Arc<AtomicBool>,
-    mem: Arc<RwLock<Option<Arc<DeviceMemory>>>>,
+    mem: Arc<RankedMutex<Option<Arc<DeviceMemory>>>>,
 ) {
     while !stop.load(Ordering::SeqCst) {
         let mut pfd = libc::pollfd {
@@ -325,7 +338,7 @@ fn worker(
         if n <= 0 || notify.read().is_err() {
             continue;
         }
-        let Some(m) = mem.read().unwrap().clone() else {
+        let Some(m) = mem.lock().unwrap().clone() else {
             continue;
         };
         dev.lock().unwrap().process(&m.mem);

@@ -131,6 +131,9 @@ pub struct NestedStatus {
     /// Host VM line whose guest hypervisor runs it now.
     #[serde(default)]
     pub host_vm: String,
+    /// Its virtio devices with their counters.
+    #[serde(default)]
+    pub devices: Vec<crate::devices::DeviceStatus>,
 }
 
 /// Status of a host VM.
@@ -501,6 +504,7 @@ impl Vmm {
                     console_lines: lines,
                     generation,
                     host_vm,
+                    devices: n.devices.status(),
                 });
             }
             host_vms.push(HostVmStatus {

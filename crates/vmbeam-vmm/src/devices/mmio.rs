@@ -14,7 +14,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_F_VERSION_1,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::queue::{check_queue, QueueError};
@@ -79,6 +79,23 @@ pub trait Backend: Send {
     fn describe(&self) -> String;
 }
 
+/// What the driver wrote for one queue before enabling it.
+#[derive(Debug, Clone, Copy, Default)]
+struct QueueProg {
+    size: u32,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+fn set_half(v: &mut u64, high: bool, x: u32) {
+    if high {
+        *v = (*v & 0xffff_ffff) | ((x as u64) << 32);
+    } else {
+        *v = (*v & !0xffff_ffff) | x as u64;
+    }
+}
+
 /// One placed virtio-mmio device.
 pub struct MmioDevice {
     /// Nested address of the window.
@@ -87,6 +104,7 @@ pub struct MmioDevice {
     pub gsi: u32,
     backend: Box<dyn Backend>,
     queues: Vec<Queue>,
+    prog: Vec<QueueProg>,
     queue_sel: u32,
     dev_features_sel: u32,
     drv_features_sel: u32,
@@ -125,6 +143,7 @@ impl MmioDevice {
             base,
             gsi,
             queues: new_queues(backend.queue_max_sizes()),
+            prog: vec![QueueProg::default(); backend.queue_max_sizes().len()],
             backend,
             queue_sel: 0,
             dev_features_sel: 0,
@@ -165,6 +184,7 @@ impl MmioDevice {
 
     fn reset(&mut self) {
         self.queues = new_queues(self.backend.queue_max_sizes());
+        self.prog = vec![QueueProg::default(); self.queues.len()];
         self.queue_sel = 0;
         self.dev_features_sel = 0;
         self.drv_features_sel = 0;
@@ -189,8 +209,31 @@ impl MmioDevice {
         let _ = self.irq.write(1);
     }
 
-    fn queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_sel as usize)
+    fn prog(&mut self) -> Option<&mut QueueProg> {
+        self.prog.get_mut(self.queue_sel as usize)
+    }
+
+    /// Applies what the driver programmed for queue `sel` and checks it.
+    fn enable_queue(&mut self, sel: usize, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+        let (Some(q), Some(p)) = (self.queues.get_mut(sel), self.prog.get(sel)) else {
+            return Ok(());
+        };
+        let max = q.max_size();
+        let size = u16::try_from(p.size).map_err(|_| QueueError::BadSize(u16::MAX, max))?;
+        q.try_set_size(size)
+            .map_err(|_| QueueError::BadSize(size, max))?;
+        q.try_set_desc_table_address(GuestAddress(p.desc))
+            .map_err(|_| QueueError::BadRings)?;
+        q.try_set_avail_ring_address(GuestAddress(p.avail))
+            .map_err(|_| QueueError::BadRings)?;
+        q.try_set_used_ring_address(GuestAddress(p.used))
+            .map_err(|_| QueueError::BadRings)?;
+        q.set_ready(true);
+        if let Err(e) = check_queue(q, mem) {
+            q.set_ready(false);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Serves a register read at `offset` in the window.
@@ -262,8 +305,8 @@ impl MmioDevice {
             0x024 => self.drv_features_sel = v,
             0x030 => self.queue_sel = v,
             0x038 if setting_up => {
-                if let Some(q) = self.queue() {
-                    q.set_size(v.min(u16::MAX as u32) as u16);
+                if let Some(p) = self.prog() {
+                    p.size = v;
                 }
             }
             0x044 if setting_up => {
@@ -272,15 +315,12 @@ impl MmioDevice {
                     return false;
                 };
                 let sel = self.queue_sel as usize;
-                if let Some(q) = self.queues.get_mut(sel) {
-                    if v == 1 {
-                        match check_queue(q, mem) {
-                            Ok(()) => q.set_ready(true),
-                            Err(e) => self.needs_reset(e),
-                        }
-                    } else {
-                        q.set_ready(false);
+                if v == 1 {
+                    if let Err(e) = self.enable_queue(sel, mem) {
+                        self.needs_reset(e);
                     }
+                } else if let Some(q) = self.queues.get_mut(sel) {
+                    q.set_ready(false);
                 }
             }
             QUEUE_NOTIFY => {
@@ -296,16 +336,12 @@ impl MmioDevice {
                 }
             }
             0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if setting_up => {
-                if let Some(q) = self.queue() {
-                    let (lo, hi) = if offset % 8 == 0 {
-                        (Some(v), None)
-                    } else {
-                        (None, Some(v))
-                    };
+                let high = offset % 8 != 0;
+                if let Some(p) = self.prog() {
                     match offset & !7 {
-                        0x080 => q.set_desc_table_address(lo, hi),
-                        0x090 => q.set_avail_ring_address(lo, hi),
-                        _ => q.set_used_ring_address(lo, hi),
+                        0x080 => set_half(&mut p.desc, high, v),
+                        0x090 => set_half(&mut p.avail, high, v),
+                        _ => set_half(&mut p.used, high, v),
                     }
                 }
             }

@@ -341,6 +341,8 @@ fn worker(
         let Some(m) = mem.lock().unwrap().clone() else {
             continue;
         };
-        dev.lock().unwrap().process(&m.mem);
+        let mut d = dev.lock().unwrap();
+        d.counters.notifications += 1;
+        d.process(&m.mem);
     }
 }

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use vmbeam_vmm::config::{parse_size, ConfigError, VmmConfig, Workload};
-use vmbeam_vmm::devices::binding::{self, BindError, Binding};
 use vmbeam_vmm::control::inspect::{parse_number, InspectError};
 use vmbeam_vmm::control::policy::{parse_duration, Condition, PolicyError};
+use vmbeam_vmm::devices::binding::{self, BindError, Binding};
 use vmbeam_vmm::migration::rejuvenate::Mode;
 
 /// Default API socket path.

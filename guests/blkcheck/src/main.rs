@@ -13,14 +13,14 @@
 use core::fmt::Write;
 use core::ptr::NonNull;
 use guest_rt::Serial;
+use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
+use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
+use virtio_drivers::transport::{DeviceType, Transport};
 use vmbeam_abi::checksum::pattern_word;
 use vmbeam_abi::l2::{
     L2BootParams, BOOT_PARAMS, CONSOLE_PORT, L2_MAGIC, MAX_DEVICES, VIRTIO_MMIO_BASE,
     VIRTIO_MMIO_SIZE,
 };
-use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
-use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
-use virtio_drivers::transport::{DeviceType, Transport};
 
 mod hal;
 

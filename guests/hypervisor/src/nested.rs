@@ -224,9 +224,9 @@ fn build(hv: &mut Hv, g: &Guest, spec: &NestedSpec) -> Result<(), Fail> {
 /// Places every device the operator bound to the guest, device `i` at
 /// `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE` with line `VIRTIO_IRQ_BASE + i`,
 /// and maps the windows (one uncached 2 MiB page) in the guest's page
-/// tables. A guest too large to leave room for the windows gets none.
+/// tables (for every guest that leaves room for them, devices or not). A
+/// guest too large to leave room for the windows gets no devices.
 fn place_devices(hv: &mut Hv, g: &Guest, r: &[Range]) -> Result<(), Fail> {
-    let mut placed = 0;
     for i in 0..l2::MAX_DEVICES as u64 {
         let kind = match hv.hc.device_query(g.handle, i) {
             Ok((k, _)) => k,
@@ -234,7 +234,10 @@ fn place_devices(hv: &mut Hv, g: &Guest, r: &[Range]) -> Result<(), Fail> {
             Err(s) => return Err(("device_query", s)),
         };
         if g.mem_bytes > l2::MAX_MEM_WITH_DEVICES {
-            say!("{}: too much RAM for devices; device {i} left out", name_str(&g.name));
+            say!(
+                "{}: too much RAM for devices; device {i} left out",
+                name_str(&g.name)
+            );
             break;
         }
         let base = l2::VIRTIO_MMIO_BASE + i * l2::VIRTIO_MMIO_SIZE;
@@ -246,9 +249,10 @@ fn place_devices(hv: &mut Hv, g: &Guest, r: &[Range]) -> Result<(), Fail> {
             "{}: virtio device {kind} at {base:#x} irq {irq}",
             name_str(&g.name)
         );
-        placed += 1;
     }
-    if placed > 0 {
+    // Mapped for every guest that leaves room, so a workload can probe the
+    // windows (an unplaced one reads as all ones) without faulting.
+    if g.mem_bytes <= l2::MAX_MEM_WITH_DEVICES {
         let gib = l2::VIRTIO_MMIO_BASE >> 30;
         let pd_index = (l2::VIRTIO_MMIO_BASE - (gib << 30)) / EXTENT_SIZE;
         let mut ok = zero_l2(r, l2::DEVICE_PD, 0x1000);

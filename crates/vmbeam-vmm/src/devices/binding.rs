@@ -48,7 +48,9 @@ pub enum BindError {
         why: String,
     },
     /// Bound to a guest that is never created.
-    #[error("a device is bound to nested guest '{0}', which this VMM does not create (it creates {1})")]
+    #[error(
+        "a device is bound to nested guest '{0}', which this VMM does not create (it creates {1})"
+    )]
     NoSuchGuest(String, String),
     /// Too many devices for one guest.
     #[error("nested guest '{0}' has more than {1} devices bound")]
@@ -167,7 +169,9 @@ pub fn parse_net(s: &str) -> Result<Binding, BindError> {
         match p.split_once('=') {
             Some(("mac", v)) => {
                 mac = Some(parse_mac(v).ok_or_else(|| {
-                    bad(format!("bad MAC '{v}': use six hex pairs like 52:54:00:12:34:56, unicast"))
+                    bad(format!(
+                        "bad MAC '{v}': use six hex pairs like 52:54:00:12:34:56, unicast"
+                    ))
                 })?)
             }
             _ => return Err(bad(format!("unknown option '{p}' (only mac=...)"))),
@@ -264,7 +268,7 @@ fn open_disk(guest: &str, path: &std::path::Path, ro: bool) -> Result<Backend, B
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
         return Err(err(
-            "is in use by another process (it holds a lock on it)".into(),
+            "is in use by another process (it holds a lock on it)".into()
         ));
     }
     Ok(Backend::Disk {
@@ -286,7 +290,7 @@ impl Bindings {
     pub fn open(list: &[Binding], guests: &[String]) -> Result<Bindings, BindError> {
         let mut by_guest: HashMap<String, Vec<Backend>> = HashMap::new();
         for b in list {
-            if !guests.iter().any(|g| *g == b.guest) {
+            if !guests.contains(&b.guest) {
                 let names = if guests.is_empty() {
                     "no nested guests".to_string()
                 } else {
@@ -323,7 +327,10 @@ impl Bindings {
 
     /// Backends bound to `guest`.
     pub fn for_guest(&self, guest: &str) -> &[Backend] {
-        self.by_guest.get(guest).map(|v| v.as_slice()).unwrap_or(&[])
+        self.by_guest
+            .get(guest)
+            .map(|v| v.as_slice())
+            .unwrap_or(&[])
     }
 
     /// Whether any guest has a disk.
@@ -383,7 +390,7 @@ mod tests {
         let e = Bindings::open(&[rw], &g).unwrap_err().to_string();
         assert!(e.contains("read-only file"), "{e}");
         let ro = parse_disk(&format!("l2-0={},ro", p.display())).unwrap();
-        assert!(Bindings::open(&[ro.clone()], &g).is_ok());
+        assert!(Bindings::open(std::slice::from_ref(&ro), &g).is_ok());
         let other = Binding {
             guest: "l2-7".into(),
             ..ro
@@ -392,9 +399,12 @@ mod tests {
         assert!(e.contains("does not create"), "{e}");
         let odd = dir.join("odd.img");
         std::fs::write(&odd, vec![0u8; 1000]).unwrap();
-        let e = Bindings::open(&[parse_disk(&format!("l2-0={}", odd.display())).unwrap()], &g)
-            .unwrap_err()
-            .to_string();
+        let e = Bindings::open(
+            &[parse_disk(&format!("l2-0={}", odd.display())).unwrap()],
+            &g,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("multiple of 512"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }

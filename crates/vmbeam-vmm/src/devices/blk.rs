@@ -11,9 +11,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -126,7 +125,13 @@ impl Blk {
         (len, VIRTIO_BLK_S_OK)
     }
 
-    fn write(&mut self, ch: &Chain, mem: &GuestMemoryMmap, sector: u64, c: &mut DeviceCounters) -> u32 {
+    fn write(
+        &mut self,
+        ch: &Chain,
+        mem: &GuestMemoryMmap,
+        sector: u64,
+        c: &mut DeviceCounters,
+    ) -> u32 {
         let len = ch.readable_len().saturating_sub(HEADER);
         if self.ro {
             return VIRTIO_BLK_S_IOERR;

@@ -248,7 +248,7 @@ impl MmioDevice {
             }
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             return;
         }
         let qmax = |d: &MmioDevice| {
@@ -284,7 +284,7 @@ impl MmioDevice {
     /// Serves a register write; returns true for a queue notification.
     pub fn write(&mut self, offset: u64, data: &[u8], mem: Option<&GuestMemoryMmap>) -> bool {
         self.counters.mmio += 1;
-        if offset >= CONFIG || data.len() != 4 || offset % 4 != 0 {
+        if offset >= CONFIG || data.len() != 4 || !offset.is_multiple_of(4) {
             // Config space of blk and net is read-only for the driver.
             return false;
         }
@@ -336,7 +336,7 @@ impl MmioDevice {
                 }
             }
             0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if setting_up => {
-                let high = offset % 8 != 0;
+                let high = !offset.is_multiple_of(8);
                 if let Some(p) = self.prog() {
                     match offset & !7 {
                         0x080 => set_half(&mut p.desc, high, v),
@@ -364,9 +364,7 @@ impl MmioDevice {
                 return;
             }
         }
-        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0
-            && v & VIRTIO_CONFIG_S_FEATURES_OK == 0
-        {
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && v & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
             self.status = v & !VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED;
             return;
         }

@@ -221,7 +221,10 @@ impl DeviceSet {
         if !base.is_multiple_of(WINDOW) {
             return Err(DeviceError::Misaligned(base));
         }
-        if base.checked_add(WINDOW).is_none_or(|e| e > crate::nesting::nested::MAX_L2_GPA) {
+        if base
+            .checked_add(WINDOW)
+            .is_none_or(|e| e > crate::nesting::nested::MAX_L2_GPA)
+        {
             return Err(DeviceError::OutOfRange(base));
         }
         if ram.iter().any(|&(a, l)| overlaps(base, WINDOW, a, l)) {
@@ -230,7 +233,10 @@ impl DeviceSet {
         if self.overlaps(base, WINDOW) {
             return Err(DeviceError::Overlap(base, "another device"));
         }
-        if IRQCHIP_RANGES.iter().any(|&(a, l)| overlaps(base, WINDOW, a, l)) {
+        if IRQCHIP_RANGES
+            .iter()
+            .any(|&(a, l)| overlaps(base, WINDOW, a, l))
+        {
             return Err(DeviceError::Overlap(base, "the interrupt controller"));
         }
         if gsi < GSI_RANGE.0 || gsi > GSI_RANGE.1 || gsi == 2 {
@@ -249,19 +255,35 @@ impl DeviceSet {
         }
         let notify = EventFd::new(EFD_NONBLOCK).map_err(|_| DeviceError::Kvm("an eventfd"))?;
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|_| DeviceError::Kvm("an eventfd"))?;
-        vm.register_ioevent(&notify, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), NoDatamatch)
-            .map_err(|_| DeviceError::Kvm("the queue-notify ioeventfd"))?;
+        vm.register_ioevent(
+            &notify,
+            &IoEventAddress::Mmio(base + QUEUE_NOTIFY),
+            NoDatamatch,
+        )
+        .map_err(|_| DeviceError::Kvm("the queue-notify ioeventfd"))?;
         if vm.register_irqfd(&irq, gsi).is_err() {
-            let _ = vm.unregister_ioevent(&notify, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), NoDatamatch);
+            let _ = vm.unregister_ioevent(
+                &notify,
+                &IoEventAddress::Mmio(base + QUEUE_NOTIFY),
+                NoDatamatch,
+            );
             return Err(DeviceError::Kvm("the irqfd"));
         }
         let be: Box<dyn mmio::Backend> = match backend {
-            Backend::Disk { file, path, ro, size } => {
-                Box::new(blk::Blk::new(file.clone(), path, *ro, *size, guest))
+            Backend::Disk {
+                file,
+                path,
+                ro,
+                size,
+            } => Box::new(blk::Blk::new(file.clone(), path, *ro, *size, guest)),
+            Backend::Net { .. } => {
+                return Err(DeviceError::Kvm("a network device (not served yet)"))
             }
-            Backend::Net { .. } => return Err(DeviceError::Kvm("a network device (not served yet)")),
         };
-        let dev = Arc::new(RankedMutex::new(Rank::Device, MmioDevice::new(base, gsi, be, irq)));
+        let dev = Arc::new(RankedMutex::new(
+            Rank::Device,
+            MmioDevice::new(base, gsi, be, irq),
+        ));
         let stop = Arc::new(AtomicBool::new(false));
         let worker = {
             let (dev, stop, mem) = (dev.clone(), stop.clone(), self.mem.clone());

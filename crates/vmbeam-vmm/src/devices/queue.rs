@@ -12,9 +12,7 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// Most descriptors a chain may have (also bounded by the queue size).
 pub const MAX_CHAIN_DESCRIPTORS: usize = 256;
@@ -48,7 +46,9 @@ pub enum QueueError {
     #[error("descriptor chain does not end (a loop, a bad next index or a table outside memory)")]
     Unterminated,
     /// The chain has more descriptors or bytes than a request may carry.
-    #[error("descriptor chain is too long ({0} bytes or more than {MAX_CHAIN_DESCRIPTORS} descriptors)")]
+    #[error(
+        "descriptor chain is too long ({0} bytes or more than {MAX_CHAIN_DESCRIPTORS} descriptors)"
+    )]
     TooLarge(u64),
     /// A device-readable descriptor follows a device-writable one.
     #[error("device-readable descriptor after a device-writable one")]
@@ -99,16 +99,22 @@ impl Chain {
 
     /// Copies device-readable bytes `[from, from + out.len())` into `out`.
     pub fn read_at(&self, mem: &GuestMemoryMmap, from: u64, out: &mut [u8]) -> bool {
-        copy_segments(self.segs.iter().filter(|s| !s.writable), from, out.len() as u64, |a, o, n| {
-            mem.read_slice(&mut out[o..o + n], GuestAddress(a)).is_ok()
-        })
+        copy_segments(
+            self.segs.iter().filter(|s| !s.writable),
+            from,
+            out.len() as u64,
+            |a, o, n| mem.read_slice(&mut out[o..o + n], GuestAddress(a)).is_ok(),
+        )
     }
 
     /// Copies `data` into the device-writable bytes starting at `from`.
     pub fn write_at(&self, mem: &GuestMemoryMmap, from: u64, data: &[u8]) -> bool {
-        copy_segments(self.segs.iter().filter(|s| s.writable), from, data.len() as u64, |a, o, n| {
-            mem.write_slice(&data[o..o + n], GuestAddress(a)).is_ok()
-        })
+        copy_segments(
+            self.segs.iter().filter(|s| s.writable),
+            from,
+            data.len() as u64,
+            |a, o, n| mem.write_slice(&data[o..o + n], GuestAddress(a)).is_ok(),
+        )
     }
 }
 
@@ -223,7 +229,6 @@ pub fn next_chain(
     let Some(chain) = iter.next() else {
         return Ok(None);
     };
-    drop(iter);
     let head = chain.head_index();
     let mut segs = Vec::new();
     let mut total = 0u64;
@@ -267,6 +272,11 @@ pub fn next_chain(
 }
 
 /// Puts a finished chain in the used ring.
-pub fn complete(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result<(), QueueError> {
+pub fn complete(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+) -> Result<(), QueueError> {
     q.add_used(mem, head, len).map_err(|_| QueueError::Used)
 }

@@ -536,74 +536,74 @@ impl NestedVm {
         let mut internal = false;
         let devices = &self.devices;
         loop {
-        match v.fd.run() {
-            // Device registers are served here, at host speed, and the
-            // guest continues: the guest hypervisor never sees them.
-            Ok(VcpuExit::MmioRead(addr, data)) if devices.owns(addr) => {
-                devices.mmio_read(addr, data);
-                continue;
+            match v.fd.run() {
+                // Device registers are served here, at host speed, and the
+                // guest continues: the guest hypervisor never sees them.
+                Ok(VcpuExit::MmioRead(addr, data)) if devices.owns(addr) => {
+                    devices.mmio_read(addr, data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) if devices.mmio_write(addr, data) => {
+                    continue;
+                }
+                Ok(VcpuExit::IoOut(port, data)) if data.len() <= 8 => {
+                    out.reason = exit::IO_OUT;
+                    out.port = port as u32;
+                    out.size = data.len() as u32;
+                    let mut b = [0u8; 8];
+                    b[..data.len()].copy_from_slice(data);
+                    out.data = u64::from_le_bytes(b);
+                }
+                Ok(VcpuExit::IoIn(port, data)) if data.len() <= 8 => {
+                    out.reason = exit::IO_IN;
+                    out.port = port as u32;
+                    out.size = data.len() as u32;
+                    v.pending = Pending::Read {
+                        ptr: data.as_mut_ptr() as usize,
+                        len: data.len(),
+                    };
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) if data.len() <= 8 => {
+                    out.reason = exit::MMIO_READ;
+                    out.addr = addr;
+                    out.size = data.len() as u32;
+                    v.pending = Pending::Read {
+                        ptr: data.as_mut_ptr() as usize,
+                        len: data.len(),
+                    };
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) if data.len() <= 8 => {
+                    out.reason = exit::MMIO_WRITE;
+                    out.addr = addr;
+                    out.size = data.len() as u32;
+                    let mut b = [0u8; 8];
+                    b[..data.len()].copy_from_slice(data);
+                    out.data = u64::from_le_bytes(b);
+                }
+                Ok(VcpuExit::Hlt) => out.reason = exit::HLT,
+                Ok(VcpuExit::Shutdown) => out.reason = exit::SHUTDOWN,
+                Ok(VcpuExit::FailEntry(reason, _)) => {
+                    out.reason = exit::FAIL;
+                    out.detail = reason;
+                }
+                Ok(VcpuExit::InternalError) => {
+                    out.reason = exit::FAIL;
+                    internal = true;
+                }
+                Ok(VcpuExit::Intr) => out.reason = exit::SLICE,
+                Ok(_) => {
+                    out.reason = exit::FAIL;
+                    out.detail = 0xffff;
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    out.reason = exit::SLICE
+                }
+                Err(e) => {
+                    out.reason = exit::FAIL;
+                    out.detail = e.errno() as u64;
+                }
             }
-            Ok(VcpuExit::MmioWrite(addr, data)) if devices.mmio_write(addr, data) => {
-                continue;
-            }
-            Ok(VcpuExit::IoOut(port, data)) if data.len() <= 8 => {
-                out.reason = exit::IO_OUT;
-                out.port = port as u32;
-                out.size = data.len() as u32;
-                let mut b = [0u8; 8];
-                b[..data.len()].copy_from_slice(data);
-                out.data = u64::from_le_bytes(b);
-            }
-            Ok(VcpuExit::IoIn(port, data)) if data.len() <= 8 => {
-                out.reason = exit::IO_IN;
-                out.port = port as u32;
-                out.size = data.len() as u32;
-                v.pending = Pending::Read {
-                    ptr: data.as_mut_ptr() as usize,
-                    len: data.len(),
-                };
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) if data.len() <= 8 => {
-                out.reason = exit::MMIO_READ;
-                out.addr = addr;
-                out.size = data.len() as u32;
-                v.pending = Pending::Read {
-                    ptr: data.as_mut_ptr() as usize,
-                    len: data.len(),
-                };
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) if data.len() <= 8 => {
-                out.reason = exit::MMIO_WRITE;
-                out.addr = addr;
-                out.size = data.len() as u32;
-                let mut b = [0u8; 8];
-                b[..data.len()].copy_from_slice(data);
-                out.data = u64::from_le_bytes(b);
-            }
-            Ok(VcpuExit::Hlt) => out.reason = exit::HLT,
-            Ok(VcpuExit::Shutdown) => out.reason = exit::SHUTDOWN,
-            Ok(VcpuExit::FailEntry(reason, _)) => {
-                out.reason = exit::FAIL;
-                out.detail = reason;
-            }
-            Ok(VcpuExit::InternalError) => {
-                out.reason = exit::FAIL;
-                internal = true;
-            }
-            Ok(VcpuExit::Intr) => out.reason = exit::SLICE,
-            Ok(_) => {
-                out.reason = exit::FAIL;
-                out.detail = 0xffff;
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                out.reason = exit::SLICE
-            }
-            Err(e) => {
-                out.reason = exit::FAIL;
-                out.detail = e.errno() as u64;
-            }
-        }
-        break;
+            break;
         }
         timer.disarm(gen);
         v.fd.set_kvm_immediate_exit(0);

@@ -393,12 +393,14 @@ impl Vmm {
                 });
             }
         }
+        let events = |event: &str, fields: serde_json::Value| self.event(event, fields);
         let (report, succ) = rejuvenate::rejuvenate(
             &self.shared,
             &self.images.hypervisor,
             &self.images.modules,
             &aged,
             opts,
+            &events,
         )?;
         let retired = RetiredGeneration {
             generation: aged.spec.generation,

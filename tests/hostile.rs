@@ -139,8 +139,12 @@ fn hostile_hypercalls_are_refused() {
     vmm.start("hostile").unwrap();
     let text = wait_done(&vmm, &dir, Duration::from_secs(60));
     check_report(&vmm, &text);
-    // It keeps idling in OP_WAIT: still running a little later.
-    std::thread::sleep(Duration::from_millis(200));
+    // It keeps idling in OP_WAIT: L0 keeps serving its hypercalls.
+    let calls = || vmm.status().host_vms[0].hypercalls;
+    let before = calls();
+    common::wait_until(Duration::from_secs(30), "hypercalls after done", || {
+        calls() > before
+    });
     assert_eq!(vmm.failure(), None);
     assert_eq!(vmm.status().host_vms[0].status, "running");
 }

@@ -420,7 +420,10 @@ mod tests {
         );
         assert_eq!(
             place(&mut set, 0, 0xfec0_0000, 5, 0),
-            Err(DeviceError::Overlap(0xfec0_0000, "the interrupt controller"))
+            Err(DeviceError::Overlap(
+                0xfec0_0000,
+                "the interrupt controller"
+            ))
         );
         for bad in [0, 2, 24, u32::MAX] {
             assert_eq!(

@@ -161,10 +161,8 @@ fn a_corrupted_or_truncated_stream_is_rejected() {
     )
     .unwrap();
     let (k, p) = vmbeam_vmm::migration::wire::read_frame(&mut s).unwrap();
-    assert_eq!(k, vmbeam_vmm::migration::wire::Kind::Result);
-    let v: vmbeam_vmm::migration::remote::Verdict = serde_json::from_slice(&p).unwrap();
-    assert!(!v.ok);
-    assert!(v.error.unwrap().contains("rejected"));
+    assert_eq!(k, vmbeam_vmm::migration::wire::Kind::Refuse);
+    assert!(String::from_utf8_lossy(&p).contains("rejected"));
     std::thread::sleep(Duration::from_millis(200));
     assert!(dst.status().host_vms.is_empty(), "nothing was accepted");
 }

@@ -15,5 +15,6 @@ pub mod control;
 pub mod host;
 pub mod migration;
 pub mod nesting;
+pub mod progress;
 pub mod shared;
 pub mod vmm;

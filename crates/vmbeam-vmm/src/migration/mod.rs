@@ -4,7 +4,9 @@
 
 pub mod copy;
 pub mod handover;
+pub mod link;
 pub mod rejuvenate;
 pub mod remote;
 pub mod rescue;
+pub mod tls;
 pub mod wire;

@@ -178,6 +178,9 @@ pub struct Report {
     /// mid-handover (absent when it did not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rescued: Option<usize>,
+    /// How memory crossed the network (host-to-host migration only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<crate::migration::remote::Transfer>,
 }
 
 /// Resident set size of this process in bytes.
@@ -564,6 +567,7 @@ pub fn rejuvenate(
             .collect(),
         precopy,
         rescued,
+        transfer: None,
     };
     drop(st);
     *session.successor.lock().unwrap() = None;

@@ -22,15 +22,6 @@ use vmbeam_vmm::vmm::{Vmm, VmmError};
 /// Console of the hostile host VM line "hostile", generation 1.
 const HOSTILE_CONSOLE: &str = "hostile-g1";
 
-fn kvm_present() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        true
-    } else {
-        println!("SKIP: /dev/kvm not available");
-        false
-    }
-}
-
 /// A VMM whose guest hypervisor is the hostile one, with no nested guests.
 fn hostile_vmm(dir: &Path) -> Vmm {
     let config = VmmConfig {
@@ -140,7 +131,7 @@ fn wait_progress(vmm: &Vmm, than: (u64, u64), what: &str) -> (u64, u64) {
 
 #[test]
 fn hostile_hypercalls_are_refused() {
-    if !kvm_present() {
+    if !common::kvm_or_skip("hostile_hypercalls_are_refused") {
         return;
     }
     let dir = common::temp_dir("hostile-alone");
@@ -156,7 +147,7 @@ fn hostile_hypercalls_are_refused() {
 
 #[test]
 fn hostile_guest_does_not_disturb_a_neighbour() {
-    if !kvm_present() {
+    if !common::kvm_or_skip("hostile_guest_does_not_disturb_a_neighbour") {
         return;
     }
     let ndir = common::temp_dir("hostile-neighbour-normal");
@@ -221,7 +212,7 @@ fn rejuvenate_to_hostile(dir: &Path, line: &str) -> (Vmm, VmmError) {
 
 #[test]
 fn a_hostile_successor_cannot_take_or_harm_the_guests() {
-    if !kvm_present() {
+    if !common::kvm_or_skip("a_hostile_successor_cannot_take_or_harm_the_guests") {
         return;
     }
     let dir = common::temp_dir("hostile-successor");
@@ -340,7 +331,7 @@ fn a_hostile_successor_cannot_take_or_harm_the_guests() {
 /// the aged VM's own memory).
 #[test]
 fn guests_given_back_by_a_hostile_successor_can_still_migrate() {
-    if !kvm_present() {
+    if !common::kvm_or_skip("guests_given_back_by_a_hostile_successor_can_still_migrate") {
         return;
     }
     let dir = common::temp_dir("hostile-successor-src");

@@ -1,27 +1,16 @@
-//! Helpers shared by the integration tests: skipping without /dev/kvm,
-//! temporary console directories, and waiting for console output.
+//! Helpers shared by the integration tests: skipping (or, with
+//! `VMBEAM_REQUIRE_KVM=1`, failing) without /dev/kvm, temporary console
+//! directories, and waiting for console output.
 #![allow(dead_code)]
+
+mod kvm;
+pub use kvm::kvm_or_skip;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vmbeam_vmm::config::VmmConfig;
 use vmbeam_vmm::vmm::Vmm;
-
-/// True if /dev/kvm can be opened; otherwise prints why the test is skipped.
-pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            println!("SKIP {test}: /dev/kvm not available ({e})");
-            false
-        }
-    }
-}
 
 /// A fresh directory for one test's consoles.
 pub fn temp_dir(test: &str) -> PathBuf {

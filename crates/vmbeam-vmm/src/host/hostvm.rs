@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -25,6 +25,7 @@ use crate::migration::handover::Session;
 use crate::nesting::hypercall::{self, HcOutcome};
 use crate::nesting::nested::NestedVm;
 use crate::shared::Shared;
+use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
 /// Errors of building or running a host VM.
 #[derive(Debug, thiserror::Error)]
@@ -152,10 +153,19 @@ impl Health {
 }
 
 /// Sleep/wake for L1's OP_WAIT.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Doorbell {
-    rings: Mutex<u64>,
-    cv: Condvar,
+    rings: RankedMutex<u64>,
+    cv: RankedCondvar,
+}
+
+impl Default for Doorbell {
+    fn default() -> Self {
+        Doorbell {
+            rings: RankedMutex::new(Rank::Signal, 0),
+            cv: RankedCondvar::new(),
+        }
+    }
 }
 
 impl Doorbell {
@@ -187,7 +197,7 @@ pub struct NestedTable {
     /// Next handle to hand out.
     pub next_handle: u32,
     /// Live nested VMs by handle.
-    pub vms: BTreeMap<u32, Arc<Mutex<NestedVm>>>,
+    pub vms: BTreeMap<u32, Arc<RankedMutex<NestedVm>>>,
 }
 
 struct VcpuThread {
@@ -222,18 +232,18 @@ pub struct HostVm {
     pub vm: VmFd,
     /// Its memory.
     pub mem: RwLock<GuestRam>,
-    next_slot: Mutex<u32>,
+    next_slot: RankedMutex<u32>,
     /// Its nested VMs.
-    pub nested: Mutex<NestedTable>,
+    pub nested: RankedMutex<NestedTable>,
     /// L1's doorbell.
     pub doorbell: Doorbell,
     /// Handover in progress, if any.
-    pub session: Mutex<Option<Arc<Session>>>,
+    pub session: RankedMutex<Option<Arc<Session>>>,
     /// Health reported by L1.
-    pub health: Mutex<Health>,
-    status: Mutex<VmStatus>,
-    status_cv: Condvar,
-    vcpus: Mutex<Vec<VcpuThread>>,
+    pub health: RankedMutex<Health>,
+    status: RankedMutex<VmStatus>,
+    status_cv: RankedCondvar,
+    vcpus: RankedMutex<Vec<VcpuThread>>,
     /// Set to stop the vCPU threads.
     pub stop: AtomicBool,
     /// When it was created.
@@ -243,9 +253,9 @@ pub struct HostVm {
     /// Pool file.
     pub pool_file: Arc<MemFile>,
     channel_file: Arc<MemFile>,
-    deferred_slots: Mutex<Vec<u32>>,
-    l0_writes: Mutex<Option<Vec<(u64, u64)>>>,
-    serial: Mutex<HostSerial>,
+    deferred_slots: RankedMutex<Vec<u32>>,
+    l0_writes: RankedMutex<Option<Vec<(u64, u64)>>>,
+    serial: RankedMutex<HostSerial>,
     /// Hypercalls served.
     pub hypercalls: AtomicU64,
 }
@@ -472,22 +482,22 @@ impl HostVm {
             shared,
             vm,
             mem: RwLock::new(ram),
-            next_slot: Mutex::new(next_slot.max(3)),
-            nested: Mutex::new(NestedTable::default()),
+            next_slot: RankedMutex::new(Rank::VmLeaf, next_slot.max(3)),
+            nested: RankedMutex::new(Rank::NestedTable, NestedTable::default()),
             doorbell: Doorbell::default(),
-            session: Mutex::new(None),
-            health: Mutex::new(Health::default()),
-            status: Mutex::new(VmStatus::Booting),
-            status_cv: Condvar::new(),
-            vcpus: Mutex::new(Vec::new()),
+            session: RankedMutex::new(Rank::VmSession, None),
+            health: RankedMutex::new(Rank::Health, Health::default()),
+            status: RankedMutex::new(Rank::VmLeaf, VmStatus::Booting),
+            status_cv: RankedCondvar::new(),
+            vcpus: RankedMutex::new(Rank::VmLeaf, Vec::new()),
             stop: AtomicBool::new(false),
             started: Instant::now(),
             ram_file,
             pool_file,
             channel_file: channel,
-            deferred_slots: Mutex::new(Vec::new()),
-            l0_writes: Mutex::new(None),
-            serial: Mutex::new(Serial::new(NoIrq, LineWriter::new(console))),
+            deferred_slots: RankedMutex::new(Rank::VmLeaf, Vec::new()),
+            l0_writes: RankedMutex::new(Rank::VmLeaf, None),
+            serial: RankedMutex::new(Rank::VmLeaf, Serial::new(NoIrq, LineWriter::new(console))),
             hypercalls: AtomicU64::new(0),
         }))
     }
@@ -789,7 +799,7 @@ impl HostVm {
     }
 
     /// Destroys every nested VM (dropping their KVM VMs) and unbinds records.
-    pub fn drop_nested(&self) -> Vec<Arc<Mutex<NestedVm>>> {
+    pub fn drop_nested(&self) -> Vec<Arc<RankedMutex<NestedVm>>> {
         let vms: Vec<_> = std::mem::take(&mut self.nested.lock().unwrap().vms)
             .into_values()
             .collect();
@@ -825,7 +835,7 @@ impl HostVm {
     }
 
     /// Finds a nested VM.
-    pub fn nested_vm(&self, handle: u64) -> Option<Arc<Mutex<NestedVm>>> {
+    pub fn nested_vm(&self, handle: u64) -> Option<Arc<RankedMutex<NestedVm>>> {
         let h = u32::try_from(handle).ok()?;
         self.nested.lock().unwrap().vms.get(&h).cloned()
     }

@@ -8,7 +8,7 @@
 //! until L0 commits, which happens only after the aged VM is revoked.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmbeam_abi::handover::{MailboxHeader, MAILBOX_TO_AGED, MAILBOX_TO_SUCCESSOR};
@@ -21,6 +21,7 @@ use crate::migration::copy::{GuestCopy, SlotCopy};
 use crate::migration::rejuvenate::Mode;
 use crate::nesting::hypercall::{HcOutcome, HcResult};
 use crate::nesting::nested::{GuestRecord, NestedState, NestedVm};
+use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
 /// Phase of a handover session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +83,7 @@ pub struct Session {
     /// The VM whose guests move.
     pub aged: Arc<HostVm>,
     /// The successor, once built.
-    pub successor: Mutex<Option<Arc<HostVm>>>,
+    pub successor: RankedMutex<Option<Arc<HostVm>>>,
     /// The shared-page channel.
     pub channel: Arc<MemFile>,
     /// Whether to hash guests before and after.
@@ -90,11 +91,11 @@ pub struct Session {
     /// How memory moves.
     pub mode: Mode,
     /// Pre-copied destinations, by guest (precopy mode).
-    pub precopied: Mutex<Vec<GuestCopy>>,
+    pub precopied: RankedMutex<Vec<GuestCopy>>,
     /// State.
-    pub st: Mutex<SessionState>,
+    pub st: RankedMutex<SessionState>,
     /// Signalled on every phase change.
-    pub cv: Condvar,
+    pub cv: RankedCondvar,
 }
 
 impl Session {
@@ -102,21 +103,24 @@ impl Session {
     pub fn new(aged: Arc<HostVm>, channel: Arc<MemFile>, verify: bool, mode: Mode) -> Arc<Session> {
         Arc::new(Session {
             aged,
-            successor: Mutex::new(None),
+            successor: RankedMutex::new(Rank::SessionSuccessor, None),
             channel,
             verify,
             mode,
-            precopied: Mutex::new(Vec::new()),
-            st: Mutex::new(SessionState {
-                phase: Phase::Booting,
-                grants: Vec::new(),
-                next_grant_gpa: layout::GRANT_BASE,
-                channel_bytes: 0,
-                bytes_copied: 0,
-                verify_time: Duration::ZERO,
-                asked_at: None,
-            }),
-            cv: Condvar::new(),
+            precopied: RankedMutex::new(Rank::SessionCopies, Vec::new()),
+            st: RankedMutex::new(
+                Rank::SessionState,
+                SessionState {
+                    phase: Phase::Booting,
+                    grants: Vec::new(),
+                    next_grant_gpa: layout::GRANT_BASE,
+                    channel_bytes: 0,
+                    bytes_copied: 0,
+                    verify_time: Duration::ZERO,
+                    asked_at: None,
+                },
+            ),
+            cv: RankedCondvar::new(),
         })
     }
 
@@ -395,7 +399,7 @@ pub fn bind_adopted(vm: &HostVm, n: &mut NestedVm, guest: &str) -> Result<(), St
 /// Successor's VM_CREATE during a zero-copy handover: if `name` was granted,
 /// the aged guest hypervisor's nested VM itself (KVM VM, vCPUs, slots) moves
 /// to the successor's table under `handle` instead of a new one being built.
-pub fn try_adopt(vm: &HostVm, name: &str, handle: u32) -> Option<Arc<Mutex<NestedVm>>> {
+pub fn try_adopt(vm: &HostVm, name: &str, handle: u32) -> Option<Arc<RankedMutex<NestedVm>>> {
     let s = session_of(vm).ok()?;
     if s.is_aged(vm) || s.mode != Mode::ZeroCopy || s.phase() != Phase::HandingOver {
         return None;
@@ -440,7 +444,7 @@ pub fn return_adopted(aged: &HostVm, succ: &HostVm) {
 /// Successor's VM_DESTROY of a VM it was adopting: it goes back to the aged
 /// guest hypervisor instead (a successor cannot destroy a guest it was
 /// only offered).
-pub fn unadopt(vm: &HostVm, n: Arc<Mutex<NestedVm>>) -> Result<(), Status> {
+pub fn unadopt(vm: &HostVm, n: Arc<RankedMutex<NestedVm>>) -> Result<(), Status> {
     let s = session_of(vm)?;
     let h = {
         let mut g = n.lock().unwrap();
@@ -490,16 +494,23 @@ pub fn everyone_adopted(s: &Session, vm: &HostVm, succ: &HostVm) -> bool {
             return false;
         }
     }
-    let st = s.st.lock().unwrap();
+    // The grants are read first: the session state ranks after the tables.
+    let grants: Vec<(Arc<GuestRecord>, u64)> =
+        s.st.lock()
+            .unwrap()
+            .grants
+            .iter()
+            .map(|g| (g.record.clone(), g.mem_bytes))
+            .collect();
     let succ_table = succ.nested.lock().unwrap();
-    st.grants.iter().all(|g| {
+    grants.iter().all(|(record, mem_bytes)| {
         succ_table.vms.values().any(|n| {
             let n = n.lock().unwrap();
             (n.adopted_from.is_none() || n.adoption_complete())
                 && n.state_set
                 && n.vcpu_count() > 0
-                && n.record.as_ref().is_some_and(|r| Arc::ptr_eq(r, &g.record))
-                && n.mem_bytes() == g.mem_bytes
+                && n.record.as_ref().is_some_and(|r| Arc::ptr_eq(r, record))
+                && n.mem_bytes() == *mem_bytes
         })
     })
 }

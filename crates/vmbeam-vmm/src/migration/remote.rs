@@ -249,7 +249,7 @@ impl Dirty {
 fn collect_dirty(
     vm: &HostVm,
     regions: &[Region],
-    nested: &[Arc<std::sync::Mutex<NestedVm>>],
+    nested: &[Arc<crate::sync::RankedMutex<NestedVm>>],
 ) -> Dirty {
     let mut d = Dirty::new(regions);
     for (i, r) in regions.iter().enumerate() {
@@ -308,7 +308,7 @@ struct Out<'a> {
 impl Out<'_> {
     /// Fails if the destination refused, went away, or the user cancelled.
     fn check(&self) -> Result<(), RemoteError> {
-        if self.progress.is_some_and(|p| p.cancelled()) {
+        if self.progress.is_some_and(|p| p.is_cancelled()) {
             return Err(RemoteError::Cancelled);
         }
         match self.link.try_recv() {
@@ -500,7 +500,6 @@ pub fn migrate_out_with(
             x.set_phase(p)
         }
     };
-    phase(Phase::Connect);
     let addr = parse_addr(to)?;
     let t0 = Instant::now();
     let rss_before = rss_bytes();
@@ -532,12 +531,8 @@ pub fn migrate_out_with(
     let regions: Vec<Region> = vm.mem.read().unwrap().regions.clone();
     let nested: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
     if let Some(p) = progress {
-        p.bytes_total.store(
-            regions.iter().map(|r| r.size).sum::<u64>(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        p.guests_total
-            .store(nested.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        p.set_bytes_total(regions.iter().map(|r| r.size).sum::<u64>());
+        p.set_guests_total(nested.len() as u64);
     }
     let hello = Hello {
         line: vm.spec.line.clone(),
@@ -564,7 +559,7 @@ pub fn migrate_out_with(
     out.send(Kind::Hello, json(&hello).as_bytes())?;
 
     // Live phase: everything keeps running.
-    phase(Phase::Live);
+    phase(Phase::Precopy);
     vm.start_l0_write_log();
     set_l1_logging(vm, true);
     for n in &nested {
@@ -584,6 +579,9 @@ pub fn migrate_out_with(
             let pending = d.count();
             let est = Duration::from_secs_f64(pending as f64 * PAGE as f64 / bps.max(1.0));
             stats.rounds += 1;
+            if let Some(p) = progress {
+                p.add_round();
+            }
             if est <= budget || stats.rounds >= crate::migration::copy::MAX_ROUNDS {
                 sent.add(out.dirty(&regions, &d)?);
                 stats.remaining_pages = pending;
@@ -600,7 +598,7 @@ pub fn migrate_out_with(
         }
         stats.live_bytes = sent.pages;
         // Stop-and-copy.
-        phase(Phase::Paused);
+        phase(Phase::HandingOver);
         let t_pause = Instant::now();
         let fds = vm.pause_vcpus();
         // Everything from here to the verdict resumes the source on failure.
@@ -660,7 +658,7 @@ pub fn migrate_out_with(
             out.send(Kind::State, json(&state).as_bytes())?;
             out.send(Kind::Done, &[])?;
             link.flush(ANSWER).map_err(|e| refusal_or(&link, e))?;
-            phase(Phase::Commit);
+            phase(Phase::Verifying);
             let verdict = match link.recv(ANSWER) {
                 Ok((Kind::Result, p)) => serde_json::from_slice::<Verdict>(&p)
                     .map_err(|e| RemoteError::Refused(format!("unreadable verdict: {e}")))?,
@@ -696,6 +694,7 @@ pub fn migrate_out_with(
         if let Err(e) = committed {
             return Err(resume_err(vm, fds, e));
         }
+        phase(Phase::Committing);
         let commit_sent = t_pause.elapsed();
         // From COMMIT on the destination owns the VM: this side must not run
         // it again, whatever happens to the connection.
@@ -785,7 +784,11 @@ pub fn migrate_out_with(
             Ok(report)
         }
         Err(e) => {
-            phase(Phase::Failed);
+            phase(if matches!(e, RemoteError::Cancelled) {
+                Phase::Cancelled
+            } else {
+                Phase::Failed
+            });
             vm.take_l0_writes();
             set_l1_logging(vm, false);
             for n in &nested {
@@ -1246,9 +1249,13 @@ fn build(
         }
         n.record = Some(rec);
         table.next_handle = table.next_handle.max(d.handle);
-        table
-            .vms
-            .insert(d.handle, Arc::new(std::sync::Mutex::new(n)));
+        table.vms.insert(
+            d.handle,
+            Arc::new(crate::sync::RankedMutex::new(
+                crate::sync::Rank::NestedVm,
+                n,
+            )),
+        );
     }
     drop(table);
     Ok((hv, fds))

@@ -6,7 +6,7 @@
 //! input, and an error leaves L0's state as it was.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use vmbeam_abi::hypercall::*;
@@ -17,6 +17,7 @@ use crate::host::kick::SliceTimer;
 use crate::host::memory::RegionKind;
 use crate::migration::handover;
 use crate::nesting::nested::{NestedSlot, NestedVm};
+use crate::sync::{Rank, RankedMutex};
 
 /// What the vCPU loop does after a hypercall.
 #[derive(Debug, PartialEq, Eq)]
@@ -66,7 +67,7 @@ fn name_arg(page: &HypercallPage) -> Result<String, Status> {
     check_name(&b).map(str::to_string)
 }
 
-fn nested(vm: &HostVm, handle: u64) -> Result<Arc<Mutex<NestedVm>>, Status> {
+fn nested(vm: &HostVm, handle: u64) -> Result<Arc<RankedMutex<NestedVm>>, Status> {
     vm.nested_vm(handle).ok_or(Status::NoSuchHandle)
 }
 
@@ -234,7 +235,9 @@ fn vm_create(vm: &HostVm, p: &mut HypercallPage) -> HcResult {
         drop(info);
         n.record = Some(r);
     }
-    table.vms.insert(handle, Arc::new(Mutex::new(n)));
+    table
+        .vms
+        .insert(handle, Arc::new(RankedMutex::new(Rank::NestedVm, n)));
     p.ret[0] = handle as u64;
     OK
 }

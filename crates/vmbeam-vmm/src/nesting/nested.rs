@@ -9,7 +9,7 @@
 //! the guest across moves between guest hypervisors.
 
 use std::sync::atomic::AtomicU8;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_userspace_memory_region, CpuId};
@@ -23,6 +23,7 @@ use crate::host::arch;
 use crate::host::console::Console;
 use crate::host::kick::SliceTimer;
 use crate::host::memory::MemFile;
+use crate::sync::RankedMutex;
 
 /// Most memory slots per nested VM.
 pub const MAX_SLOTS: usize = vmbeam_abi::handover::MAX_GUEST_RANGES;
@@ -42,7 +43,7 @@ pub struct GuestRecord {
     /// Its console.
     pub console: Arc<Console>,
     /// Mutable facts.
-    pub info: Mutex<RecordInfo>,
+    pub info: RankedMutex<RecordInfo>,
 }
 
 /// Mutable facts about a nested guest.

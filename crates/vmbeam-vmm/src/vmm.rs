@@ -416,10 +416,27 @@ impl Vmm {
         to: &str,
         budget: Duration,
     ) -> Result<Report, VmmError> {
+        self.migrate_with(
+            name,
+            to,
+            &crate::migration::remote::MigrateOptions {
+                downtime: budget,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`Vmm::migrate`] with options (TLS, progress and cancel).
+    pub fn migrate_with(
+        &self,
+        name: Option<&str>,
+        to: &str,
+        opts: &crate::migration::remote::MigrateOptions,
+    ) -> Result<Report, VmmError> {
         let _guard = self.busy.try_lock().map_err(|_| VmmError::Busy)?;
         let line = self.line(name)?;
         let vm = line.current.lock().unwrap().clone();
-        let report = crate::migration::remote::migrate_out(&vm, to, budget)?;
+        let report = crate::migration::remote::migrate_out_with(&vm, to, opts)?;
         self.lines
             .lock()
             .unwrap()

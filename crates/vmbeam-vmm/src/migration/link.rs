@@ -98,11 +98,14 @@ impl Link {
         let join = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                let inbox = io.inbox.clone();
+                let mut io = io;
                 if let Err(x) = io.run() {
                     let msg = x.to_string();
-                    *e.lock().unwrap() = Some(msg);
-                    let _ = inbox.try_send(Err(x));
+                    *e.lock().unwrap() = Some(msg.clone());
+                    if is_protocol(&x) {
+                        io.refuse_and_linger(&msg);
+                    }
+                    let _ = io.inbox.try_send(Err(x));
                 }
             })?;
         Ok(Link {
@@ -222,8 +225,50 @@ fn would_block(e: &std::io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
 }
 
+/// A stream that is not the migration protocol (as opposed to a broken
+/// connection): the peer is told why before the connection closes.
+fn is_protocol(e: &WireError) -> bool {
+    matches!(
+        e,
+        WireError::Magic(_)
+            | WireError::Version(_)
+            | WireError::Kind(_)
+            | WireError::TooLong(_)
+            | WireError::Crc { .. }
+            | WireError::TlsMismatch(_)
+    )
+}
+
 impl Io {
-    fn run(mut self) -> Result<(), WireError> {
+    /// Sends REFUSE with `why`, then reads and drops what still comes for a
+    /// short while, so the peer reads the reason rather than a reset.
+    fn refuse_and_linger(&mut self, why: &str) {
+        let Ok(frame) = wire::encode(Kind::Refuse, wire::refuse_payload(why)) else {
+            return;
+        };
+        let sock = self.t.sock().try_clone();
+        let Ok(mut sock) = sock else { return };
+        let _ = sock.set_nonblocking(false);
+        let _ = sock.set_write_timeout(Some(Duration::from_secs(2)));
+        let ok = match &mut self.t {
+            Transport::Plain(_) => sock.write_all(&frame).is_ok(),
+            Transport::Tls(_, c) => {
+                c.writer().write_all(&frame).is_ok() && {
+                    while c.wants_write() {
+                        if c.write_tls(&mut sock).is_err() {
+                            break;
+                        }
+                    }
+                    !c.wants_write()
+                }
+            }
+        };
+        if ok {
+            crate::migration::tls::linger(&sock);
+        }
+    }
+
+    fn run(&mut self) -> Result<(), WireError> {
         let mut pending: Vec<u8> = Vec::new();
         let mut off = 0usize;
         let mut acks: Vec<mpsc::Sender<()>> = Vec::new();

@@ -19,6 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, CertificateError, Error as TlsErr};
 
 use crate::migration::link::Transport;
+use crate::migration::wire;
 
 /// Errors loading TLS material or shaking hands.
 #[derive(Debug, thiserror::Error)]
@@ -146,8 +147,9 @@ fn handshake(
                 }
                 None => format!("the TLS handshake failed: {e}"),
             };
-            // Let the peer read our alert.
+            // Let the peer read our alert rather than a reset.
             let _ = c.write_tls(&mut sock);
+            linger(&sock);
             return Err(TlsError::Handshake(why));
         }
     }
@@ -168,10 +170,74 @@ pub fn connect(t: &TlsDir, sock: TcpStream, host: &str) -> Result<Transport, Tls
 }
 
 /// Accepts TLS from a sender, requiring a client certificate from the CA.
+/// A sender that starts a plaintext migration stream instead is answered
+/// in plaintext (REFUSE), so it can say why too.
 pub fn accept(t: &TlsDir, sock: TcpStream) -> Result<Transport, TlsError> {
+    if starts_plaintext(&sock) {
+        refuse_plaintext(&sock);
+        return Err(TlsError::Handshake(explain_as(
+            &TlsErr::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+            Side::Receiver,
+        )));
+    }
     let c = rustls::ServerConnection::new(t.server.clone())
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
     handshake(sock, c.into(), Side::Receiver)
+}
+
+/// True if the first bytes are a plaintext migration frame's magic.
+fn starts_plaintext(sock: &TcpStream) -> bool {
+    let _ = sock.set_read_timeout(Some(HANDSHAKE));
+    let magic = wire::MAGIC.to_le_bytes();
+    let mut b = [0u8; 4];
+    let deadline = std::time::Instant::now() + HANDSHAKE;
+    loop {
+        match sock.peek(&mut b) {
+            Ok(4) => return b == magic,
+            Ok(0) | Err(_) => return false,
+            Ok(n) if b[..n] != magic[..n] => return false,
+            Ok(_) if std::time::Instant::now() > deadline => return false,
+            Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+fn refuse_plaintext(sock: &TcpStream) {
+    use std::io::Write;
+    let why =
+        "this destination requires mutual TLS: give --tls-dir with a certificate signed by its CA";
+    let Ok(frame) = wire::encode(wire::Kind::Refuse, wire::refuse_payload(why)) else {
+        return;
+    };
+    let mut s = sock;
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(&frame).is_err() {
+        return;
+    }
+    linger(sock);
+}
+
+/// Closes our direction and reads (and drops) what the peer still sends
+/// for up to 2 s, so the peer reads what we sent last instead of a reset.
+pub(crate) fn linger(sock: &TcpStream) {
+    use std::io::Read;
+    let mut s = sock;
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    let mut sink = [0u8; 64 << 10];
+    while std::time::Instant::now() < until {
+        match s.read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]

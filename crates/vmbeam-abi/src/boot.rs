@@ -42,6 +42,14 @@ pub mod fault {
     /// The aged L1 crashes after its first guest is accepted (L0 writes
     /// `control::HANDOVER_THEN_CRASH` instead of `HANDOVER`).
     pub const AGED_CRASH_AFTER_FIRST: u64 = 1 << 4;
+    /// L0 changes one byte (at nested address [`FLIP_BYTE_GPA`]) of the
+    /// first granted guest after its before-checksum and before its
+    /// after-checksum, so the move's verification must fail and roll back.
+    pub const FLIP_BYTE_BEFORE_VERIFY: u64 = 1 << 5;
+    /// The byte [`FLIP_BYTE_BEFORE_VERIFY`] inverts: the last byte of the
+    /// nested guest's boot-parameter page, which no workload reads after
+    /// it started and memtouch does not verify.
+    pub const FLIP_BYTE_GPA: u64 = crate::l2::BOOT_PARAMS + 0xfff;
 }
 
 /// Kinds of workload images.

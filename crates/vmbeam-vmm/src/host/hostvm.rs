@@ -840,6 +840,38 @@ impl HostVm {
         self.nested.lock().unwrap().vms.get(&h).cloned()
     }
 
+    /// Introspection: the host mappings of the pages granted to this VM by
+    /// its predecessor, one per granted range, in grant order. Nothing in
+    /// L0 uses it; tests check the host addresses against
+    /// `/proc/self/maps` to see which file pages back a moved guest.
+    pub fn grant_mappings(&self) -> Vec<HostMapping> {
+        self.mem
+            .read()
+            .unwrap()
+            .regions
+            .iter()
+            .filter_map(|r| match &r.kind {
+                RegionKind::Grant { guest } => Some(HostMapping::of(r, guest)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Introspection: the host mapping of this VM's guest-physical range
+    /// `[gpa, gpa + len)` if one region holds all of it (see
+    /// [`HostVm::grant_mappings`]).
+    pub fn host_mapping(&self, gpa: u64, len: u64) -> Option<HostMapping> {
+        let mem = self.mem.read().unwrap();
+        let r = mem.find(gpa, len)?;
+        let mut m = HostMapping::of(r, "");
+        m.guest = None;
+        m.host_addr += (gpa - r.gpa) as usize;
+        m.file_offset += gpa - r.gpa;
+        m.gpa = gpa;
+        m.len = len;
+        Some(m)
+    }
+
     /// The channel memfd mapped at `CHANNEL_BASE`.
     pub fn channel_file(&self) -> Arc<MemFile> {
         self.channel_file.clone()
@@ -854,6 +886,38 @@ impl HostVm {
 impl Drop for HostVm {
     fn drop(&mut self) {
         self.stop_vcpus();
+    }
+}
+
+/// Introspection: one host mapping of a host VM's memory and the file
+/// range behind it ([`HostVm::grant_mappings`], [`HostVm::host_mapping`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostMapping {
+    /// Nested guest the pages were granted for (grant mappings only).
+    pub guest: Option<String>,
+    /// Guest-physical start in the host VM.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Host virtual address of `gpa` in this process.
+    pub host_addr: usize,
+    /// Descriptor of the backing memfd in this process (valid while the
+    /// host VM or a nested VM still maps the file).
+    pub fd: i32,
+    /// Offset of `gpa` in the backing file.
+    pub file_offset: u64,
+}
+
+impl HostMapping {
+    fn of(r: &Region, guest: &str) -> HostMapping {
+        HostMapping {
+            guest: Some(guest.to_string()),
+            gpa: r.gpa,
+            len: r.size,
+            host_addr: r.map.as_ptr() as usize,
+            fd: std::os::fd::AsRawFd::as_raw_fd(&*r.file.file),
+            file_offset: r.offset,
+        }
     }
 }
 

@@ -16,8 +16,9 @@ use vmbeam_abi::boot::{control, fault, ROLE_SUCCESSOR};
 use crate::host::hostvm::{HostVm, VmStatus};
 use crate::host::loader::FlatImage;
 use crate::migration::handover::{self, Phase, Session};
-use crate::nesting::nested::NestedState;
+use crate::nesting::nested::{NestedState, NestedVm};
 use crate::shared::Shared;
+use crate::sync::RankedMutex;
 
 /// How nested memory moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -211,6 +212,18 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Fault injection ([`fault::FLIP_BYTE_BEFORE_VERIFY`]): inverts one byte of
+/// the first granted guest, paused between its two checksums.
+fn flip_first_granted(grants: &[handover::Grant], table: &[Arc<RankedMutex<NestedVm>>]) {
+    let Some(g) = grants.first() else { return };
+    for n in table {
+        let n = n.lock().unwrap();
+        if n.record.as_ref().is_some_and(|r| Arc::ptr_eq(r, &g.record)) {
+            let _ = n.flip_byte(fault::FLIP_BYTE_GPA);
+        }
+    }
+}
+
 /// Moves every nested guest of `aged` to a fresh guest hypervisor.
 /// On success returns the report and the successor.
 pub fn rejuvenate(
@@ -398,6 +411,9 @@ pub fn rejuvenate(
     if opts.verify {
         let grants = session.st.lock().unwrap().grants.clone();
         let table: Vec<_> = succ.nested.lock().unwrap().vms.values().cloned().collect();
+        if opts.fault & fault::FLIP_BYTE_BEFORE_VERIFY != 0 {
+            flip_first_granted(&grants, &table);
+        }
         for g in &grants {
             let t = Instant::now();
             let sum = table.iter().find_map(|n| {

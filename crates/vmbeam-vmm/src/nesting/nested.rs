@@ -710,6 +710,17 @@ impl NestedVm {
         sum
     }
 
+    /// Inverts the byte at nested address `l2_gpa` through the slot's
+    /// mapping (fault injection: a corruption the move must detect).
+    pub fn flip_byte(&self, l2_gpa: u64) -> Result<(), Status> {
+        let (i, off, _) = self.pieces(l2_gpa, 1)?[0];
+        let p = (self.slots[i].hva + off as usize) as *mut u8;
+        // SAFETY: `p` is inside the slot's live shared mapping; the guest is
+        // paused, and a racing guest write would only change the byte too.
+        unsafe { p.write_volatile(!p.read_volatile()) };
+        Ok(())
+    }
+
     /// Reads bytes of a mapped range.
     pub fn read(&self, l2_gpa: u64, len: u64) -> Result<Vec<u8>, Status> {
         let mut out = Vec::with_capacity(len as usize);

@@ -353,12 +353,14 @@ impl Vmm {
         let _flag = FlagGuard(&self.rejuvenating);
         let line = self.line(name)?;
         let aged = line.current.lock().unwrap().clone();
+        let events = |event: &str, fields: serde_json::Value| self.event(event, fields);
         let (report, succ) = rejuvenate::rejuvenate(
             &self.shared,
             &self.images.hypervisor,
             &self.images.modules,
             &aged,
             opts,
+            &events,
         )?;
         let retired = RetiredGeneration {
             generation: aged.spec.generation,

@@ -27,6 +27,11 @@ use crate::nesting::nested::NestedVm;
 use crate::shared::Shared;
 use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
+/// How long stopping a VM waits for each vCPU thread before leaving it.
+/// A vCPU thread blocks at most in a nested RUN (≤ 1 s slice) or a bounded
+/// handover wait, both of which end early when the VM stops.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Errors of building or running a host VM.
 #[derive(Debug, thiserror::Error)]
 pub enum HostVmError {
@@ -772,15 +777,26 @@ impl HostVm {
         let mut threads: Vec<VcpuThread> = std::mem::take(&mut *self.vcpus.lock().unwrap());
         threads.sort_by_key(|t| t.idx);
         let mut fds = Vec::new();
+        let deadline = Instant::now() + STOP_DEADLINE;
         for mut t in threads {
             let Some(j) = t.join.take() else { continue };
-            while !j.is_finished() {
+            while !j.is_finished() && Instant::now() < deadline {
                 // SAFETY: `immediate_exit` points into the vCPU's kvm_run
                 // mapping; the VcpuFd lives until `join` below returns it.
                 unsafe { kick::set_immediate_exit(t.immediate_exit as *const AtomicU8) };
                 kick::signal_thread(t.thread);
                 self.doorbell.ring();
                 std::thread::sleep(Duration::from_millis(1));
+            }
+            if !j.is_finished() {
+                // Never spin forever: a thread that does not stop (a bug of
+                // L0's) is left behind, still owning its vCPU, and said so.
+                eprintln!(
+                    "vmbeam: vCPU {} of {} did not stop within {STOP_DEADLINE:?}; leaving it",
+                    t.idx,
+                    self.name()
+                );
+                continue;
             }
             if let Ok(fd) = j.join() {
                 fds.push(fd);

@@ -403,7 +403,7 @@ mod tests {
         let ram = [(0u64, 16u64 << 20)];
         let b = disk();
         let mut set = DeviceSet::default();
-        let mut place = |set: &mut DeviceSet, i, base, gsi, vcpus| {
+        let place = |set: &mut DeviceSet, i, base, gsi, vcpus| {
             set.place(&vm, i, base, gsi, &b, "l2-0", &ram, vcpus)
         };
         assert_eq!(
@@ -415,8 +415,8 @@ mod tests {
             Err(DeviceError::Misaligned(0xd000_0800))
         );
         assert_eq!(
-            place(&mut set, 0, u64::MAX & !0xfff, 5, 0),
-            Err(DeviceError::OutOfRange(u64::MAX & !0xfff))
+            place(&mut set, 0, !0xfffu64, 5, 0),
+            Err(DeviceError::OutOfRange(!0xfffu64))
         );
         assert_eq!(
             place(&mut set, 0, 0xfec0_0000, 5, 0),

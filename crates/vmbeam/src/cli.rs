@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use vmbeam_vmm::config::{parse_size, ConfigError, VmmConfig, Workload};
 use vmbeam_vmm::control::inspect::{parse_number, InspectError};
 use vmbeam_vmm::control::policy::{parse_duration, Condition, PolicyError};
+use vmbeam_vmm::devices::binding::{self, BindError, Binding};
 use vmbeam_vmm::migration::rejuvenate::Mode;
 
 /// Default API socket path.
@@ -64,12 +65,15 @@ pub struct VmArgs {
     /// RAM of each nested guest (e.g. 64M, 4G).
     #[arg(long, default_value = "16M", value_parser = size)]
     pub nested_mem: u64,
-    /// Nested workloads, assigned round-robin (memtouch, ticker).
+    /// Nested workloads, assigned round-robin (memtouch, ticker, blkcheck, netecho).
     #[arg(long, default_value = "memtouch,ticker", value_delimiter = ',', value_parser = workload)]
     pub workload: Vec<Workload>,
-    /// memtouch: rounds before it halts (0 = forever); ticker: ticks before it faults on purpose (0 = never; with bit 63 set the fault is an AVX instruction).
+    /// memtouch, blkcheck: rounds before it halts (0 = forever); ticker: ticks before it faults on purpose (0 = never; with bit 63 set the fault is an AVX instruction).
     #[arg(long, default_value_t = 0)]
     pub workload_param: u64,
+    /// Second workload parameter: blkcheck waits for its disk's interrupts (in hlt) instead of polling when bit 0 is set.
+    #[arg(long, default_value_t = 0)]
+    pub workload_param1: u64,
     /// Write each console to DIR/<name>.log instead of the terminal.
     #[arg(long)]
     pub console_dir: Option<PathBuf>,
@@ -83,6 +87,20 @@ pub struct VmArgs {
     /// nested pool per nested run it issues (0 = off).
     #[arg(long, value_name = "PAGES_PER_OP", default_value_t = 0)]
     pub age_leak: u32,
+    /// Bind a raw disk image to a nested guest: GUEST=PATH[,ro] (repeatable).
+    #[arg(long = "disk", value_name = "GUEST=PATH[,ro]", value_parser = disk)]
+    pub disks: Vec<Binding>,
+    /// Bind an existing TAP to a nested guest: GUEST=tap:NAME[,mac=MAC] (repeatable).
+    #[arg(long = "net", value_name = "GUEST=tap:NAME[,mac=MAC]", value_parser = net)]
+    pub nets: Vec<Binding>,
+}
+
+fn disk(s: &str) -> Result<Binding, BindError> {
+    binding::parse_disk(s)
+}
+
+fn net(s: &str) -> Result<Binding, BindError> {
+    binding::parse_net(s)
 }
 
 impl VmArgs {
@@ -98,8 +116,10 @@ impl VmArgs {
             console_dir: self.console_dir.clone(),
             quiet,
             workload_param: self.workload_param,
+            workload_param1: self.workload_param1,
             slice_us: self.slice_us,
             age_leak_pages: self.age_leak,
+            devices: self.disks.iter().chain(&self.nets).cloned().collect(),
         }
     }
 }
@@ -123,6 +143,14 @@ pub struct RunArgs {
     /// (HOST:PORT) instead of booting one.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Mutual TLS for `--listen`: a directory with ca.pem (the CA senders
+    /// must be signed by), cert.pem and key.pem (this host's).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Allow `--listen` on a non-loopback address without `--tls-dir`
+    /// (anyone who reaches the port can then make this host run a VM).
+    #[arg(long)]
+    pub insecure_listen: bool,
     /// Rejuvenate automatically when the nested pool in the guest hypervisor's
     /// last health report is low: free<PERCENT% or free<SIZE (e.g. "free<10%", "free<64M").
     #[arg(long, value_name = "CONDITION", value_parser = condition)]
@@ -179,7 +207,7 @@ pub struct RejuvenateArgs {
     /// Pre-copy: downtime budget in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
-    /// Inject a fault into the successor (testing): reject-first, crash-before-adopt, crash-after-first, hang-at-boot.
+    /// Inject a fault (testing): reject-first, crash-before-adopt, crash-after-first, hang-at-boot, aged-crash-after-first, flip-byte-before-verify.
     #[arg(long)]
     pub fault: Option<String>,
 }
@@ -199,6 +227,10 @@ pub struct MigrateArgs {
     /// Downtime budget of the pre-copy, in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
+    /// Mutual TLS: a directory with ca.pem (the CA the destination must be
+    /// signed by), cert.pem and key.pem (this host's).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// Print the full report as JSON.
     #[arg(long)]
     pub json: bool,

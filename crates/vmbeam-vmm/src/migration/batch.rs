@@ -394,6 +394,10 @@ pub fn complete_move(s: &Session, i: usize) -> Result<(), String> {
     let asked = s.with(|h| h.asked_at);
     let paused_at;
     {
+        // The switch-over itself, under the VM's own lock. Everything L0
+        // keeps for the guest lives in this `NestedVm` (KVM VM, vCPUs,
+        // slots, its virtio `DeviceSet`) and moves with it as it is; L0-side
+        // state kept anywhere else would be handed over here.
         let mut n = nvm.lock().unwrap();
         if n.state == NestedState::Crashed {
             return Err(format!("{} crashed before it could move", record.name));

@@ -3,6 +3,8 @@
 
 pub mod cli;
 pub mod demo;
+pub mod follow;
+pub mod logging;
 pub mod run;
 
 use vmbeam_vmm::host::images::Images;
@@ -14,6 +16,14 @@ pub const HYPERVISOR_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hype
 pub const MEMTOUCH_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtouch.elf"));
 /// The bundled ticker workload ELF.
 pub const TICKER_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ticker.elf"));
+
+/// The `error` sentence of an API error body (or the body itself).
+pub fn error_of(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| body.to_string())
+}
 
 /// The embedded images, optionally with another guest hypervisor ELF.
 pub fn images(hypervisor: Option<Vec<u8>>) -> Result<Images, LoaderError> {

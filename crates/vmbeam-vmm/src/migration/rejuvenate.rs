@@ -17,6 +17,7 @@ use crate::host::hostvm::{HostVm, VmStatus};
 use crate::host::loader::FlatImage;
 use crate::migration::handover::{self, Phase, Session};
 use crate::nesting::nested::NestedState;
+use crate::progress::{Phase as JobPhase, Progress};
 use crate::shared::Shared;
 
 /// How nested memory moves.
@@ -59,6 +60,9 @@ pub struct RejuvenateOptions {
     /// successor instead of the VMM's image (`None`, the default, boots the
     /// VMM's own). Not settable through the HTTP API.
     pub successor_image: Option<Vec<u8>>,
+    /// Progress to report to and the cancel flag to obey (jobs). A cancel
+    /// is honoured at every point before commit: the handover rolls back.
+    pub progress: Option<Arc<Progress>>,
 }
 
 impl Default for RejuvenateOptions {
@@ -70,6 +74,7 @@ impl Default for RejuvenateOptions {
             timeout: Duration::from_secs(60),
             downtime_budget: Duration::from_millis(300),
             successor_image: None,
+            progress: None,
         }
     }
 }
@@ -239,7 +244,36 @@ pub fn rejuvenate(
     *aged.session.lock().unwrap() = Some(session.clone());
 
     let guests_now = aged.nested.lock().unwrap().vms.len();
+    let progress = opts.progress.as_ref();
+    let phase = |p: JobPhase| {
+        tracing::info!(vm = %line, generation, "rejuvenation phase: {}", p.as_str());
+        if let Some(pr) = progress {
+            pr.set_phase(p);
+        }
+    };
+    // Checked wherever the handover can still roll back.
+    let cancelled = || {
+        crate::progress::check(progress)
+            .err()
+            .map(|e| e.to_string())
+    };
+    if let Some(p) = progress {
+        p.set_guests_total(guests_now as u64);
+        if opts.mode != Mode::ZeroCopy {
+            let total: u64 = aged
+                .nested
+                .lock()
+                .unwrap()
+                .vms
+                .values()
+                .map(|v| v.lock().unwrap().mem_bytes())
+                .sum();
+            p.set_bytes_total(total);
+        }
+    }
+    phase(JobPhase::Booting);
     let rollback = |session: &Arc<Session>, succ: Option<&Arc<HostVm>>, msg: String| {
+        phase(JobPhase::RollingBack);
         // Order matters: the successor stops first, then every guest it was
         // adopting goes back and is unfrozen, and only then is the aged L1
         // told (it resumes its guests as soon as it sees ABORT).
@@ -311,7 +345,7 @@ pub fn rejuvenate(
     let boot_wait = session.wait_phase(
         opts.timeout.min(Duration::from_secs(30)),
         |p| *p == Phase::Ready,
-        succ_dead,
+        || succ_dead().or_else(cancelled),
     );
     if let Err(m) = boot_wait {
         return Err(rollback(
@@ -321,12 +355,16 @@ pub fn rejuvenate(
         ));
     }
     let t_ready = Instant::now();
+    if let Some(m) = cancelled() {
+        return Err(rollback(&session, Some(&succ), m));
+    }
 
     // Pre-copy: copy while the guests keep running under the aged L1.
     let mut precopy = None;
     if opts.mode == Mode::Precopy {
+        phase(JobPhase::Precopy);
         let vms: Vec<_> = aged.nested.lock().unwrap().vms.values().cloned().collect();
-        match crate::migration::copy::precopy_live(&vms, opts.downtime_budget) {
+        match crate::migration::copy::precopy_live_with(&vms, opts.downtime_budget, progress) {
             Ok((copies, stats)) => {
                 session.st.lock().unwrap().bytes_copied += stats.live_bytes;
                 *session.precopied.lock().unwrap() = copies;
@@ -342,6 +380,10 @@ pub fn rejuvenate(
     }
 
     // 2. Ask the aged guest hypervisor to hand over.
+    if let Some(m) = cancelled() {
+        return Err(rollback(&session, Some(&succ), m));
+    }
+    phase(JobPhase::HandingOver);
     session.set_phase(Phase::HandingOver);
     aged.set_control(if opts.fault & fault::AGED_CRASH_AFTER_FIRST != 0 {
         control::HANDOVER_THEN_CRASH
@@ -354,7 +396,7 @@ pub fn rejuvenate(
         session.wait_phase(
             opts.timeout,
             |p| matches!(p, Phase::AgedDone | Phase::Aborted(_)),
-            || succ_dead().or_else(aged_dead),
+            || succ_dead().or_else(aged_dead).or_else(cancelled),
         )
     };
     let mut rescued = None;
@@ -393,6 +435,7 @@ pub fn rejuvenate(
     // the successor's side is not committed (all guests go back).
     let mut after_sums: Vec<(String, u64)> = Vec::new();
     if opts.verify {
+        phase(JobPhase::Verifying);
         let grants = session.st.lock().unwrap().grants.clone();
         let table: Vec<_> = succ.nested.lock().unwrap().vms.values().cloned().collect();
         for g in &grants {
@@ -422,6 +465,11 @@ pub fn rejuvenate(
             }
         }
     }
+    // Last point where a cancel rolls back.
+    if let Some(m) = cancelled() {
+        return Err(rollback(&session, Some(&succ), m));
+    }
+    phase(JobPhase::Committing);
     session.set_phase(Phase::Committing);
 
     // 3. Revoke the aged VM: no vCPU, no nested VM, no slot survives.
@@ -566,6 +614,12 @@ pub fn rejuvenate(
         rescued,
     };
     drop(st);
+    if let Some(p) = progress {
+        p.set_guests_done(report.guests.iter().filter(|g| g.running_after).count() as u64);
+        if opts.mode == Mode::Copy {
+            p.add_bytes(report.bytes_copied);
+        }
+    }
     *session.successor.lock().unwrap() = None;
     Ok((report, succ))
 }

@@ -26,6 +26,7 @@ use crate::migration::copy::{dirty_page_numbers, dirty_pages, PrecopyStats, PAGE
 use crate::migration::rejuvenate::{cpu_ms, rss_bytes, GuestReport, Report};
 use crate::migration::wire::{self, Kind, WireError};
 use crate::nesting::nested::{NestedSlot, NestedState, NestedVm};
+use crate::progress::Progress;
 use crate::shared::Shared;
 
 /// Errors of host-to-host migration.
@@ -42,6 +43,14 @@ pub enum RemoteError {
     /// The destination address is not `tcp://HOST:PORT` or `HOST:PORT`.
     #[error("bad destination '{0}': use tcp://HOST:PORT")]
     Address(String),
+    /// The destination's host name does not resolve.
+    #[error("cannot resolve the destination host '{host}': {msg}")]
+    Resolve {
+        /// Host name.
+        host: String,
+        /// Resolver's answer.
+        msg: String,
+    },
     /// The stream failed.
     #[error(transparent)]
     Wire(#[from] WireError),
@@ -273,20 +282,75 @@ fn send_dirty(w: &mut impl Write, regions: &[Region], d: &Dirty) -> Result<u64, 
 /// Parses `tcp://HOST:PORT` or `HOST:PORT`.
 pub fn parse_addr(to: &str) -> Result<String, RemoteError> {
     let a = to.strip_prefix("tcp://").unwrap_or(to);
-    if a.to_socket_addrs()
-        .map(|mut i| i.next().is_some())
-        .unwrap_or(false)
-    {
-        Ok(a.to_string())
-    } else {
-        Err(RemoteError::Address(to.to_string()))
+    let bad = || RemoteError::Address(to.escape_debug().to_string());
+    let (host, port) = a.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && (host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            || (host.starts_with('[') && host.ends_with(']')));
+    if !host_ok || port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    port.parse::<u16>().map_err(|_| bad())?;
+    match a.to_socket_addrs().map(|mut i| i.next()) {
+        Ok(Some(_)) => Ok(a.to_string()),
+        Ok(None) => Err(RemoteError::Resolve {
+            host: host.to_string(),
+            msg: "no address found".into(),
+        }),
+        Err(e) => Err(RemoteError::Resolve {
+            host: host.to_string(),
+            msg: e.to_string(),
+        }),
+    }
+}
+
+/// The migration stream's writer: counts the bytes sent into a
+/// [`Progress`] and fails the next write once the operation is cancelled,
+/// so a cancel takes the same path as a broken stream (the source resumes).
+struct ProgressWriter<W> {
+    inner: W,
+    progress: Option<Arc<Progress>>,
+}
+
+impl<W: Write> Write for ProgressWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(p) = &self.progress {
+            p.check().map_err(std::io::Error::other)?;
+        }
+        let n = self.inner.write(buf)?;
+        if let Some(p) = &self.progress {
+            p.add_bytes(n as u64);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
 /// Sends host VM `vm` to `to`. On success the source VM is stopped and its
 /// memory released; on error it keeps running.
 pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Report, RemoteError> {
+    migrate_out_with(vm, to, budget, None)
+}
+
+/// [`migrate_out`] reporting to `progress`; a cancel before COMMIT stops
+/// the migration and the source keeps running.
+pub fn migrate_out_with(
+    vm: &Arc<HostVm>,
+    to: &str,
+    budget: Duration,
+    progress: Option<Arc<Progress>>,
+) -> Result<Report, RemoteError> {
     let addr = parse_addr(to)?;
+    let phase = |ph: crate::progress::Phase| {
+        if let Some(p) = &progress {
+            p.set_phase(ph);
+        }
+    };
+    phase(crate::progress::Phase::Precopy);
     let t0 = Instant::now();
     let rss_before = rss_bytes();
     let cpu0 = cpu_ms();
@@ -305,12 +369,24 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
         .map_err(WireError::Io)?;
-    let mut w =
-        BufWriter::with_capacity(wire::CHUNK + 64, stream.try_clone().map_err(WireError::Io)?);
+    stream
+        .set_write_timeout(Some(Duration::from_secs(120)))
+        .map_err(WireError::Io)?;
+    let mut w = BufWriter::with_capacity(
+        wire::CHUNK + 64,
+        ProgressWriter {
+            inner: stream.try_clone().map_err(WireError::Io)?,
+            progress: progress.clone(),
+        },
+    );
     let mut r = BufReader::new(stream);
 
     let regions: Vec<Region> = vm.mem.read().unwrap().regions.clone();
     let nested: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
+    if let Some(p) = &progress {
+        p.set_bytes_total(regions.iter().map(|r| r.size).sum());
+        p.set_guests_total(nested.len() as u64);
+    }
     let hello = Hello {
         line: vm.spec.line.clone(),
         generation: vm.spec.generation,
@@ -353,6 +429,10 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
             let pending = d.count();
             let est = Duration::from_secs_f64(pending as f64 * PAGE as f64 / bps.max(1.0));
             stats.rounds += 1;
+            if let Some(p) = &progress {
+                p.add_bytes_total(pending * PAGE);
+                p.add_round();
+            }
             if est <= budget || stats.rounds >= crate::migration::copy::MAX_ROUNDS {
                 stats.live_bytes += send_dirty(&mut w, &regions, &d)?;
                 stats.remaining_pages = pending;
@@ -368,6 +448,7 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
             }
         }
         // Stop-and-copy.
+        phase(crate::progress::Phase::HandingOver);
         let t_pause = Instant::now();
         let fds = vm.pause_vcpus();
         // Everything from here to the verdict resumes the source on failure.
@@ -459,6 +540,9 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
                 return Err(resume_err(vm, fds, e));
             }
         }
+        phase(crate::progress::Phase::Committing);
+        // Past the verdict a cancel no longer stops the commit.
+        w.get_mut().progress = None;
         let committed = wire::write_frame(&mut w, Kind::Commit, &[])
             .and_then(|_| w.flush().map_err(WireError::Io));
         if let Err(e) = committed {

@@ -5,18 +5,9 @@
 
 use vmbeam_vmm::config::parse_size;
 
-/// True if /dev/kvm can be used; otherwise says why the benchmark is skipped.
-pub fn kvm_or_skip() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        println!("SKIP: /dev/kvm not available");
-    }
-    ok
-}
+#[path = "../tests/common/kvm.rs"]
+mod kvm;
+pub use kvm::kvm_or_skip;
 
 /// Sizes from `VMBEAM_BENCH_SIZES` (e.g. `256M,1G`) or `default`, and
 /// repetitions from `VMBEAM_BENCH_REPS` or `reps`.

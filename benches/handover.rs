@@ -119,7 +119,7 @@ fn measure(size: u64, reps: usize) -> Row {
 }
 
 fn main() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip("bench handover") {
         return;
     }
     let (sizes, reps) = sizes_and_reps("256M,1G,4G,16G", 3);

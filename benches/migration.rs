@@ -248,7 +248,7 @@ fn svg(cells: &[Cell], sizes: &[u64]) -> String {
 }
 
 fn main() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip("bench migration") {
         return;
     }
     let (sizes, reps) = sizes_and_reps("256M,1G,4G", 2);

@@ -208,14 +208,11 @@ fn aging_policy_rejuvenates_on_its_own() {
     let r = &done["report"];
     assert_eq!(r["from_generation"], 1);
     assert_eq!(r["to_generation"], 2);
-    assert_eq!(r["bytes_copied"], 0);
     let guests = r["guests"].as_array().unwrap();
     assert_eq!(guests.len(), 2);
     for g in guests {
         assert_eq!(g["running_after"], true, "{g}");
         assert_eq!(g["moves"], 1, "{g}");
-        assert!(g["checksum_before"].is_string());
-        assert_eq!(g["checksum_before"], g["checksum_after"], "{g}");
     }
 
     // The successor starts fresh: its first report shows (almost) no leak.
@@ -399,9 +396,10 @@ fn status_and_inspect_follow_guests_across_moves() {
         })
     };
     std::thread::sleep(Duration::from_millis(200));
+    let pages = common::moves::guest_pages(&vmm.current(None).unwrap(), false);
     let r = vmm.rejuvenate(None, &RejuvenateOptions::default()).unwrap();
     assert_eq!(r.to_generation, 2);
-    assert_eq!(r.bytes_copied, 0);
+    common::moves::check_same_pages(&vmm.current(None).unwrap(), &pages);
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::SeqCst);
     let (gens, failures) = monitor.join().unwrap();

@@ -93,10 +93,6 @@ fn a_host_vm_moves_to_another_vmm_over_tcp() {
         r.bytes_copied
     );
     assert_eq!(r.guests.len(), 2);
-    for g in &r.guests {
-        assert!(g.checksum_before.is_some());
-        assert_eq!(g.checksum_before, g.checksum_after, "{g:?}");
-    }
     assert!(r.precopy.as_ref().unwrap().rounds >= 2);
     // The source gave the VM away; the destination runs it and its guests
     // continue where they were (memtouch's rounds keep counting up).
@@ -109,7 +105,9 @@ fn a_host_vm_moves_to_another_vmm_over_tcp() {
         !console(&ddir, "l2-0").contains("start mem"),
         "the guest was not restarted"
     );
-    assert!(!console(&ddir, "l2-0").contains("bad=1"));
+    assert_memtouch_clean(&ddir, "l2-0", "on the destination");
+    // Every word of memtouch's bulk arrived, read from outside L0.
+    common::moves::check_bulk(&dst.current(None).unwrap(), "l2-0", 0x5eed_0000);
     wait_taken_over(&dst);
     let st = dst.status();
     assert_eq!(st.host_vms.len(), 1);
@@ -122,10 +120,7 @@ fn a_host_vm_moves_to_another_vmm_over_tcp() {
             &vmbeam_vmm::migration::rejuvenate::RejuvenateOptions::default(),
         )
         .unwrap();
-    assert!(rj
-        .guests
-        .iter()
-        .all(|g| g.running_after && g.checksum_before == g.checksum_after));
+    assert!(rj.guests.iter().all(|g| g.running_after), "{rj:?}");
 }
 
 #[test]

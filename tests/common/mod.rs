@@ -1,27 +1,18 @@
-//! Helpers shared by the integration tests: skipping without /dev/kvm,
-//! temporary console directories, and waiting for console output.
+//! Helpers shared by the integration tests: skipping (or, with
+//! `VMBEAM_REQUIRE_KVM=1`, failing) without /dev/kvm, temporary console
+//! directories, and waiting for console output.
 #![allow(dead_code)]
+
+mod kvm;
+pub mod moves;
+pub mod procfs;
+pub use kvm::kvm_or_skip;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vmbeam_vmm::config::VmmConfig;
 use vmbeam_vmm::vmm::Vmm;
-
-/// True if /dev/kvm can be opened; otherwise prints why the test is skipped.
-pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            println!("SKIP {test}: /dev/kvm not available ({e})");
-            false
-        }
-    }
-}
 
 /// A fresh directory for one test's consoles.
 pub fn temp_dir(test: &str) -> PathBuf {
@@ -105,4 +96,36 @@ pub fn wait_beyond(dir: &Path, i: u32, base: u64) -> String {
     wait_console(dir, &format!("l2-{i}"), Duration::from_secs(60), |t| {
         guest_progress(t, i).is_some_and(|v| v > base)
     })
+}
+
+/// Every `bad=N` count memtouch printed on `text`, parsed as a number
+/// (memtouch's count of corrupted words it sampled, cumulative per guest).
+/// Panics on a `bad=` that is not followed by a number.
+pub fn memtouch_bad_counts(text: &str) -> Vec<u64> {
+    text.lines()
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.strip_prefix("bad="))
+        .map(|n| {
+            n.parse().unwrap_or_else(|_| {
+                panic!("memtouch printed a bad count that is no number: bad={n}")
+            })
+        })
+        .collect()
+}
+
+/// Asserts that memtouch console `name` in `dir` reported at least one
+/// round and never a corrupted word (every `bad=N` has N = 0); `when`
+/// says at which point of the test, for the message.
+pub fn assert_memtouch_clean(dir: &Path, name: &str, when: &str) {
+    let text = console(dir, name);
+    let counts = memtouch_bad_counts(&text);
+    assert!(
+        !counts.is_empty(),
+        "memtouch {name} reported no round {when}; its console:\n{text}"
+    );
+    let worst = counts.iter().max().copied().unwrap_or(0);
+    assert_eq!(
+        worst, 0,
+        "memtouch {name} saw {worst} corrupted words {when}; its console:\n{text}"
+    );
 }

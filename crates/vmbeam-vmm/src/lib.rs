@@ -17,4 +17,5 @@ pub mod migration;
 pub mod nesting;
 pub mod progress;
 pub mod shared;
+pub mod sync;
 pub mod vmm;

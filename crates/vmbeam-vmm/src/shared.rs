@@ -3,7 +3,7 @@
 //! the event that wakes whoever waits for a VM to stop.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -12,6 +12,7 @@ use kvm_ioctls::Kvm;
 use crate::host::console::{ConsoleError, ConsoleHub, ConsoleTarget};
 use crate::host::hostvm::HostVm;
 use crate::nesting::nested::{GuestRecord, RecordInfo};
+use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
 /// Why L0 cannot use KVM.
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +48,12 @@ pub struct Shared {
     /// Consoles.
     pub consoles: ConsoleHub,
     /// Nested guest identities by name.
-    pub records: Mutex<HashMap<String, Arc<GuestRecord>>>,
+    pub records: RankedMutex<HashMap<String, Arc<GuestRecord>>>,
     /// Every live host VM by id (weak: lines and handovers own them), so a
     /// record's `bound_vm` leads to the VM that runs the guest now.
-    host_vms: Mutex<HashMap<u64, Weak<HostVm>>>,
-    events: Mutex<u64>,
-    events_cv: Condvar,
+    host_vms: RankedMutex<HashMap<u64, Weak<HostVm>>>,
+    events: RankedMutex<u64>,
+    events_cv: RankedCondvar,
 }
 
 impl Shared {
@@ -66,10 +67,10 @@ impl Shared {
             kvm,
             cpuid,
             consoles: ConsoleHub::new(consoles)?,
-            records: Mutex::new(HashMap::new()),
-            host_vms: Mutex::new(HashMap::new()),
-            events: Mutex::new(0),
-            events_cv: Condvar::new(),
+            records: RankedMutex::new(Rank::Records, HashMap::new()),
+            host_vms: RankedMutex::new(Rank::HostVms, HashMap::new()),
+            events: RankedMutex::new(Rank::Signal, 0),
+            events_cv: RankedCondvar::new(),
         }))
     }
 
@@ -82,7 +83,7 @@ impl Shared {
         let r = Arc::new(GuestRecord {
             name: name.to_string(),
             console: self.consoles.get(name)?,
-            info: Mutex::new(RecordInfo::default()),
+            info: RankedMutex::new(Rank::RecordInfo, RecordInfo::default()),
         });
         recs.insert(name.to_string(), r.clone());
         Ok(r)

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use vmbeam_abi::boot::{NestedSpec, ROLE_PRIMARY};
@@ -22,6 +22,7 @@ use crate::host::memory::MemFile;
 use crate::migration::rejuvenate::{self, RejuvenateError, RejuvenateOptions, Report};
 use crate::nesting::nested::NestedVm;
 use crate::shared::{KvmError, Shared};
+use crate::sync::{Rank, RankedMutex};
 
 /// Errors of VMM operations.
 #[derive(Debug, thiserror::Error)]
@@ -103,9 +104,9 @@ pub struct Line {
     /// Name.
     pub name: String,
     /// The host VM serving it now.
-    pub current: Mutex<Arc<HostVm>>,
+    pub current: RankedMutex<Arc<HostVm>>,
     /// The last [`HISTORY_LEN`] retired generations, oldest first.
-    pub retired: Mutex<VecDeque<RetiredGeneration>>,
+    pub retired: RankedMutex<VecDeque<RetiredGeneration>>,
 }
 
 /// Status of a nested guest.
@@ -193,7 +194,7 @@ pub struct Vmm {
     pub images: Images,
     /// Configuration.
     pub config: VmmConfig,
-    lines: Mutex<Vec<Arc<Line>>>,
+    lines: RankedMutex<Vec<Arc<Line>>>,
     busy: Arc<AtomicBool>,
     /// Jobs started through the API (long operations and their progress).
     pub jobs: crate::control::jobs::Jobs,
@@ -201,7 +202,7 @@ pub struct Vmm {
     pub metrics: crate::control::metrics::Counters,
     rejuvenating: AtomicBool,
     events: OnceLock<EventLog>,
-    policy: Mutex<String>,
+    policy: RankedMutex<String>,
 }
 
 /// The right to run the one rejuvenation or migration that may run at a
@@ -240,13 +241,13 @@ impl Vmm {
             shared,
             images,
             config,
-            lines: Mutex::new(Vec::new()),
+            lines: RankedMutex::new(Rank::Lines, Vec::new()),
             busy: Arc::new(AtomicBool::new(false)),
             jobs: Default::default(),
             metrics: Default::default(),
             rejuvenating: AtomicBool::new(false),
             events: OnceLock::new(),
-            policy: Mutex::new("manual".into()),
+            policy: RankedMutex::new(Rank::Signal, "manual".into()),
         })
     }
 
@@ -294,8 +295,8 @@ impl Vmm {
         )?;
         self.lines.lock().unwrap().push(Arc::new(Line {
             name: name.to_string(),
-            current: Mutex::new(vm.clone()),
-            retired: Mutex::new(VecDeque::new()),
+            current: RankedMutex::new(Rank::Line, vm.clone()),
+            retired: RankedMutex::new(Rank::Line, VecDeque::new()),
         }));
         Ok(vm)
     }
@@ -414,12 +415,14 @@ impl Vmm {
         let _flag = FlagGuard(&self.rejuvenating);
         let line = self.line(name)?;
         let aged = line.current.lock().unwrap().clone();
+        let events = |event: &str, fields: serde_json::Value| self.event(event, fields);
         let (report, succ) = rejuvenate::rejuvenate(
             &self.shared,
             &self.images.hypervisor,
             &self.images.modules,
             &aged,
             opts,
+            &events,
         )?;
         let retired = RetiredGeneration {
             generation: aged.spec.generation,
@@ -517,8 +520,8 @@ impl Vmm {
     pub fn add_line(&self, vm: Arc<HostVm>) {
         self.lines.lock().unwrap().push(Arc::new(Line {
             name: vm.spec.line.clone(),
-            current: Mutex::new(vm),
-            retired: Mutex::new(VecDeque::new()),
+            current: RankedMutex::new(Rank::Line, vm),
+            retired: RankedMutex::new(Rank::Line, VecDeque::new()),
         }));
     }
 
@@ -613,7 +616,7 @@ impl Vmm {
     /// The host VM and nested VM that run guest `name` now, found through
     /// the guest's record (its identity on this host), so the answer follows
     /// the guest across moves. `None` while it is bound to no VM.
-    fn locate(&self, name: &str) -> Option<(Arc<HostVm>, Arc<Mutex<NestedVm>>)> {
+    fn locate(&self, name: &str) -> Option<(Arc<HostVm>, Arc<RankedMutex<NestedVm>>)> {
         let record = self.shared.find_record(name)?;
         let (bound, handle) = {
             let info = record.info.lock().unwrap();

@@ -34,6 +34,7 @@ macro_rules! say {
     }};
 }
 
+mod aged;
 mod successor;
 
 // Entry from L0: rdi = boot info, rsi = vCPU index, rsp = this vCPU's stack.
@@ -299,8 +300,28 @@ extern "C" fn hostile_main(boot_addr: u64, _vcpu: u64) -> ! {
         attack(&mut r, pool, pool_end);
     }
     say!("hostile: done {} ok {} unexpected", r.ok, r.bad);
+    // As an aged guest hypervisor: answer the first handover request with
+    // the probe of `aged`.
+    let control = (boot_addr + vmbeam_abi::boot::CONTROL_OFFSET as u64) as *const u32;
+    let mut probed = false;
     loop {
-        let _ = r.hc.call(OP_WAIT, &[1_000_000]);
+        // SAFETY: the boot info page is identity-mapped RAM L0 keeps for
+        // this VM; the control word is an aligned u32 inside it.
+        let c = unsafe { control.read_volatile() };
+        if c == vmbeam_abi::boot::control::HANDOVER && !probed {
+            probed = true;
+            aged::run(
+                Run {
+                    hc: Hc { page: r.hc.page },
+                    tag: "hostile-aged",
+                    ok: 0,
+                    bad: 0,
+                },
+                pool,
+                boot.pool_size,
+            );
+        }
+        let _ = r.hc.call(OP_WAIT, &[20_000]);
     }
 }
 

@@ -9,7 +9,10 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use crate::sync::{Rank, RankedMutex};
 
 /// Where consoles are written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,9 +29,9 @@ pub enum ConsoleTarget {
 #[derive(Debug)]
 pub struct Console {
     name: String,
-    file: Mutex<Option<File>>,
+    file: RankedMutex<Option<File>>,
     target: ConsoleTarget,
-    lines: Mutex<u64>,
+    lines: AtomicU64,
 }
 
 impl Console {
@@ -38,7 +41,7 @@ impl Console {
             .chars()
             .map(|c| if c.is_control() && c != '\t' { '.' } else { c })
             .collect();
-        *self.lines.lock().unwrap() += 1;
+        self.lines.fetch_add(1, Ordering::Relaxed);
         match &self.target {
             ConsoleTarget::Terminal => {
                 let out = std::io::stdout();
@@ -58,7 +61,7 @@ impl Console {
 
     /// Lines written so far.
     pub fn lines(&self) -> u64 {
-        *self.lines.lock().unwrap()
+        self.lines.load(Ordering::Relaxed)
     }
 }
 
@@ -86,7 +89,7 @@ pub enum ConsoleError {
 #[derive(Debug)]
 pub struct ConsoleHub {
     target: ConsoleTarget,
-    consoles: Mutex<HashMap<String, Weak<Console>>>,
+    consoles: RankedMutex<HashMap<String, Weak<Console>>>,
 }
 
 impl ConsoleHub {
@@ -100,7 +103,7 @@ impl ConsoleHub {
         }
         Ok(ConsoleHub {
             target,
-            consoles: Mutex::new(HashMap::new()),
+            consoles: RankedMutex::new(Rank::ConsoleHub, HashMap::new()),
         })
     }
 
@@ -126,9 +129,9 @@ impl ConsoleHub {
         };
         let c = Arc::new(Console {
             name: name.to_string(),
-            file: Mutex::new(file),
+            file: RankedMutex::new(Rank::Console, file),
             target: self.target.clone(),
-            lines: Mutex::new(0),
+            lines: AtomicU64::new(0),
         });
         map.insert(name.to_string(), Arc::downgrade(&c));
         Ok(c)

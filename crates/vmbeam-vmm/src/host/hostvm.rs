@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -25,6 +25,12 @@ use crate::migration::handover::Session;
 use crate::nesting::hypercall::{self, HcOutcome};
 use crate::nesting::nested::NestedVm;
 use crate::shared::Shared;
+use crate::sync::{Rank, RankedCondvar, RankedMutex};
+
+/// How long stopping a VM waits for each vCPU thread before leaving it.
+/// A vCPU thread blocks at most in a nested RUN (≤ 1 s slice) or a bounded
+/// handover wait, both of which end early when the VM stops.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Errors of building or running a host VM.
 #[derive(Debug, thiserror::Error)]
@@ -152,10 +158,19 @@ impl Health {
 }
 
 /// Sleep/wake for L1's OP_WAIT.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Doorbell {
-    rings: Mutex<u64>,
-    cv: Condvar,
+    rings: RankedMutex<u64>,
+    cv: RankedCondvar,
+}
+
+impl Default for Doorbell {
+    fn default() -> Self {
+        Doorbell {
+            rings: RankedMutex::new(Rank::Signal, 0),
+            cv: RankedCondvar::new(),
+        }
+    }
 }
 
 impl Doorbell {
@@ -187,7 +202,7 @@ pub struct NestedTable {
     /// Next handle to hand out.
     pub next_handle: u32,
     /// Live nested VMs by handle.
-    pub vms: BTreeMap<u32, Arc<Mutex<NestedVm>>>,
+    pub vms: BTreeMap<u32, Arc<RankedMutex<NestedVm>>>,
 }
 
 struct VcpuThread {
@@ -222,18 +237,18 @@ pub struct HostVm {
     pub vm: VmFd,
     /// Its memory.
     pub mem: RwLock<GuestRam>,
-    next_slot: Mutex<u32>,
+    next_slot: RankedMutex<u32>,
     /// Its nested VMs.
-    pub nested: Mutex<NestedTable>,
+    pub nested: RankedMutex<NestedTable>,
     /// L1's doorbell.
     pub doorbell: Doorbell,
     /// Handover in progress, if any.
-    pub session: Mutex<Option<Arc<Session>>>,
+    pub session: RankedMutex<Option<Arc<Session>>>,
     /// Health reported by L1.
-    pub health: Mutex<Health>,
-    status: Mutex<VmStatus>,
-    status_cv: Condvar,
-    vcpus: Mutex<Vec<VcpuThread>>,
+    pub health: RankedMutex<Health>,
+    status: RankedMutex<VmStatus>,
+    status_cv: RankedCondvar,
+    vcpus: RankedMutex<Vec<VcpuThread>>,
     /// Set to stop the vCPU threads.
     pub stop: AtomicBool,
     /// When it was created.
@@ -243,9 +258,9 @@ pub struct HostVm {
     /// Pool file.
     pub pool_file: Arc<MemFile>,
     channel_file: Arc<MemFile>,
-    deferred_slots: Mutex<Vec<u32>>,
-    l0_writes: Mutex<Option<Vec<(u64, u64)>>>,
-    serial: Mutex<HostSerial>,
+    deferred_slots: RankedMutex<Vec<u32>>,
+    l0_writes: RankedMutex<Option<Vec<(u64, u64)>>>,
+    serial: RankedMutex<HostSerial>,
     /// Hypercalls served.
     pub hypercalls: AtomicU64,
 }
@@ -472,22 +487,22 @@ impl HostVm {
             shared,
             vm,
             mem: RwLock::new(ram),
-            next_slot: Mutex::new(next_slot.max(3)),
-            nested: Mutex::new(NestedTable::default()),
+            next_slot: RankedMutex::new(Rank::VmLeaf, next_slot.max(3)),
+            nested: RankedMutex::new(Rank::NestedTable, NestedTable::default()),
             doorbell: Doorbell::default(),
-            session: Mutex::new(None),
-            health: Mutex::new(Health::default()),
-            status: Mutex::new(VmStatus::Booting),
-            status_cv: Condvar::new(),
-            vcpus: Mutex::new(Vec::new()),
+            session: RankedMutex::new(Rank::VmSession, None),
+            health: RankedMutex::new(Rank::Health, Health::default()),
+            status: RankedMutex::new(Rank::VmLeaf, VmStatus::Booting),
+            status_cv: RankedCondvar::new(),
+            vcpus: RankedMutex::new(Rank::VmLeaf, Vec::new()),
             stop: AtomicBool::new(false),
             started: Instant::now(),
             ram_file,
             pool_file,
             channel_file: channel,
-            deferred_slots: Mutex::new(Vec::new()),
-            l0_writes: Mutex::new(None),
-            serial: Mutex::new(Serial::new(NoIrq, LineWriter::new(console))),
+            deferred_slots: RankedMutex::new(Rank::VmLeaf, Vec::new()),
+            l0_writes: RankedMutex::new(Rank::VmLeaf, None),
+            serial: RankedMutex::new(Rank::VmLeaf, Serial::new(NoIrq, LineWriter::new(console))),
             hypercalls: AtomicU64::new(0),
         }))
     }
@@ -762,15 +777,26 @@ impl HostVm {
         let mut threads: Vec<VcpuThread> = std::mem::take(&mut *self.vcpus.lock().unwrap());
         threads.sort_by_key(|t| t.idx);
         let mut fds = Vec::new();
+        let deadline = Instant::now() + STOP_DEADLINE;
         for mut t in threads {
             let Some(j) = t.join.take() else { continue };
-            while !j.is_finished() {
+            while !j.is_finished() && Instant::now() < deadline {
                 // SAFETY: `immediate_exit` points into the vCPU's kvm_run
                 // mapping; the VcpuFd lives until `join` below returns it.
                 unsafe { kick::set_immediate_exit(t.immediate_exit as *const AtomicU8) };
                 kick::signal_thread(t.thread);
                 self.doorbell.ring();
                 std::thread::sleep(Duration::from_millis(1));
+            }
+            if !j.is_finished() {
+                // Never spin forever: a thread that does not stop (a bug of
+                // L0's) is left behind, still owning its vCPU, and said so.
+                eprintln!(
+                    "vmbeam: vCPU {} of {} did not stop within {STOP_DEADLINE:?}; leaving it",
+                    t.idx,
+                    self.name()
+                );
+                continue;
             }
             if let Ok(fd) = j.join() {
                 fds.push(fd);
@@ -789,7 +815,7 @@ impl HostVm {
     }
 
     /// Destroys every nested VM (dropping their KVM VMs) and unbinds records.
-    pub fn drop_nested(&self) -> Vec<Arc<Mutex<NestedVm>>> {
+    pub fn drop_nested(&self) -> Vec<Arc<RankedMutex<NestedVm>>> {
         let vms: Vec<_> = std::mem::take(&mut self.nested.lock().unwrap().vms)
             .into_values()
             .collect();
@@ -825,9 +851,41 @@ impl HostVm {
     }
 
     /// Finds a nested VM.
-    pub fn nested_vm(&self, handle: u64) -> Option<Arc<Mutex<NestedVm>>> {
+    pub fn nested_vm(&self, handle: u64) -> Option<Arc<RankedMutex<NestedVm>>> {
         let h = u32::try_from(handle).ok()?;
         self.nested.lock().unwrap().vms.get(&h).cloned()
+    }
+
+    /// Introspection: the host mappings of the pages granted to this VM by
+    /// its predecessor, one per granted range, in grant order. Nothing in
+    /// L0 uses it; tests check the host addresses against
+    /// `/proc/self/maps` to see which file pages back a moved guest.
+    pub fn grant_mappings(&self) -> Vec<HostMapping> {
+        self.mem
+            .read()
+            .unwrap()
+            .regions
+            .iter()
+            .filter_map(|r| match &r.kind {
+                RegionKind::Grant { guest } => Some(HostMapping::of(r, guest)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Introspection: the host mapping of this VM's guest-physical range
+    /// `[gpa, gpa + len)` if one region holds all of it (see
+    /// [`HostVm::grant_mappings`]).
+    pub fn host_mapping(&self, gpa: u64, len: u64) -> Option<HostMapping> {
+        let mem = self.mem.read().unwrap();
+        let r = mem.find(gpa, len)?;
+        let mut m = HostMapping::of(r, "");
+        m.guest = None;
+        m.host_addr += (gpa - r.gpa) as usize;
+        m.file_offset += gpa - r.gpa;
+        m.gpa = gpa;
+        m.len = len;
+        Some(m)
     }
 
     /// The channel memfd mapped at `CHANNEL_BASE`.
@@ -844,6 +902,38 @@ impl HostVm {
 impl Drop for HostVm {
     fn drop(&mut self) {
         self.stop_vcpus();
+    }
+}
+
+/// Introspection: one host mapping of a host VM's memory and the file
+/// range behind it ([`HostVm::grant_mappings`], [`HostVm::host_mapping`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostMapping {
+    /// Nested guest the pages were granted for (grant mappings only).
+    pub guest: Option<String>,
+    /// Guest-physical start in the host VM.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Host virtual address of `gpa` in this process.
+    pub host_addr: usize,
+    /// Descriptor of the backing memfd in this process (valid while the
+    /// host VM or a nested VM still maps the file).
+    pub fd: i32,
+    /// Offset of `gpa` in the backing file.
+    pub file_offset: u64,
+}
+
+impl HostMapping {
+    fn of(r: &Region, guest: &str) -> HostMapping {
+        HostMapping {
+            guest: Some(guest.to_string()),
+            gpa: r.gpa,
+            len: r.size,
+            host_addr: r.map.as_ptr() as usize,
+            fd: std::os::fd::AsRawFd::as_raw_fd(&*r.file.file),
+            file_offset: r.offset,
+        }
     }
 }
 

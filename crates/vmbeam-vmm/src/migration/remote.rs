@@ -192,7 +192,7 @@ impl Dirty {
 fn collect_dirty(
     vm: &HostVm,
     regions: &[Region],
-    nested: &[Arc<std::sync::Mutex<NestedVm>>],
+    nested: &[Arc<crate::sync::RankedMutex<NestedVm>>],
 ) -> Dirty {
     let mut d = Dirty::new(regions);
     for (i, r) in regions.iter().enumerate() {
@@ -974,9 +974,13 @@ fn build(
         }
         n.record = Some(rec);
         table.next_handle = table.next_handle.max(d.handle);
-        table
-            .vms
-            .insert(d.handle, Arc::new(std::sync::Mutex::new(n)));
+        table.vms.insert(
+            d.handle,
+            Arc::new(crate::sync::RankedMutex::new(
+                crate::sync::Rank::NestedVm,
+                n,
+            )),
+        );
     }
     drop(table);
     Ok((hv, fds))

@@ -6,7 +6,7 @@
 //! input, and an error leaves L0's state as it was.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use vmbeam_abi::hypercall::*;
@@ -17,6 +17,7 @@ use crate::host::kick::SliceTimer;
 use crate::host::memory::RegionKind;
 use crate::migration::handover;
 use crate::nesting::nested::{NestedSlot, NestedVm};
+use crate::sync::{Rank, RankedMutex};
 
 /// What the vCPU loop does after a hypercall.
 #[derive(Debug, PartialEq, Eq)]
@@ -66,7 +67,7 @@ fn name_arg(page: &HypercallPage) -> Result<String, Status> {
     check_name(&b).map(str::to_string)
 }
 
-fn nested(vm: &HostVm, handle: u64) -> Result<Arc<Mutex<NestedVm>>, Status> {
+fn nested(vm: &HostVm, handle: u64) -> Result<Arc<RankedMutex<NestedVm>>, Status> {
     vm.nested_vm(handle).ok_or(Status::NoSuchHandle)
 }
 
@@ -107,6 +108,9 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
         OP_VM_CREATE => vm_create(vm, p),
         OP_VM_DESTROY => {
             let h = u32::try_from(a[0]).map_err(|_| Status::NoSuchHandle)?;
+            if let Some(r) = handover::unadopt(vm, h) {
+                return r.map(|_| HcOutcome::Continue);
+            }
             let n = vm
                 .nested
                 .lock()
@@ -114,9 +118,6 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
                 .vms
                 .remove(&h)
                 .ok_or(Status::NoSuchHandle)?;
-            if n.lock().unwrap().adopted_from.is_some() {
-                return handover::unadopt(vm, n).map(|_| HcOutcome::Continue);
-            }
             let n = n.lock().unwrap();
             if let Some(r) = &n.record {
                 let mut info = r.info.lock().unwrap();
@@ -129,18 +130,42 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
         OP_VM_MAP => vm_map(vm, a[0], a[1], a[2], a[3]),
         OP_VCPU_CREATE => {
             let n = nested(vm, a[0])?;
-            let idx = n.lock().unwrap().create_vcpu(&vm.shared.cpuid)?;
+            let idx = match handover::confirm_vcpu(vm, a[0] as u32) {
+                Some(r) => r?,
+                None => n.lock().unwrap().create_vcpu(&vm.shared.cpuid)?,
+            };
             p.ret[0] = idx as u64;
             OK
         }
         OP_VCPU_GET_STATE => {
             let n = nested(vm, a[0])?;
-            p.state = n.lock().unwrap().get_state(a[1], a[2])?;
+            let mut n = n.lock().unwrap();
+            if n.frozen {
+                // Reading completes a pending exit, which changes the state
+                // of a guest that is on its way.
+                return Err(Status::NotPermitted);
+            }
+            p.state = n.get_state(a[1], a[2])?;
             OK
         }
         OP_VCPU_SET_STATE => {
             let n = nested(vm, a[0])?;
-            n.lock().unwrap().set_state(a[1], &p.state)?;
+            // An adopted VM keeps the state KVM holds: the successor's
+            // SET_STATE only confirms it.
+            if let Some(r) = handover::confirm_state(vm, a[0] as u32, a[1]) {
+                return r.map(|_| HcOutcome::Continue);
+            }
+            let mut n = n.lock().unwrap();
+            if n.frozen && !handover::is_successor_in_handover(vm) {
+                // Granted away: the aged L1 no longer owns its state.
+                return Err(Status::NotPermitted);
+            }
+            n.set_state(a[1], &p.state)?;
+            let frozen = n.frozen;
+            drop(n);
+            if frozen && a[1] == 0 {
+                handover::note_state_set(vm, a[0] as u32);
+            }
             OK
         }
         OP_VCPU_RUN => {
@@ -234,7 +259,9 @@ fn vm_create(vm: &HostVm, p: &mut HypercallPage) -> HcResult {
         drop(info);
         n.record = Some(r);
     }
-    table.vms.insert(handle, Arc::new(Mutex::new(n)));
+    table
+        .vms
+        .insert(handle, Arc::new(RankedMutex::new(Rank::NestedVm, n)));
     p.ret[0] = handle as u64;
     OK
 }
@@ -254,11 +281,18 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
             r.map.clone(),
         )
     };
+    let h = u32::try_from(handle).map_err(|_| Status::NoSuchHandle)?;
+    if handover::is_adoption(vm, h) {
+        // Adopting the aged guest hypervisor's VM: confirm, don't remap.
+        let backing = (region_kind, file, offset);
+        return handover::confirm_slot(vm, h, &n, &backing, (l1_gpa, l2_gpa, len))
+            .map(|_| HcOutcome::Continue);
+    }
     // No two nested VMs of this guest hypervisor may share memory.
-    if n.lock().unwrap().adopted_from.is_none() {
+    {
         let table = vm.nested.lock().unwrap();
-        for (h, other) in table.vms.iter() {
-            if *h as u64 == handle {
+        for (other_h, other) in table.vms.iter() {
+            if *other_h as u64 == handle {
                 continue;
             }
             let o = other.lock().unwrap();
@@ -270,24 +304,15 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
             }
         }
     }
-    let mut n = n.lock().unwrap();
-    if n.adopted_from.is_some() {
-        // Adopting the aged guest hypervisor's VM: confirm, don't remap.
-        let RegionKind::Grant { guest } = &region_kind else {
-            return Err(Status::NotPermitted);
-        };
-        handover::bind_adopted(vm, &mut n, guest)?;
-        n.confirm_slot(l1_gpa, l2_gpa, len, &file, offset)?;
-        return OK;
+    if let RegionKind::Grant { guest } = &region_kind {
+        handover::bind_granted(vm, h, &n, guest)?;
     }
+    let mut n = n.lock().unwrap();
     if n.slots
         .iter()
         .any(|s| ranges_overlap(l1_gpa, l1_end, s.l1_gpa, s.l1_gpa + s.len))
     {
         return Err(Status::Overlap);
-    }
-    if let RegionKind::Grant { guest } = &region_kind {
-        handover::bind_adopted(vm, &mut n, guest)?;
     }
     n.map(NestedSlot {
         l2_gpa,

@@ -163,12 +163,20 @@ fn read_head(r: &mut impl Read) -> Result<Head, HttpError> {
             Err(e) => {
                 // Name the usual mistakes in the request line itself.
                 let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
-                let parts = line
+                let parts: Vec<&[u8]> = line
                     .split(|b| b.is_ascii_whitespace())
-                    .filter(|p| !p.is_empty());
-                return Err(malformed(match parts.count() {
-                    1 => "the request line has no path (want METHOD PATH HTTP/1.1)".to_string(),
-                    2 => "the request line must end in HTTP/1.0 or HTTP/1.1".to_string(),
+                    .filter(|p| !p.is_empty())
+                    .collect();
+                let method_like = parts
+                    .first()
+                    .is_some_and(|m| m.iter().all(u8::is_ascii_alphabetic));
+                return Err(malformed(match parts.len() {
+                    1 if method_like => {
+                        "the request line has no path (want METHOD PATH HTTP/1.1)".to_string()
+                    }
+                    2 if method_like => {
+                        "the request line must end in HTTP/1.0 or HTTP/1.1".to_string()
+                    }
                     _ => format!("invalid request head: {e}"),
                 }));
             }
@@ -470,6 +478,7 @@ mod tests {
         assert!(err(b"GET\r\n\r\n").contains("has no path"));
         assert!(err(b"GET /status\r\n\r\n").contains("must end in HTTP/1.0 or HTTP/1.1"));
         assert!(err(b"GET /status HTTP/2.0\r\n\r\n").contains("HTTP/1.0 or HTTP/1.1"));
+        assert!(err(b"\x16\x03\x01\x02\n\n").contains("invalid request head"));
         assert!(err(b"GET * HTTP/1.1\r\n\r\n").contains("not an absolute path"));
         assert!(err(b"GET /status HTTP/1.1\r\nHost: x\r\n").contains("end of the request head"));
         assert!(

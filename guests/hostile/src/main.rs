@@ -352,6 +352,19 @@ fn attack(r: &mut Run, pool: u64, pool_end: u64) {
     let ha = r.create("VM_CREATE hostile-a (setup)", "hostile-a");
     let (g, _) = r.hc.create(&name_to_bytes("hostile-a"));
     r.check("VM_CREATE duplicate name", g, Want::Is(BadArg));
+    // The name of a guest another host VM may run in the same VMM (its
+    // first guest): refused while that guest holds it; with no such
+    // neighbour it is free, so it is created and destroyed again. The
+    // host side knows which applies and checks the line.
+    let (g, h) = r.hc.create(&name_to_bytes("l2-0"));
+    r.check(
+        "VM_CREATE l2-0 (a name a neighbour may hold)",
+        g,
+        Want::Either(NotPermitted, Ok),
+    );
+    if g == OK {
+        r.expect("VM_DESTROY l2-0", OP_VM_DESTROY, &[h], Ok);
+    }
     let hb = r.create("VM_CREATE hostile-b (setup)", "hostile-b");
 
     // VM_MAP: ownership, ranges, alignment, overlaps, limits.

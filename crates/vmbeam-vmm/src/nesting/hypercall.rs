@@ -199,6 +199,52 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
             }
             OK
         }
+        OP_DEVICE_QUERY => {
+            let n = nested(vm, a[0])?;
+            let n = n.lock().unwrap();
+            let idx = u32::try_from(a[1]).map_err(|_| Status::NoSuchHandle)?;
+            let bindings = vm.shared.bindings();
+            let b = bindings
+                .for_guest(&n.name)
+                .get(idx as usize)
+                .ok_or(Status::NoSuchHandle)?;
+            p.ret[0] = b.device_type() as u64;
+            if let Some((base, gsi)) = n.devices.placement(idx) {
+                p.ret[1] = 1;
+                p.ret[2] = base;
+                p.ret[3] = gsi as u64;
+            }
+            OK
+        }
+        OP_DEVICE_PLACE => {
+            let n = nested(vm, a[0])?;
+            let mut n = n.lock().unwrap();
+            if n.frozen {
+                return Err(Status::NotPermitted);
+            }
+            if n.record.is_none() {
+                return Err(Status::BadState);
+            }
+            let idx = u32::try_from(a[1]).map_err(|_| Status::NoSuchHandle)?;
+            let gsi = u32::try_from(a[3]).map_err(|_| Status::BadArg)?;
+            let bindings = vm.shared.bindings();
+            let b = bindings
+                .for_guest(&n.name)
+                .get(idx as usize)
+                .ok_or(Status::NoSuchHandle)?;
+            p.ret[0] = n.place_device(idx, a[2], gsi, b).map_err(|e| {
+                use crate::devices::DeviceError as E;
+                match e {
+                    E::Misaligned(_) => Status::Misaligned,
+                    E::OutOfRange(_) => Status::OutOfRange,
+                    E::Overlap(..) => Status::Overlap,
+                    E::BadIrq(_) => Status::BadArg,
+                    E::AlreadyPlaced(_) | E::TooLate => Status::BadState,
+                    E::Kvm(_) => Status::NoResources,
+                }
+            })? as u64;
+            OK
+        }
         OP_HANDOVER_READY => handover::op_ready(vm),
         OP_GRANT => handover::op_grant(vm, a[0], p),
         OP_NOTIFY => handover::op_notify(vm),

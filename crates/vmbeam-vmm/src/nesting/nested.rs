@@ -19,6 +19,9 @@ use vmbeam_abi::checksum;
 use vmbeam_abi::hypercall::{exit, NestedExit, Status};
 use vmbeam_abi::state::VcpuState;
 
+use crate::devices::binding::Backend;
+use crate::devices::queue::DeviceMemory;
+use crate::devices::{DeviceError, DeviceSet};
 use crate::host::arch;
 use crate::host::console::Console;
 use crate::host::kick::SliceTimer;
@@ -153,6 +156,8 @@ pub struct NestedVm {
     pub exits: u64,
     /// When KVM_RUN last returned.
     pub last_exit: Option<Instant>,
+    /// Virtio devices (they stay with the VM through an adoption).
+    pub devices: DeviceSet,
 }
 
 fn kvm_err(_: kvm_ioctls::Error) -> Status {
@@ -177,6 +182,7 @@ impl NestedVm {
             runs: 0,
             exits: 0,
             last_exit: None,
+            devices: DeviceSet::default(),
         })
     }
 
@@ -238,6 +244,9 @@ impl NestedVm {
         {
             return Err(Status::Overlap);
         }
+        if self.devices.overlaps(slot.l2_gpa, slot.len) {
+            return Err(Status::Overlap);
+        }
         let region = kvm_userspace_memory_region {
             slot: self.slots.len() as u32,
             flags: 0,
@@ -249,7 +258,44 @@ impl NestedVm {
         // mapping that the slot keeps alive for as long as this VM exists.
         unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err)?;
         self.slots.push(slot);
+        if !self.devices.is_empty() {
+            self.devices.set_memory(self.device_memory());
+        }
         Ok(())
+    }
+
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        let views: Vec<_> = self
+            .slots
+            .iter()
+            .map(|s| (s.l2_gpa, s.hva, s.len as usize, s.map.clone()))
+            .collect();
+        DeviceMemory::new(&views)
+    }
+
+    /// Places a virtio device bound to this guest (`index` in binding
+    /// order) at nested address `base` with interrupt line `gsi`; returns
+    /// its virtio device id.
+    pub fn place_device(
+        &mut self,
+        index: u32,
+        base: u64,
+        gsi: u32,
+        backend: &Backend,
+    ) -> Result<u32, DeviceError> {
+        let ram: Vec<(u64, u64)> = self.slots.iter().map(|s| (s.l2_gpa, s.len)).collect();
+        let kind = self.devices.place(
+            &self.vm,
+            index,
+            base,
+            gsi,
+            backend,
+            &self.name,
+            &ram,
+            self.vcpus.len(),
+        )?;
+        self.devices.set_memory(self.device_memory());
+        Ok(kind)
     }
 
     /// The index of the slot that maps `len` bytes at `l2_gpa` from exactly
@@ -404,7 +450,10 @@ impl NestedVm {
         // alone (`runs == 0` marks the first entry after a move).
         self.vcpu(idx)?;
         self.runs += 1;
-        let v = self.vcpu(idx)?;
+        let v = self
+            .vcpus
+            .get_mut(idx as usize)
+            .ok_or(Status::NoSuchHandle)?;
         complete_pending(v, answer);
         let ie = &mut v.fd.get_kvm_run().immediate_exit as *mut u8 as *const AtomicU8;
         // SAFETY: the kvm_run mapping of `v.fd` lives until `v` is dropped,
@@ -413,63 +462,76 @@ impl NestedVm {
         let t0 = Instant::now();
         let mut out = NestedExit::default();
         let mut internal = false;
-        match v.fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) if data.len() <= 8 => {
-                out.reason = exit::IO_OUT;
-                out.port = port as u32;
-                out.size = data.len() as u32;
-                let mut b = [0u8; 8];
-                b[..data.len()].copy_from_slice(data);
-                out.data = u64::from_le_bytes(b);
+        let devices = &self.devices;
+        loop {
+            match v.fd.run() {
+                // Device registers are served here, at host speed, and the
+                // guest continues: the guest hypervisor never sees them.
+                Ok(VcpuExit::MmioRead(addr, data)) if devices.owns(addr) => {
+                    devices.mmio_read(addr, data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) if devices.mmio_write(addr, data) => {
+                    continue;
+                }
+                Ok(VcpuExit::IoOut(port, data)) if data.len() <= 8 => {
+                    out.reason = exit::IO_OUT;
+                    out.port = port as u32;
+                    out.size = data.len() as u32;
+                    let mut b = [0u8; 8];
+                    b[..data.len()].copy_from_slice(data);
+                    out.data = u64::from_le_bytes(b);
+                }
+                Ok(VcpuExit::IoIn(port, data)) if data.len() <= 8 => {
+                    out.reason = exit::IO_IN;
+                    out.port = port as u32;
+                    out.size = data.len() as u32;
+                    v.pending = Pending::Read {
+                        ptr: data.as_mut_ptr() as usize,
+                        len: data.len(),
+                    };
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) if data.len() <= 8 => {
+                    out.reason = exit::MMIO_READ;
+                    out.addr = addr;
+                    out.size = data.len() as u32;
+                    v.pending = Pending::Read {
+                        ptr: data.as_mut_ptr() as usize,
+                        len: data.len(),
+                    };
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) if data.len() <= 8 => {
+                    out.reason = exit::MMIO_WRITE;
+                    out.addr = addr;
+                    out.size = data.len() as u32;
+                    let mut b = [0u8; 8];
+                    b[..data.len()].copy_from_slice(data);
+                    out.data = u64::from_le_bytes(b);
+                }
+                Ok(VcpuExit::Hlt) => out.reason = exit::HLT,
+                Ok(VcpuExit::Shutdown) => out.reason = exit::SHUTDOWN,
+                Ok(VcpuExit::FailEntry(reason, _)) => {
+                    out.reason = exit::FAIL;
+                    out.detail = reason;
+                }
+                Ok(VcpuExit::InternalError) => {
+                    out.reason = exit::FAIL;
+                    internal = true;
+                }
+                Ok(VcpuExit::Intr) => out.reason = exit::SLICE,
+                Ok(_) => {
+                    out.reason = exit::FAIL;
+                    out.detail = 0xffff;
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    out.reason = exit::SLICE
+                }
+                Err(e) => {
+                    out.reason = exit::FAIL;
+                    out.detail = e.errno() as u64;
+                }
             }
-            Ok(VcpuExit::IoIn(port, data)) if data.len() <= 8 => {
-                out.reason = exit::IO_IN;
-                out.port = port as u32;
-                out.size = data.len() as u32;
-                v.pending = Pending::Read {
-                    ptr: data.as_mut_ptr() as usize,
-                    len: data.len(),
-                };
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) if data.len() <= 8 => {
-                out.reason = exit::MMIO_READ;
-                out.addr = addr;
-                out.size = data.len() as u32;
-                v.pending = Pending::Read {
-                    ptr: data.as_mut_ptr() as usize,
-                    len: data.len(),
-                };
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) if data.len() <= 8 => {
-                out.reason = exit::MMIO_WRITE;
-                out.addr = addr;
-                out.size = data.len() as u32;
-                let mut b = [0u8; 8];
-                b[..data.len()].copy_from_slice(data);
-                out.data = u64::from_le_bytes(b);
-            }
-            Ok(VcpuExit::Hlt) => out.reason = exit::HLT,
-            Ok(VcpuExit::Shutdown) => out.reason = exit::SHUTDOWN,
-            Ok(VcpuExit::FailEntry(reason, _)) => {
-                out.reason = exit::FAIL;
-                out.detail = reason;
-            }
-            Ok(VcpuExit::InternalError) => {
-                out.reason = exit::FAIL;
-                internal = true;
-            }
-            Ok(VcpuExit::Intr) => out.reason = exit::SLICE,
-            Ok(_) => {
-                out.reason = exit::FAIL;
-                out.detail = 0xffff;
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                out.reason = exit::SLICE
-            }
-            Err(e) => {
-                out.reason = exit::FAIL;
-                out.detail = e.errno() as u64;
-            }
+            break;
         }
         timer.disarm(gen);
         v.fd.set_kvm_immediate_exit(0);

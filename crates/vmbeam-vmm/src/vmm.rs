@@ -520,19 +520,35 @@ impl Vmm {
         to: &str,
         budget: Duration,
     ) -> Result<Report, VmmError> {
-        let excl = self.exclusive()?;
-        self.migrate_exclusive(excl, name, to, budget, None)
+        self.migrate_with(
+            name,
+            to,
+            &crate::migration::remote::MigrateOptions {
+                downtime: budget,
+                ..Default::default()
+            },
+        )
     }
 
-    /// [`Vmm::migrate`] with the right to run already taken, reporting to
-    /// `progress` (and stopping, with the source resumed, if it is cancelled).
+    /// [`Vmm::migrate`] with options (TLS, progress and cancel).
+    pub fn migrate_with(
+        &self,
+        name: Option<&str>,
+        to: &str,
+        opts: &crate::migration::remote::MigrateOptions,
+    ) -> Result<Report, VmmError> {
+        let excl = self.exclusive()?;
+        self.migrate_exclusive(excl, name, to, opts)
+    }
+
+    /// [`Vmm::migrate_with`] with the right to run already taken (a job
+    /// takes it when it is accepted, so a second one gets 409).
     pub fn migrate_exclusive(
         &self,
         excl: Exclusive,
         name: Option<&str>,
         to: &str,
-        budget: Duration,
-        progress: Option<Arc<crate::progress::Progress>>,
+        opts: &crate::migration::remote::MigrateOptions,
     ) -> Result<Report, VmmError> {
         let _excl = excl;
         let line = self.line(name)?;
@@ -547,7 +563,7 @@ impl Vmm {
                 what: "host-to-host migration (their disks and TAPs are local to this host)".into(),
             });
         }
-        let res = crate::migration::remote::migrate_out_with(&vm, to, budget, progress);
+        let res = crate::migration::remote::migrate_out_with(&vm, to, opts);
         self.metrics.migration(&res);
         match &res {
             Ok(r) => tracing::info!(

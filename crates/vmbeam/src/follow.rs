@@ -24,7 +24,7 @@ extern "C" fn on_sigint(_: libc::c_int) {
 /// How following a job ended.
 pub enum Followed {
     /// The job ended; its report (done) or its error (failed, cancelled).
-    Ended(Result<Report, String>),
+    Ended(Result<Box<Report>, String>),
     /// The user detached; the job goes on in `vmbeam run`.
     Detached(u64),
 }
@@ -155,7 +155,7 @@ pub fn follow(sock: &Path, first: JobView) -> Result<Followed, String> {
                 b.finish_and_clear();
             }
             let res = match (job.report, job.error) {
-                (Some(r), _) => Ok(r),
+                (Some(r), _) => Ok(Box::new(r)),
                 (None, Some(e)) => Err(e),
                 (None, None) => Err(format!("job {id} ended without a report")),
             };

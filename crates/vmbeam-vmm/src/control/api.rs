@@ -24,6 +24,8 @@ use vmbeam_abi::boot::fault;
 use crate::control::http::{self, HttpError, Request, Response};
 use crate::control::jobs::{Job, JobError, JobKind};
 use crate::migration::rejuvenate::{Mode, RejuvenateOptions};
+use crate::migration::remote::MigrateOptions;
+use crate::migration::tls::TlsDir;
 use crate::vmm::{Vmm, VmmError};
 
 pub use crate::control::http::{MAX_BODY, MAX_HEAD, MAX_HEADERS};
@@ -138,6 +140,9 @@ pub struct MigrateRequest {
     /// Pre-copy downtime budget in ms (default 300).
     #[serde(default, deserialize_with = "int63_opt")]
     pub downtime_ms: Option<u64>,
+    /// Directory with ca.pem, cert.pem and key.pem for mutual TLS (default: plain TCP).
+    #[serde(default)]
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 /// Request body of `POST /api/v1/checksum`.
@@ -541,9 +546,18 @@ impl ApiServer {
                     Err(r) => return r,
                 };
                 let budget = Duration::from_millis(req.downtime_ms.unwrap_or(300).clamp(1, 60_000));
+                let tls = match req.tls_dir.as_deref().map(TlsDir::load).transpose() {
+                    Ok(t) => t,
+                    Err(e) => return Response::json(400, err_json(&e.to_string())),
+                };
+                let opts = MigrateOptions {
+                    downtime: budget,
+                    tls,
+                    progress: None,
+                };
                 match arc {
-                    Some(arc) => wait_if(sync, arc, start_migrate_job(arc, req.vm, req.to, budget)),
-                    None => match vmm.migrate(req.vm.as_deref(), &req.to, budget) {
+                    Some(arc) => wait_if(sync, arc, start_migrate_job(arc, req.vm, req.to, opts)),
+                    None => match vmm.migrate_with(req.vm.as_deref(), &req.to, &opts) {
                         Ok(r) => Response::json(200, to_json(&r)),
                         Err(e) => vmm_err(&e),
                     },
@@ -778,7 +792,7 @@ fn start_migrate_job(
     vmm: &Arc<Vmm>,
     vm_name: Option<String>,
     to: String,
-    budget: Duration,
+    mut opts: MigrateOptions,
 ) -> Response {
     // A bad or unresolvable address is refused now, not in the job.
     if let Err(e) = crate::migration::remote::parse_addr(&to) {
@@ -786,13 +800,8 @@ fn start_migrate_job(
     }
     let line = vm_name.clone();
     start_job(vmm, JobKind::Migrate, vm_name, move |v, excl, job| {
-        v.migrate_exclusive(
-            excl,
-            line.as_deref(),
-            &to,
-            budget,
-            Some(job.progress.clone()),
-        )
+        opts.progress = Some(job.progress.clone());
+        v.migrate_exclusive(excl, line.as_deref(), &to, &opts)
     })
 }
 

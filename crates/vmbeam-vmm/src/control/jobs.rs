@@ -93,12 +93,22 @@ impl Job {
             Some(Err(e)) => (None, Some(e.message)),
             None => (None, None),
         };
+        let mut progress = self.progress.snapshot();
+        // The operation may mark its own end before the job has its
+        // outcome: the job is final only with the outcome recorded, so a
+        // final phase always comes with its report or error.
+        if outcome_missing(&report, &error) && progress.phase.is_final() {
+            progress.phase = match progress.phase {
+                Phase::Done => Phase::Committing,
+                _ => Phase::RollingBack,
+            };
+        }
         JobView {
             id: self.id,
             kind: self.kind,
             vm: self.vm.clone(),
             started_at_ms: self.started_at_ms,
-            progress: self.progress.snapshot(),
+            progress,
             report,
             error,
         }
@@ -113,6 +123,10 @@ impl Job {
     pub fn is_finished(&self) -> bool {
         self.outcome.lock().unwrap().is_some()
     }
+}
+
+fn outcome_missing(report: &Option<Report>, error: &Option<String>) -> bool {
+    report.is_none() && error.is_none()
 }
 
 /// The job table.
@@ -208,5 +222,11 @@ mod tests {
         assert_eq!(v.progress.phase, Phase::Cancelled);
         assert_eq!(v.error.as_deref(), Some("cancelled"));
         assert!(jobs.get(2).is_none(), "the oldest finished jobs go first");
+        // A final phase set by the operation is not shown before the outcome.
+        let j = jobs.add(JobKind::Migrate, "hv0");
+        j.progress.set_phase(Phase::Cancelled);
+        assert_eq!(j.view().progress.phase, Phase::RollingBack);
+        j.progress.set_phase(Phase::Done);
+        assert_eq!(j.view().progress.phase, Phase::Committing);
     }
 }

@@ -28,9 +28,11 @@ fn boots_embedded_hypervisor_banner_and_ping() {
     let text = wait_console(&dir, "hv0-g1", Duration::from_secs(30), |t| {
         t.contains("hypercall ping ok")
     });
-    assert!(
-        text.contains("vmbeam guest hypervisor v0.1.0 abi 2: vm=hv0 gen=1 role=primary ram=32MiB")
+    let banner = format!(
+        "vmbeam guest hypervisor v0.1.0 abi {}: vm=hv0 gen=1 role=primary ram=32MiB",
+        vmbeam_abi::ABI_VERSION
     );
+    assert!(text.contains(&banner), "{text}");
     assert!(
         vmm.wait_healthy(Duration::from_secs(30)),
         "no health report"

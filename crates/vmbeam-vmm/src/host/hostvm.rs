@@ -23,7 +23,9 @@ use crate::host::loader::{self, FlatImage};
 use crate::host::memory::{GuestRam, MemFile, Region, RegionKind};
 use crate::migration::handover::Session;
 use crate::nesting::hypercall::{self, HcOutcome};
-use crate::nesting::nested::NestedVm;
+use crate::host::bounds::{Bound, Refusals};
+use crate::nesting::nested::NestedRef;
+use crate::nesting::table::NestedTable;
 use crate::shared::Shared;
 use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
@@ -191,15 +193,6 @@ impl Doorbell {
     }
 }
 
-/// Nested VMs of one host VM.
-#[derive(Default)]
-pub struct NestedTable {
-    /// Next handle to hand out.
-    pub next_handle: u32,
-    /// Live nested VMs by handle.
-    pub vms: BTreeMap<u32, Arc<RankedMutex<NestedVm>>>,
-}
-
 struct VcpuThread {
     idx: u32,
     thread: libc::pthread_t,
@@ -258,6 +251,8 @@ pub struct HostVm {
     serial: RankedMutex<HostSerial>,
     /// Hypercalls served.
     pub hypercalls: AtomicU64,
+    /// Bounds its guest hypervisor hit.
+    pub refusals: Refusals,
 }
 
 impl HostVm {
@@ -499,6 +494,7 @@ impl HostVm {
             l0_writes: RankedMutex::new(Rank::VmLeaf, None),
             serial: RankedMutex::new(Rank::VmLeaf, Serial::new(NoIrq, LineWriter::new(console))),
             hypercalls: AtomicU64::new(0),
+            refusals: Refusals::default(),
         }))
     }
 
@@ -799,10 +795,8 @@ impl HostVm {
     }
 
     /// Destroys every nested VM (dropping their KVM VMs) and unbinds records.
-    pub fn drop_nested(&self) -> Vec<Arc<RankedMutex<NestedVm>>> {
-        let vms: Vec<_> = std::mem::take(&mut self.nested.lock().unwrap().vms)
-            .into_values()
-            .collect();
+    pub fn drop_nested(&self) -> Vec<NestedRef> {
+        let vms: Vec<_> = self.nested.lock().unwrap().take_all();
         for v in &vms {
             let v = v.lock().unwrap();
             if let Some(r) = &v.record {
@@ -835,7 +829,7 @@ impl HostVm {
     }
 
     /// Finds a nested VM.
-    pub fn nested_vm(&self, handle: u64) -> Option<Arc<RankedMutex<NestedVm>>> {
+    pub fn nested_vm(&self, handle: u64) -> Option<NestedRef> {
         let h = u32::try_from(handle).ok()?;
         self.nested.lock().unwrap().vms.get(&h).cloned()
     }
@@ -843,6 +837,14 @@ impl HostVm {
     /// The channel memfd mapped at `CHANNEL_BASE`.
     pub fn channel_file(&self) -> Arc<MemFile> {
         self.channel_file.clone()
+    }
+
+    /// Counts a hit of bound `b` by this VM's guest hypervisor, reports it
+    /// (a rate-limited `limit` event) and returns the status to answer.
+    pub fn refuse(&self, b: Bound, detail: &str) -> vmbeam_abi::hypercall::Status {
+        self.refusals.count(b);
+        self.shared.limit_hit(&self.name(), b.as_str(), detail);
+        b.status()
     }
 
     /// Console of the host VM line.

@@ -20,7 +20,7 @@ use crate::host::memory::{MemFile, Region, RegionKind};
 use crate::migration::copy::{GuestCopy, SlotCopy};
 use crate::migration::rejuvenate::Mode;
 use crate::nesting::hypercall::{HcOutcome, HcResult};
-use crate::nesting::nested::{GuestRecord, NestedState, NestedVm};
+use crate::nesting::nested::{GuestRecord, NestedRef, NestedState, NestedVm};
 use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
 /// Phase of a handover session.
@@ -399,7 +399,7 @@ pub fn bind_adopted(vm: &HostVm, n: &mut NestedVm, guest: &str) -> Result<(), St
 /// Successor's VM_CREATE during a zero-copy handover: if `name` was granted,
 /// the aged guest hypervisor's nested VM itself (KVM VM, vCPUs, slots) moves
 /// to the successor's table under `handle` instead of a new one being built.
-pub fn try_adopt(vm: &HostVm, name: &str, handle: u32) -> Option<Arc<RankedMutex<NestedVm>>> {
+pub fn try_adopt(vm: &HostVm, name: &str, handle: u32) -> Option<NestedRef> {
     let s = session_of(vm).ok()?;
     if s.is_aged(vm) || s.mode != Mode::ZeroCopy || s.phase() != Phase::HandingOver {
         return None;
@@ -444,7 +444,7 @@ pub fn return_adopted(aged: &HostVm, succ: &HostVm) {
 /// Successor's VM_DESTROY of a VM it was adopting: it goes back to the aged
 /// guest hypervisor instead (a successor cannot destroy a guest it was
 /// only offered).
-pub fn unadopt(vm: &HostVm, n: Arc<RankedMutex<NestedVm>>) -> Result<(), Status> {
+pub fn unadopt(vm: &HostVm, n: NestedRef) -> Result<(), Status> {
     let s = session_of(vm)?;
     let h = {
         let mut g = n.lock().unwrap();

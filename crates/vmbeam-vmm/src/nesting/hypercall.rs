@@ -6,7 +6,6 @@
 //! input, and an error leaves L0's state as it was.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use vmbeam_abi::hypercall::*;
@@ -16,8 +15,9 @@ use crate::host::hostvm::HostVm;
 use crate::host::kick::SliceTimer;
 use crate::host::memory::RegionKind;
 use crate::migration::handover;
-use crate::nesting::nested::{NestedSlot, NestedVm};
-use crate::sync::{Rank, RankedMutex};
+use crate::nesting::nested::{NestedCell, NestedRef, NestedSlot, NestedVm};
+use crate::host::bounds::{Bound, MAX_NESTED_VMS};
+use crate::shared::ClaimError;
 
 /// What the vCPU loop does after a hypercall.
 #[derive(Debug, PartialEq, Eq)]
@@ -67,7 +67,7 @@ fn name_arg(page: &HypercallPage) -> Result<String, Status> {
     check_name(&b).map(str::to_string)
 }
 
-fn nested(vm: &HostVm, handle: u64) -> Result<Arc<RankedMutex<NestedVm>>, Status> {
+fn nested(vm: &HostVm, handle: u64) -> Result<NestedRef, Status> {
     vm.nested_vm(handle).ok_or(Status::NoSuchHandle)
 }
 
@@ -81,13 +81,16 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
         }
         OP_CONSOLE_WRITE => {
             let line = &p.data[..console_len(a[1])?];
-            if a[0] == CONSOLE_SELF {
-                vm.console().write_line(line);
+            let console = if a[0] == CONSOLE_SELF {
+                vm.console()
             } else {
+                // From the published summary: never waits for the guest's RUN.
                 let n = nested(vm, a[0])?;
-                let n = n.lock().unwrap();
-                let rec = n.record.as_ref().ok_or(Status::BadState)?;
-                rec.console.write_line(line);
+                let rec = n.summary().record.ok_or(Status::BadState)?;
+                rec.console.clone()
+            };
+            if !console.write_line(line) {
+                return Err(vm.refuse(Bound::ConsoleRate, "console line dropped"));
             }
             OK
         }
@@ -108,13 +111,12 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
         OP_VM_CREATE => vm_create(vm, p),
         OP_VM_DESTROY => {
             let h = u32::try_from(a[0]).map_err(|_| Status::NoSuchHandle)?;
-            let n = vm
-                .nested
-                .lock()
-                .unwrap()
-                .vms
-                .remove(&h)
-                .ok_or(Status::NoSuchHandle)?;
+            let n = {
+                let mut t = vm.nested.lock().unwrap();
+                let n = t.vms.remove(&h).ok_or(Status::NoSuchHandle)?;
+                t.release_handle(h);
+                n
+            };
             if n.lock().unwrap().adopted_from.is_some() {
                 return handover::unadopt(vm, n).map(|_| HcOutcome::Continue);
             }
@@ -130,7 +132,15 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
         OP_VM_MAP => vm_map(vm, a[0], a[1], a[2], a[3]),
         OP_VCPU_CREATE => {
             let n = nested(vm, a[0])?;
-            let idx = n.lock().unwrap().create_vcpu(&vm.shared.cpuid)?;
+            let idx = n
+                .lock()
+                .unwrap()
+                .create_vcpu(&vm.shared.cpuid)
+                .map_err(|s| match s {
+                    Status::TooMany => vm.refuse(Bound::Vcpus, "nested vCPUs"),
+                    Status::NoResources => vm.refuse(Bound::KvmObjects, "KVM_CREATE_VCPU"),
+                    s => s,
+                })?;
             p.ret[0] = idx as u64;
             OK
         }
@@ -186,45 +196,59 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
 
 fn vm_create(vm: &HostVm, p: &mut HypercallPage) -> HcResult {
     let name = name_arg(p)?;
-    let mut table = vm.nested.lock().unwrap();
-    if table.vms.len() >= vmbeam_abi::boot::MAX_NESTED {
-        return Err(Status::TooMany);
-    }
-    if table.vms.values().any(|n| n.lock().unwrap().name == name) {
-        return Err(Status::BadArg);
-    }
     let successor = handover::is_successor_in_handover(vm);
+    // Reserve the name and a handle under the table lock; build outside it.
+    let handle = {
+        let mut t = vm.nested.lock().unwrap();
+        if t.count() >= MAX_NESTED_VMS {
+            drop(t);
+            return Err(vm.refuse(Bound::NestedVms, &format!("{MAX_NESTED_VMS} nested VMs")));
+        }
+        if t.has_name(&name) {
+            return Err(Status::BadArg);
+        }
+        let h = t.alloc_handle();
+        t.creating.push((name.clone(), h));
+        h
+    };
+    let built = build_nested(vm, &name, handle, successor);
+    let mut t = vm.nested.lock().unwrap();
+    t.creating.retain(|(_, h)| *h != handle);
+    let cell = built?;
+    t.vms.insert(handle, cell);
+    p.ret[0] = handle as u64;
+    OK
+}
+
+/// The nested VM a VM_CREATE makes: in a successor during a handover, the
+/// granted guest of that name itself (adopted); otherwise a new KVM VM
+/// bound to a new record.
+fn build_nested(
+    vm: &HostVm,
+    name: &str,
+    handle: u32,
+    successor: bool,
+) -> Result<NestedRef, Status> {
+    if successor {
+        if let Some(adopted) = handover::try_adopt(vm, name, handle) {
+            return Ok(adopted);
+        }
+    }
     let record = if successor {
         None
     } else {
-        let r = vm.shared.record(&name).map_err(|_| Status::Internal)?;
-        {
-            let info = r.info.lock().unwrap();
-            if info.bound_vm != 0 && info.bound_vm != vm.id {
-                // Another host VM runs a guest of this name.
-                return Err(Status::NotPermitted);
+        // A live guest of this name anywhere on the host (another host
+        // VM's, or one being moved) keeps its name and console.
+        match vm.shared.claim_record(name) {
+            Ok(r) => Some(r),
+            Err(ClaimError::Taken(_)) => return Err(Status::NotPermitted),
+            Err(ClaimError::Console(e)) => {
+                return Err(vm.refuse(Bound::Consoles, &e.to_string()));
             }
         }
-        Some(r)
     };
-    table.next_handle = table.next_handle.wrapping_add(1).max(1);
-    while table.vms.contains_key(&table.next_handle) {
-        table.next_handle = table.next_handle.wrapping_add(1).max(1);
-    }
-    let handle = table.next_handle;
-    if successor {
-        drop(table);
-        if let Some(adopted) = handover::try_adopt(vm, &name, handle) {
-            vm.nested.lock().unwrap().vms.insert(handle, adopted);
-            p.ret[0] = handle as u64;
-            return OK;
-        }
-        table = vm.nested.lock().unwrap();
-        if table.vms.contains_key(&handle) {
-            return Err(Status::Internal);
-        }
-    }
-    let mut n = NestedVm::new(&vm.shared.kvm, handle, &name)?;
+    let mut n = NestedVm::new(&vm.shared.kvm, handle, name)
+        .map_err(|_| vm.refuse(Bound::KvmObjects, "KVM_CREATE_VM"))?;
     if let Some(r) = record {
         let mut info = r.info.lock().unwrap();
         info.bound_vm = vm.id;
@@ -235,16 +259,13 @@ fn vm_create(vm: &HostVm, p: &mut HypercallPage) -> HcResult {
         drop(info);
         n.record = Some(r);
     }
-    table
-        .vms
-        .insert(handle, Arc::new(RankedMutex::new(Rank::NestedVm, n)));
-    p.ret[0] = handle as u64;
-    OK
+    Ok(NestedCell::new(n))
 }
 
 fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcResult {
     let l1_end = check_map_args(l1_gpa, l2_gpa, len)?;
     let n = nested(vm, handle)?;
+    let h = handle as u32;
     let (region_kind, file, offset, hva, map) = {
         let mem = vm.mem.read().unwrap();
         let spans = mem.regions.iter().map(|r| (r.gpa, r.size, &r.kind));
@@ -257,22 +278,35 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
             r.map.clone(),
         )
     };
-    // No two nested VMs of this guest hypervisor may share memory.
-    if n.lock().unwrap().adopted_from.is_none() {
-        let table = vm.nested.lock().unwrap();
-        for (h, other) in table.vms.iter() {
-            if *h as u64 == handle {
-                continue;
-            }
-            let o = other.lock().unwrap();
-            if o.slots
-                .iter()
-                .any(|s| ranges_overlap(l1_gpa, l1_end, s.l1_gpa, s.l1_gpa + s.len))
-            {
-                return Err(Status::Overlap);
-            }
+    // No two nested VMs of this guest hypervisor may share memory: the L1
+    // range is claimed in the table first (one lock decides), then mapped.
+    {
+        let mut t = vm.nested.lock().unwrap();
+        if !t.vms.contains_key(&h) {
+            return Err(Status::NoSuchHandle);
         }
+        t.claim(h, l1_gpa, l1_end)?;
     }
+    let res = map_claimed(vm, &n, l1_gpa, l2_gpa, len, region_kind, file, offset, hva, map);
+    if res.is_err() {
+        vm.nested.lock().unwrap().release_claim(h, l1_gpa);
+    }
+    res
+}
+
+#[allow(clippy::too_many_arguments)]
+fn map_claimed(
+    vm: &HostVm,
+    n: &NestedRef,
+    l1_gpa: u64,
+    l2_gpa: u64,
+    len: u64,
+    region_kind: RegionKind,
+    file: std::sync::Arc<crate::host::memory::MemFile>,
+    offset: u64,
+    hva: usize,
+    map: std::sync::Arc<vm_memory::MmapRegion>,
+) -> HcResult {
     let mut n = n.lock().unwrap();
     if n.adopted_from.is_some() {
         // Adopting the aged guest hypervisor's VM: confirm, don't remap.
@@ -282,12 +316,6 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
         handover::bind_adopted(vm, &mut n, guest)?;
         n.confirm_slot(l1_gpa, l2_gpa, len, &file, offset)?;
         return OK;
-    }
-    if n.slots
-        .iter()
-        .any(|s| ranges_overlap(l1_gpa, l1_end, s.l1_gpa, s.l1_gpa + s.len))
-    {
-        return Err(Status::Overlap);
     }
     if let RegionKind::Grant { guest } = &region_kind {
         handover::bind_adopted(vm, &mut n, guest)?;
@@ -300,6 +328,10 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
         file,
         file_offset: offset,
         map,
+    })
+    .map_err(|s| match s {
+        Status::TooMany => vm.refuse(Bound::Slots, "nested memory slots"),
+        s => s,
     })?;
     if let Some(r) = &n.record {
         r.info.lock().unwrap().mem_bytes = n.mem_bytes();

@@ -9,7 +9,8 @@
 //! the guest across moves between guest hypervisors.
 
 use std::sync::atomic::AtomicU8;
-use std::sync::Arc;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, LockResult, PoisonError};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_userspace_memory_region, CpuId};
@@ -23,7 +24,7 @@ use crate::host::arch;
 use crate::host::console::Console;
 use crate::host::kick::SliceTimer;
 use crate::host::memory::MemFile;
-use crate::sync::RankedMutex;
+use crate::sync::{Rank, RankedGuard, RankedMutex};
 
 /// Most memory slots per nested VM.
 pub const MAX_SLOTS: usize = vmbeam_abi::handover::MAX_GUEST_RANGES;
@@ -103,9 +104,10 @@ struct NestedVcpu {
 }
 
 /// Lifecycle of a nested VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NestedState {
     /// Created, not run yet.
+    #[default]
     Created,
     /// Has run.
     Running,
@@ -163,6 +165,123 @@ pub struct NestedVm {
     /// hypervisor's first SET_STATE of it. [`NestedVm::cancel_adoption`]
     /// puts both back, so a VM given back to the aged side is as it left it.
     adoption_undo: (Vec<u64>, Vec<(usize, VcpuState)>),
+}
+
+/// What others read of a nested VM without taking its lock (which a RUN
+/// holds for a whole slice): published every time the lock is released.
+#[derive(Debug, Clone, Default)]
+pub struct NestedSummary {
+    /// Handle L1 uses.
+    pub handle: u32,
+    /// Name.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: NestedState,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Mapped bytes.
+    pub mem_bytes: u64,
+    /// RUN calls.
+    pub runs: u64,
+    /// Exits returned to L1.
+    pub exits: u64,
+    /// Frozen (granted away, or adopted but not committed).
+    pub frozen: bool,
+    /// Identity, once bound.
+    pub record: Option<Arc<GuestRecord>>,
+}
+
+/// A nested VM shared between the L1 vCPUs that drive it, with its
+/// published [`NestedSummary`].
+pub struct NestedCell {
+    vm: RankedMutex<NestedVm>,
+    summary: RankedMutex<NestedSummary>,
+}
+
+/// How host VMs and handovers hold a nested VM.
+pub type NestedRef = Arc<NestedCell>;
+
+impl NestedCell {
+    /// Shares `vm`.
+    pub fn new(vm: NestedVm) -> NestedRef {
+        let cell = Arc::new(NestedCell {
+            summary: RankedMutex::new(Rank::NestedInfo, NestedSummary::default()),
+            vm: RankedMutex::new(Rank::NestedVm, vm),
+        });
+        drop(cell.lock());
+        cell
+    }
+
+    /// Takes the nested VM (blocks while another vCPU runs it, at most a
+    /// slice).
+    pub fn lock(&self) -> LockResult<NestedGuard<'_>> {
+        match self.vm.lock() {
+            Ok(g) => Ok(NestedGuard { g, cell: self }),
+            Err(p) => Err(PoisonError::new(NestedGuard {
+                g: p.into_inner(),
+                cell: self,
+            })),
+        }
+    }
+
+    /// What was published when the lock was last released; never waits
+    /// for a RUN.
+    pub fn summary(&self) -> NestedSummary {
+        self.summary
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn publish(&self, n: &NestedVm) {
+        let mut s = self
+            .summary
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        s.handle = n.handle;
+        if s.name != n.name {
+            s.name = n.name.clone();
+        }
+        s.state = n.state;
+        s.vcpus = n.vcpus.len();
+        s.mem_bytes = n.mem_bytes();
+        s.runs = n.runs;
+        s.exits = n.exits;
+        s.frozen = n.frozen;
+        let same = match (&s.record, &n.record) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            s.record = n.record.clone();
+        }
+    }
+}
+
+/// Holds a nested VM; publishes its summary when released.
+pub struct NestedGuard<'a> {
+    g: RankedGuard<'a, NestedVm>,
+    cell: &'a NestedCell,
+}
+
+impl Deref for NestedGuard<'_> {
+    type Target = NestedVm;
+    fn deref(&self) -> &NestedVm {
+        &self.g
+    }
+}
+
+impl DerefMut for NestedGuard<'_> {
+    fn deref_mut(&mut self) -> &mut NestedVm {
+        &mut self.g
+    }
+}
+
+impl Drop for NestedGuard<'_> {
+    fn drop(&mut self) {
+        self.cell.publish(&self.g);
+    }
 }
 
 fn kvm_err(_: kvm_ioctls::Error) -> Status {

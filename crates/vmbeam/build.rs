@@ -19,6 +19,7 @@ fn main() {
         "memtouch",
         "ticker",
         "hostile",
+        "stress",
         "rt",
     ] {
         println!("cargo:rerun-if-changed={}", guests.join(p).display());
@@ -56,7 +57,7 @@ fn main() {
         );
     }
     let bin = target_dir.join("x86_64-unknown-none/release");
-    for g in ["hypervisor", "memtouch", "ticker", "hostile"] {
+    for g in ["hypervisor", "memtouch", "ticker", "hostile", "stress"] {
         std::fs::copy(bin.join(g), out.join(format!("{g}.elf")))
             .unwrap_or_else(|e| panic!("guest {g} was not built: {e}"));
     }

@@ -215,7 +215,11 @@ impl Shared {
 
     /// The record called `name`, if a guest of that name exists now.
     pub fn find_record(&self, name: &str) -> Option<Arc<GuestRecord>> {
-        self.records.lock().unwrap().get(name).and_then(Weak::upgrade)
+        self.records
+            .lock()
+            .unwrap()
+            .get(name)
+            .and_then(Weak::upgrade)
     }
 
     /// Wakes waiters: a VM stopped or changed state.

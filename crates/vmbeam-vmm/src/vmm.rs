@@ -184,6 +184,17 @@ pub struct Status {
     pub host_vms: Vec<HostVmStatus>,
 }
 
+/// What [`Vmm::start_with`] changes from the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Boot this guest hypervisor ELF instead of the VMM's (tests).
+    pub hypervisor: Option<Vec<u8>>,
+    /// `BootInfo.flags` (test fault injection and modes; 0 normally).
+    pub flags: u64,
+    /// Nested guests to start instead of the configured number.
+    pub nested: Option<u32>,
+}
+
 /// The VMM.
 pub struct Vmm {
     /// Host-wide services.
@@ -252,9 +263,15 @@ impl Vmm {
 
     /// Boots host VM `name` with the configured nested guests.
     pub fn start(&self, name: &str) -> Result<Arc<HostVm>, VmmError> {
+        self.start_with(name, &StartOptions::default())
+    }
+
+    /// Boots host VM `name`, with `opts` changing what the configuration
+    /// says (tests run another guest hypervisor beside the real one).
+    pub fn start_with(&self, name: &str, opts: &StartOptions) -> Result<Arc<HostVm>, VmmError> {
         let c = &self.config;
         let mut nested = Vec::new();
-        for i in 0..c.nested {
+        for i in 0..opts.nested.unwrap_or(c.nested) {
             let w = c.workloads[i as usize % c.workloads.len()];
             let module = self.images.module_index(w.kind()).unwrap_or(0);
             nested.push(NestedSpec {
@@ -275,7 +292,7 @@ impl Vmm {
             pool: c.pool_size(),
             vcpus: c.vcpus,
             nested,
-            flags: 0,
+            flags: opts.flags,
             slice_us: c.slice_us,
             age_leak_pages: c.age_leak_pages,
         };
@@ -287,7 +304,9 @@ impl Vmm {
         let vm = HostVm::boot(
             self.shared.clone(),
             spec,
-            &self.images.hypervisor,
+            opts.hypervisor
+                .as_deref()
+                .unwrap_or(&self.images.hypervisor),
             &self.images.modules,
             channel,
             None,

@@ -15,9 +15,9 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use crate::sync::{Rank, RankedMutex};
 
@@ -79,6 +79,7 @@ impl Console {
                     "[vmbeam] console over {} KiB/s: dropping output",
                     CONSOLE_RATE >> 10
                 );
+                out.tokens = out.tokens.saturating_sub(note.len() as u64 + 1);
                 self.emit(&mut out, &note);
             }
             out.dropping += cost;
@@ -88,6 +89,7 @@ impl Console {
         if out.dropping > 0 {
             let note = format!("[vmbeam] {} bytes of console output dropped", out.dropping);
             out.dropping = 0;
+            out.tokens = out.tokens.saturating_sub(note.len() as u64 + 1);
             self.emit(&mut out, &note);
         }
         let clean: String = String::from_utf8_lossy(line)
@@ -141,11 +143,7 @@ fn rotate(out: &mut Out) {
     let mut old = path.clone().into_os_string();
     old.push(".1");
     let _ = std::fs::rename(path, &old);
-    out.file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .ok();
+    out.file = OpenOptions::new().create(true).append(true).open(path).ok();
 }
 
 /// Errors of console set-up.
@@ -327,7 +325,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vmbeam-cut-{}", std::process::id()));
         let hub = ConsoleHub::new(ConsoleTarget::Dir(dir.clone())).unwrap();
         let mut w = LineWriter::new(hub.get("cut").unwrap());
-        let text: Vec<u8> = (0..3 * LINE_MAX + 7).map(|i| b'a' + (i % 26) as u8).collect();
+        let text: Vec<u8> = (0..3 * LINE_MAX + 7)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect();
         w.write_all(&text).unwrap();
         w.write_all(b"\n").unwrap();
         let got = std::fs::read_to_string(dir.join("cut.log")).unwrap();

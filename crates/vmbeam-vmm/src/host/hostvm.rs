@@ -17,13 +17,13 @@ use vmbeam_abi::boot::{BootInfo, Module, NestedSpec, CONTROL_OFFSET};
 use vmbeam_abi::layout;
 
 use crate::host::arch;
+use crate::host::bounds::{Bound, Refusals};
 use crate::host::console::{Console, LineWriter};
 use crate::host::kick::{self, SliceTimer};
 use crate::host::loader::{self, FlatImage};
 use crate::host::memory::{GuestRam, MemFile, Region, RegionKind};
 use crate::migration::handover::Session;
 use crate::nesting::hypercall::{self, HcOutcome};
-use crate::host::bounds::{Bound, Refusals};
 use crate::nesting::nested::NestedRef;
 use crate::nesting::table::NestedTable;
 use crate::shared::Shared;
@@ -253,7 +253,12 @@ pub struct HostVm {
     pub hypercalls: AtomicU64,
     /// Bounds its guest hypervisor hit.
     pub refusals: Refusals,
+    /// Clean KVM VMs of destroyed nested guests, for reuse.
+    spare_vms: RankedMutex<Vec<VmFd>>,
 }
+
+/// Most clean KVM VMs a host VM keeps for reuse.
+pub const MAX_SPARE_VMS: usize = 8;
 
 impl HostVm {
     /// Display name: `line/gN`.
@@ -495,6 +500,7 @@ impl HostVm {
             serial: RankedMutex::new(Rank::VmLeaf, Serial::new(NoIrq, LineWriter::new(console))),
             hypercalls: AtomicU64::new(0),
             refusals: Refusals::default(),
+            spare_vms: RankedMutex::new(Rank::VmLeaf, Vec::new()),
         }))
     }
 
@@ -837,6 +843,22 @@ impl HostVm {
     /// The channel memfd mapped at `CHANNEL_BASE`.
     pub fn channel_file(&self) -> Arc<MemFile> {
         self.channel_file.clone()
+    }
+
+    /// A clean KVM VM for a new nested guest, if one was kept.
+    pub fn take_spare_vm(&self) -> Option<VmFd> {
+        self.spare_vms.lock().unwrap().pop()
+    }
+
+    /// Keeps a clean KVM VM for reuse (up to [`MAX_SPARE_VMS`]); returns it
+    /// if there is no room, for the caller to drop.
+    pub fn keep_spare_vm(&self, vm: VmFd) -> Option<VmFd> {
+        let mut s = self.spare_vms.lock().unwrap();
+        if s.len() >= MAX_SPARE_VMS {
+            return Some(vm);
+        }
+        s.push(vm);
+        None
     }
 
     /// Counts a hit of bound `b` by this VM's guest hypervisor, reports it

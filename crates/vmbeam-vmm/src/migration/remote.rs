@@ -841,10 +841,9 @@ fn build(
             )));
         }
         let rec = shared.claim_record(&d.name).map_err(|e| match e {
-            crate::shared::ClaimError::Taken(_) => RemoteError::Invalid(format!(
-                "a nested guest named {} already runs here",
-                d.name
-            )),
+            crate::shared::ClaimError::Taken(_) => {
+                RemoteError::Invalid(format!("a nested guest named {} already runs here", d.name))
+            }
             e => local(e.to_string()),
         })?;
         let mut n =

@@ -11,12 +11,12 @@ use std::time::Duration;
 use vmbeam_abi::hypercall::*;
 use vmbeam_abi::layout::{self, EXTENT_SIZE};
 
+use crate::host::bounds::{Bound, MAX_NESTED_VMS};
 use crate::host::hostvm::HostVm;
 use crate::host::kick::SliceTimer;
 use crate::host::memory::RegionKind;
 use crate::migration::handover;
 use crate::nesting::nested::{NestedCell, NestedRef, NestedSlot, NestedVm};
-use crate::host::bounds::{Bound, MAX_NESTED_VMS};
 use crate::shared::ClaimError;
 
 /// What the vCPU loop does after a hypercall.
@@ -120,13 +120,7 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
             if n.lock().unwrap().adopted_from.is_some() {
                 return handover::unadopt(vm, n).map(|_| HcOutcome::Continue);
             }
-            let n = n.lock().unwrap();
-            if let Some(r) = &n.record {
-                let mut info = r.info.lock().unwrap();
-                if info.bound_vm == vm.id {
-                    info.bound_vm = 0;
-                }
-            }
+            destroy(vm, n);
             OK
         }
         OP_VM_MAP => vm_map(vm, a[0], a[1], a[2], a[3]),
@@ -194,6 +188,39 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
     }
 }
 
+/// The end of a nested guest its guest hypervisor destroyed: its record
+/// is unbound (and goes with the last holder), its pages are returned to
+/// the host in whichever memfd holds them (its own guest hypervisor's
+/// pool, or the pool of the generation it was created in, after moves),
+/// and a KVM VM that never had a vCPU is kept for reuse.
+fn destroy(vm: &HostVm, n: NestedRef) {
+    let punch = {
+        let n = n.lock().unwrap();
+        if let Some(r) = &n.record {
+            let mut info = r.info.lock().unwrap();
+            if info.bound_vm == vm.id {
+                info.bound_vm = 0;
+            }
+        }
+        // A frozen guest's pages are on their way to a successor: not ours
+        // to release.
+        if n.frozen {
+            Vec::new()
+        } else {
+            n.slots
+                .iter()
+                .map(|s| (s.file.clone(), s.file_offset, s.len))
+                .collect()
+        }
+    };
+    for (file, offset, len) in punch {
+        let _ = file.punch_hole(offset, len);
+    }
+    if let Some(kvm_vm) = NestedCell::into_vm(n).and_then(NestedVm::into_clean_vm) {
+        drop(vm.keep_spare_vm(kvm_vm));
+    }
+}
+
 fn vm_create(vm: &HostVm, p: &mut HypercallPage) -> HcResult {
     let name = name_arg(p)?;
     let successor = handover::is_successor_in_handover(vm);
@@ -247,8 +274,11 @@ fn build_nested(
             }
         }
     };
-    let mut n = NestedVm::new(&vm.shared.kvm, handle, name)
-        .map_err(|_| vm.refuse(Bound::KvmObjects, "KVM_CREATE_VM"))?;
+    let mut n = match vm.take_spare_vm() {
+        Some(kvm_vm) => NestedVm::with_vm(kvm_vm, handle, name),
+        None => NestedVm::new(&vm.shared.kvm, handle, name)
+            .map_err(|_| vm.refuse(Bound::KvmObjects, "KVM_CREATE_VM"))?,
+    };
     if let Some(r) = record {
         let mut info = r.info.lock().unwrap();
         info.bound_vm = vm.id;
@@ -287,7 +317,18 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
         }
         t.claim(h, l1_gpa, l1_end)?;
     }
-    let res = map_claimed(vm, &n, l1_gpa, l2_gpa, len, region_kind, file, offset, hva, map);
+    let res = map_claimed(
+        vm,
+        &n,
+        l1_gpa,
+        l2_gpa,
+        len,
+        region_kind,
+        file,
+        offset,
+        hva,
+        map,
+    );
     if res.is_err() {
         vm.nested.lock().unwrap().release_claim(h, l1_gpa);
     }

@@ -8,8 +8,8 @@
 //! A [`GuestRecord`] is the nested guest's identity on this host; it follows
 //! the guest across moves between guest hypervisors.
 
-use std::sync::atomic::AtomicU8;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, LockResult, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -101,6 +101,48 @@ struct NestedVcpu {
     fd: VcpuFd,
     pending: Pending,
     exits_since_state: bool,
+    /// An interrupt L1 injected that the guest has not been able to take
+    /// yet (see [`NestedVm::inject`]).
+    irq: Option<u8>,
+}
+
+/// While an interrupt waits for the guest to enable interrupts, RUN looks
+/// again this often (this KVM gives no interrupt-window exits; see
+/// docs/kvm-notes.md).
+const IRQ_POLL: Duration = Duration::from_millis(1);
+
+/// If an interrupt waits and the guest can take it now (RFLAGS.IF set, no
+/// STI/MOV SS shadow), hands it to KVM; true while it still waits.
+fn offer_irq(v: &mut NestedVcpu) -> bool {
+    let Some(vector) = v.irq else {
+        return false;
+    };
+    let open = v.fd.get_regs().is_ok_and(|r| r.rflags & (1 << 9) != 0)
+        && v.fd
+            .get_vcpu_events()
+            .is_ok_and(|e| e.interrupt.shadow == 0);
+    if open && kvm_interrupt(&v.fd, vector).is_ok() {
+        v.irq = None;
+        return false;
+    }
+    true
+}
+
+/// `KVM_INTERRUPT`: queues an external interrupt on a vCPU without an
+/// in-kernel irqchip (kvm-ioctls has no wrapper for it).
+const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86;
+
+fn kvm_interrupt(fd: &VcpuFd, vector: u8) -> Result<(), Status> {
+    use std::os::fd::AsRawFd;
+    let irq = kvm_bindings::kvm_interrupt { irq: vector as u32 };
+    // SAFETY: KVM_INTERRUPT reads one `kvm_interrupt` from a valid pointer
+    // on a vCPU fd we own.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_INTERRUPT as _, &irq) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Status::BadState)
+    }
 }
 
 /// Lifecycle of a nested VM.
@@ -224,6 +266,11 @@ impl NestedCell {
         }
     }
 
+    /// The nested VM itself, if `cell` is its only holder.
+    pub fn into_vm(cell: NestedRef) -> Option<NestedVm> {
+        Arc::try_unwrap(cell).ok()?.vm.into_inner().ok()
+    }
+
     /// What was published when the lock was last released; never waits
     /// for a RUN.
     pub fn summary(&self) -> NestedSummary {
@@ -234,10 +281,7 @@ impl NestedCell {
     }
 
     fn publish(&self, n: &NestedVm) {
-        let mut s = self
-            .summary
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut s = self.summary.lock().unwrap_or_else(PoisonError::into_inner);
         s.handle = n.handle;
         if s.name != n.name {
             s.name = n.name.clone();
@@ -294,7 +338,13 @@ impl NestedVm {
         let vm = kvm.create_vm().map_err(kvm_err)?;
         // Needed on Intel hosts without unrestricted guest; harmless elsewhere.
         let _ = vm.set_tss_address(0xfffb_d000);
-        Ok(NestedVm {
+        Ok(NestedVm::with_vm(vm, handle, name))
+    }
+
+    /// A nested guest on a clean KVM VM given back by
+    /// [`NestedVm::into_clean_vm`] (no vCPU, no memory slot).
+    pub fn with_vm(vm: VmFd, handle: u32, name: &str) -> NestedVm {
+        NestedVm {
             handle,
             name: name.to_string(),
             vm,
@@ -311,7 +361,30 @@ impl NestedVm {
             confirmed_slots: Vec::new(),
             confirmed_vcpus: 0,
             adoption_undo: (Vec::new(), Vec::new()),
-        })
+        }
+    }
+
+    /// The KVM VM of a destroyed nested guest, for reuse, if it never had
+    /// a vCPU (KVM cannot remove one): its memory slots are deleted first,
+    /// so it is as clean as a new one. Destroying a KVM VM costs
+    /// milliseconds (KVM waits for readers of its memory map), creating one
+    /// much less; a guest hypervisor that churns names is served from here.
+    pub fn into_clean_vm(self) -> Option<VmFd> {
+        if !self.vcpus.is_empty() {
+            return None;
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: i as u32,
+                flags: 0,
+                guest_phys_addr: s.l2_gpa,
+                memory_size: 0,
+                userspace_addr: 0,
+            };
+            // SAFETY: size 0 deletes the slot; no memory is handed to KVM.
+            unsafe { self.vm.set_user_memory_region(region) }.ok()?;
+        }
+        Some(self.vm)
     }
 
     /// Total mapped bytes.
@@ -473,6 +546,7 @@ impl NestedVm {
             fd,
             pending: Pending::None,
             exits_since_state: false,
+            irq: None,
         });
         Ok(idx)
     }
@@ -555,9 +629,19 @@ impl NestedVm {
         Ok(())
     }
 
-    /// Queues an external interrupt. A frozen VM (granted away, or adopted
-    /// but not committed) refuses it: the interrupt would be delivered
-    /// under whichever guest hypervisor ends up running the guest.
+    /// Queues external interrupt `vector` the way a local APIC would: it
+    /// is delivered only when the guest can take it (RFLAGS.IF set, no
+    /// interrupt shadow). At every entry of a RUN, L0 checks the guest's
+    /// flag: if it is open the interrupt goes to KVM (`KVM_INTERRUPT`),
+    /// otherwise L0 requests an interrupt window (`request_interrupt_window`,
+    /// injecting at the `IrqWindowOpen` exit) and, because this host's KVM
+    /// gives no such exit and delivers `KVM_INTERRUPT` regardless of IF,
+    /// also looks again every [`IRQ_POLL`] within the slice. One interrupt
+    /// can wait per vCPU; a second is `BadState`.
+    ///
+    /// A frozen VM (granted away, or adopted but not committed) refuses
+    /// it: the interrupt would be delivered under whichever guest
+    /// hypervisor ends up running the guest.
     pub fn inject(&mut self, idx: u64, vector: u64) -> Result<(), Status> {
         if !(32..=255).contains(&vector) {
             return Err(Status::BadArg);
@@ -566,14 +650,11 @@ impl NestedVm {
             return Err(Status::NotPermitted);
         }
         let v = self.vcpu(idx)?;
-        let mut ev = v.fd.get_vcpu_events().map_err(|_| Status::Internal)?;
-        if ev.interrupt.injected != 0 {
+        if v.irq.is_some() {
             return Err(Status::BadState);
         }
-        ev.interrupt.injected = 1;
-        ev.interrupt.nr = vector as u8;
-        ev.interrupt.soft = 0;
-        v.fd.set_vcpu_events(&ev).map_err(|_| Status::BadState)
+        v.irq = Some(vector as u8);
+        Ok(())
     }
 
     /// Runs vCPU `idx` for at most `slice`.
@@ -598,70 +679,97 @@ impl NestedVm {
         let v = self.vcpu(idx)?;
         complete_pending(v, answer);
         let ie = &mut v.fd.get_kvm_run().immediate_exit as *mut u8 as *const AtomicU8;
-        // SAFETY: the kvm_run mapping of `v.fd` lives until `v` is dropped,
-        // which cannot happen before `disarm` below (we hold `&mut self`).
-        let gen = unsafe { timer.arm(slice, ie) };
         let t0 = Instant::now();
+        let deadline = t0 + slice;
+        let mut gen;
         let mut out = NestedExit::default();
         let mut internal = false;
-        match v.fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) if data.len() <= 8 => {
-                out.reason = exit::IO_OUT;
-                out.port = port as u32;
-                out.size = data.len() as u32;
-                let mut b = [0u8; 8];
-                b[..data.len()].copy_from_slice(data);
-                out.data = u64::from_le_bytes(b);
+        loop {
+            let waiting = offer_irq(v);
+            v.fd.get_kvm_run().request_interrupt_window = waiting as u8;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let chunk = if waiting { left.min(IRQ_POLL) } else { left };
+            // SAFETY: the kvm_run mapping of `v.fd` lives until `v` is
+            // dropped, which cannot happen before `disarm` below (we hold
+            // `&mut self`).
+            gen = unsafe { timer.arm(chunk.max(Duration::from_micros(1)), ie) };
+            match v.fd.run() {
+                Ok(VcpuExit::IrqWindowOpen) => {
+                    // The guest can take the waiting interrupt: next entry.
+                    timer.disarm(gen);
+                    v.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                Err(e)
+                    if (e.errno() == libc::EINTR || e.errno() == libc::EAGAIN)
+                        && waiting
+                        && Instant::now() < deadline =>
+                {
+                    // A poll tick while an interrupt waits: look again.
+                    timer.disarm(gen);
+                    v.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                Ok(VcpuExit::IoOut(port, data)) if data.len() <= 8 => {
+                    out.reason = exit::IO_OUT;
+                    out.port = port as u32;
+                    out.size = data.len() as u32;
+                    let mut b = [0u8; 8];
+                    b[..data.len()].copy_from_slice(data);
+                    out.data = u64::from_le_bytes(b);
+                }
+                Ok(VcpuExit::IoIn(port, data)) if data.len() <= 8 => {
+                    out.reason = exit::IO_IN;
+                    out.port = port as u32;
+                    out.size = data.len() as u32;
+                    v.pending = Pending::Read {
+                        ptr: data.as_mut_ptr() as usize,
+                        len: data.len(),
+                    };
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) if data.len() <= 8 => {
+                    out.reason = exit::MMIO_READ;
+                    out.addr = addr;
+                    out.size = data.len() as u32;
+                    v.pending = Pending::Read {
+                        ptr: data.as_mut_ptr() as usize,
+                        len: data.len(),
+                    };
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) if data.len() <= 8 => {
+                    out.reason = exit::MMIO_WRITE;
+                    out.addr = addr;
+                    out.size = data.len() as u32;
+                    let mut b = [0u8; 8];
+                    b[..data.len()].copy_from_slice(data);
+                    out.data = u64::from_le_bytes(b);
+                }
+                Ok(VcpuExit::Hlt) => out.reason = exit::HLT,
+                Ok(VcpuExit::Shutdown) => out.reason = exit::SHUTDOWN,
+                Ok(VcpuExit::FailEntry(reason, _)) => {
+                    out.reason = exit::FAIL;
+                    out.detail = reason;
+                }
+                Ok(VcpuExit::InternalError) => {
+                    out.reason = exit::FAIL;
+                    internal = true;
+                }
+                Ok(VcpuExit::Intr) => out.reason = exit::SLICE,
+                Ok(_) => {
+                    out.reason = exit::FAIL;
+                    out.detail = 0xffff;
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    out.reason = exit::SLICE
+                }
+                Err(e) => {
+                    out.reason = exit::FAIL;
+                    out.detail = e.errno() as u64;
+                }
             }
-            Ok(VcpuExit::IoIn(port, data)) if data.len() <= 8 => {
-                out.reason = exit::IO_IN;
-                out.port = port as u32;
-                out.size = data.len() as u32;
-                v.pending = Pending::Read {
-                    ptr: data.as_mut_ptr() as usize,
-                    len: data.len(),
-                };
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) if data.len() <= 8 => {
-                out.reason = exit::MMIO_READ;
-                out.addr = addr;
-                out.size = data.len() as u32;
-                v.pending = Pending::Read {
-                    ptr: data.as_mut_ptr() as usize,
-                    len: data.len(),
-                };
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) if data.len() <= 8 => {
-                out.reason = exit::MMIO_WRITE;
-                out.addr = addr;
-                out.size = data.len() as u32;
-                let mut b = [0u8; 8];
-                b[..data.len()].copy_from_slice(data);
-                out.data = u64::from_le_bytes(b);
-            }
-            Ok(VcpuExit::Hlt) => out.reason = exit::HLT,
-            Ok(VcpuExit::Shutdown) => out.reason = exit::SHUTDOWN,
-            Ok(VcpuExit::FailEntry(reason, _)) => {
-                out.reason = exit::FAIL;
-                out.detail = reason;
-            }
-            Ok(VcpuExit::InternalError) => {
-                out.reason = exit::FAIL;
-                internal = true;
-            }
-            Ok(VcpuExit::Intr) => out.reason = exit::SLICE,
-            Ok(_) => {
-                out.reason = exit::FAIL;
-                out.detail = 0xffff;
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                out.reason = exit::SLICE
-            }
-            Err(e) => {
-                out.reason = exit::FAIL;
-                out.detail = e.errno() as u64;
-            }
+            break;
         }
+        v.fd.get_kvm_run().request_interrupt_window = 0;
         timer.disarm(gen);
         v.fd.set_kvm_immediate_exit(0);
         let mut rip_gpa = None;

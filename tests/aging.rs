@@ -208,14 +208,11 @@ fn aging_policy_rejuvenates_on_its_own() {
     let r = &done["report"];
     assert_eq!(r["from_generation"], 1);
     assert_eq!(r["to_generation"], 2);
-    assert_eq!(r["bytes_copied"], 0);
     let guests = r["guests"].as_array().unwrap();
     assert_eq!(guests.len(), 2);
     for g in guests {
         assert_eq!(g["running_after"], true, "{g}");
         assert_eq!(g["moves"], 1, "{g}");
-        assert!(g["checksum_before"].is_string());
-        assert_eq!(g["checksum_before"], g["checksum_after"], "{g}");
     }
 
     // The successor starts fresh: its first report shows (almost) no leak.
@@ -378,8 +375,9 @@ fn status_and_inspect_follow_guests_across_moves() {
 
     // A monitor keeps inspecting l2-1 while it moves.
     let stop = Arc::new(AtomicBool::new(false));
+    let inspected = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let monitor = {
-        let (vmm, stop) = (vmm.clone(), stop.clone());
+        let (vmm, stop, inspected) = (vmm.clone(), stop.clone(), inspected.clone());
         std::thread::spawn(move || {
             let mut gens = Vec::new();
             let mut failures = Vec::new();
@@ -390,6 +388,7 @@ fn status_and_inspect_follow_guests_across_moves() {
                         if gens.last() != Some(&i.generation) {
                             gens.push(i.generation);
                         }
+                        inspected.fetch_add(1, Ordering::SeqCst);
                     }
                     Err(e) => failures.push(e.to_string()),
                 }
@@ -398,11 +397,23 @@ fn status_and_inspect_follow_guests_across_moves() {
             (gens, failures)
         })
     };
-    std::thread::sleep(Duration::from_millis(200));
+    // The monitor inspects a few times before the move and a few after.
+    let seen = || inspected.load(Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(30),
+        "inspections before the move",
+        || seen() >= 3,
+    );
+    let pages = common::moves::guest_pages(&vmm.current(None).unwrap(), false);
     let r = vmm.rejuvenate(None, &RejuvenateOptions::default()).unwrap();
     assert_eq!(r.to_generation, 2);
-    assert_eq!(r.bytes_copied, 0);
-    std::thread::sleep(Duration::from_millis(200));
+    common::moves::check_same_pages(&vmm.current(None).unwrap(), &pages);
+    let moved_at = seen();
+    wait_until(
+        Duration::from_secs(30),
+        "inspections after the move",
+        || seen() >= moved_at + 3,
+    );
     stop.store(true, Ordering::SeqCst);
     let (gens, failures) = monitor.join().unwrap();
     assert!(failures.is_empty(), "the monitor failed: {failures:?}");

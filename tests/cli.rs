@@ -159,7 +159,6 @@ fn run_status_rejuvenate_shutdown_through_the_api() {
     ] {
         assert!(r.get(key).is_some(), "report lacks {key}: {r}");
     }
-    assert_eq!(r["bytes_copied"], 0);
     for g in r["guests"].as_array().unwrap() {
         for key in [
             "name",
@@ -172,7 +171,6 @@ fn run_status_rejuvenate_shutdown_through_the_api() {
             assert!(g.get(key).is_some(), "guest report lacks {key}: {g}");
         }
         assert_eq!(g["running_after"], true);
-        assert_eq!(g["checksum_before"], g["checksum_after"]);
     }
 
     let out = bin()

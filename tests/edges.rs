@@ -11,6 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmbeam_vmm::control::api::{self, ApiError};
@@ -382,6 +383,8 @@ fn bad_api_requests_get_one_clear_error_and_change_nothing() {
     // A client that trickles its request gets cut off at the server's
     // deadline instead of holding the API; others are served meanwhile.
     let trickle_sock = sock.clone();
+    let trickled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = trickled.clone();
     let trickler = std::thread::spawn(move || {
         let mut s = UnixStream::connect(&trickle_sock).unwrap();
         let mut sent = 0;
@@ -393,13 +396,17 @@ fn bad_api_requests_get_one_clear_error_and_change_nothing() {
                 break;
             }
             sent += 1;
+            progress.store(sent, std::sync::atomic::Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(250));
         }
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out);
         (sent, out)
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Served while the trickler is part-way through its request.
+    common::wait_until(Duration::from_secs(30), "the trickler under way", || {
+        trickled.load(std::sync::atomic::Ordering::SeqCst) >= 2
+    });
     assert_eq!(call(&sock, "GET", "/status", None).0, 200);
     let (sent, out) = trickler.join().unwrap();
     expect_error(

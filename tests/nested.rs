@@ -32,7 +32,7 @@ fn two_nested_guests_both_make_progress() {
         memtouch_round(t).is_some_and(|n| n >= 2)
     });
     assert!(m.contains("memtouch l2-1 start mem=16MiB"), "{m}");
-    assert!(!m.contains("bad=1"), "{m}");
+    assert_memtouch_clean(&dir, "l2-1", "after two rounds");
     // Both keep going, on their own consoles.
     let t0 = last_counter(&console(&dir, "l2-0"), "tick ").unwrap();
     let r0 = memtouch_round(&console(&dir, "l2-1")).unwrap();
@@ -79,7 +79,7 @@ fn l0_checksum_matches_what_the_workload_reports() {
         .split_whitespace()
         .find_map(|w| w.strip_prefix("sum="))
         .unwrap();
-    assert!(done.ends_with("bad=0"), "{done}");
+    assert_eq!(memtouch_bad_counts(done), [0], "{done}");
     let l0 = vmm.checksum("l2-0", WS_BASE, WS_LEN).unwrap();
     assert_eq!(format!("{l0:016x}"), reported);
     // And a different range does not match (the check can fail).
@@ -126,10 +126,10 @@ fn a_triple_faulting_nested_guest_does_not_take_down_its_siblings() {
         .collect();
     assert_eq!(names, vec!["l2-1"], "crashed guests are destroyed by L1");
     let before = st.host_vms[0].hypercalls;
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        vmm.status().host_vms[0].hypercalls > before,
-        "L1 stopped serving"
+    wait_until(
+        Duration::from_secs(30),
+        "L1 keeps making hypercalls",
+        || vmm.status().host_vms[0].hypercalls > before,
     );
 }
 

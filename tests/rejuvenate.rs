@@ -3,19 +3,25 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use common::{moves, procfs};
 use vmbeam_vmm::config::{VmmConfig, Workload};
-use vmbeam_vmm::migration::rejuvenate::{RejuvenateOptions, Report};
+use vmbeam_vmm::host::hostvm::HostVm;
+use vmbeam_vmm::migration::rejuvenate::{RejuvenateError, RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::{Vmm, VmmError};
 
+/// Starts host VM line `test` (its own name, so that this test's memory
+/// files and consoles can be told apart from other tests' in the same
+/// process) with `nested` guests, memtouch and ticker in turn.
 fn started(test: &str, nested: u32) -> (Vmm, std::path::PathBuf) {
-    started_as(test, nested, "hv0")
+    started_as(test, nested, test)
 }
 
-/// Like `started`, with a host VM name of its own (so this test's memory
-/// files can be told apart from other tests' in the same process).
+/// Like `started`, with host VM line `line`.
 fn started_as(test: &str, nested: u32, line: &str) -> (Vmm, std::path::PathBuf) {
     let dir = temp_dir(test);
     let vmm = vmm(
@@ -44,16 +50,54 @@ fn wait_progress_beyond(dir: &std::path::Path, nested: u32, base: &[u64]) {
 fn check_report(r: &Report, nested: usize, generation: u32) {
     assert_eq!(r.mode, "zero-copy");
     assert_eq!(r.to_generation, generation);
-    assert_eq!(r.bytes_copied, 0);
     assert_eq!(r.guests.len(), nested);
     for g in &r.guests {
         assert!(g.running_after, "{g:?}");
-        assert!(g.checksum_before.is_some());
-        assert_eq!(g.checksum_before, g.checksum_after, "{g:?}");
         assert_eq!(g.mem_bytes, 16 << 20);
     }
-    assert!(r.channel_bytes > 0);
-    assert!(r.released_bytes > 0);
+}
+
+/// Rejuvenates line `line` zero-copy with `opts` and checks the move from
+/// outside L0: the successor's grant mappings are the guests' own memfd
+/// pages, the aged guest hypervisor's pages were released, and the channel
+/// memfd holds what the report says crossed it. Returns the report.
+fn move_checked(
+    vmm: &Vmm,
+    line: &str,
+    opts: &RejuvenateOptions,
+    nested: usize,
+    generation: u32,
+) -> Report {
+    let aged = vmm.current(Some(line)).unwrap();
+    let pages = moves::guest_pages(&aged, false);
+    assert_eq!(pages.len(), nested, "{pages:?}");
+    drop(aged);
+    let fds = procfs::memfds();
+    let r = vmm.rejuvenate(Some(line), opts).unwrap();
+    check_report(&r, nested, generation);
+    let succ = vmm.current(Some(line)).unwrap();
+    assert_eq!(succ.spec.generation, generation);
+    let kept = moves::check_same_pages(&succ, &pages);
+    let left = moves::check_aged_released(&fds, line, generation - 1, &kept);
+    let guests: u64 = r.guests.iter().map(|g| g.mem_bytes).sum();
+    assert!(left <= guests, "{left} bytes of the aged files left");
+    let mb = moves::channel_mailboxes(line);
+    println!("{line}: channel {mb:?}, report {} bytes", r.channel_bytes);
+    // Aged to successor: one GUEST per guest and END; back: HELLO and one
+    // ACCEPT per guest.
+    let n = nested as u32;
+    assert_eq!((mb.to_successor, mb.to_aged), (n + 1, n + 1), "{mb:?}");
+    // Every message starts with a header, and the last of each direction
+    // is still in its mailbox: the report counts at least that much.
+    let headers = (mb.to_successor + mb.to_aged) as u64
+        * std::mem::size_of::<vmbeam_abi::handover::MsgHeader>() as u64;
+    let last = (mb.last_to_successor + mb.last_to_aged) as u64;
+    assert!(
+        r.channel_bytes >= headers.max(last),
+        "channel {mb:?}, report {}",
+        r.channel_bytes
+    );
+    r
 }
 
 #[test]
@@ -63,8 +107,7 @@ fn rejuvenation_moves_every_guest_without_copying() {
     }
     let (vmm, dir) = started("zerocopy", 3);
     let base = progress(&dir, 3);
-    let r = vmm.rejuvenate(None, &RejuvenateOptions::default()).unwrap();
-    check_report(&r, 3, 2);
+    move_checked(&vmm, "zerocopy", &RejuvenateOptions::default(), 3, 2);
     // Same consoles keep counting.
     wait_progress_beyond(&dir, 3, &base);
     let st = vmm.status();
@@ -75,21 +118,25 @@ fn rejuvenation_moves_every_guest_without_copying() {
         .nested
         .iter()
         .all(|n| n.moves == 1 && n.generation == 2));
-    let l1 = console(&dir, "hv0-g2");
+    let l1 = console(&dir, "zerocopy-g2");
     assert!(l1.contains("role=successor"), "{l1}");
     assert!(
         l1.contains("adopted 3 nested guests from generation 1"),
         "{l1}"
     );
     // memtouch never saw a corrupted word.
-    assert!(!console(&dir, "l2-0").contains("bad=1"));
+    assert_memtouch_clean(&dir, "l2-0", "after the first move");
+    assert_memtouch_clean(&dir, "l2-2", "after the first move");
     // Rejuvenating twice more in a row works.
     for generation in [3, 4] {
         let base = progress(&dir, 3);
-        let r = vmm
-            .rejuvenate(Some("hv0"), &RejuvenateOptions::default())
-            .unwrap();
-        check_report(&r, 3, generation);
+        move_checked(
+            &vmm,
+            "zerocopy",
+            &RejuvenateOptions::default(),
+            3,
+            generation,
+        );
         wait_progress_beyond(&dir, 3, &base);
     }
     let st = vmm.status();
@@ -146,8 +193,7 @@ fn rollback_case(test: &str, fault: &str, expect: &str) {
     assert!(st.host_vms[0].nested.iter().all(|n| n.moves == 0));
     // And a later rejuvenation still succeeds.
     let base = progress(&dir, 2);
-    let r = vmm.rejuvenate(None, &RejuvenateOptions::default()).unwrap();
-    check_report(&r, 2, 2);
+    move_checked(&vmm, &line, &RejuvenateOptions::default(), 2, 2);
     wait_progress_beyond(&dir, 2, &base);
 }
 
@@ -222,6 +268,10 @@ fn copy_and_precopy_move_guests_by_copying_every_page() {
         (vmbeam_vmm::migration::rejuvenate::Mode::ZeroCopy, 4),
     ] {
         let base = progress(&dir, 2);
+        let aged = vmm.current(Some("copymodes")).unwrap();
+        let pages = moves::guest_pages(&aged, false);
+        drop(aged);
+        let fds = procfs::memfds();
         let r = vmm
             .rejuvenate(
                 None,
@@ -235,18 +285,38 @@ fn copy_and_precopy_move_guests_by_copying_every_page() {
         assert_eq!(r.mode, mode.as_str());
         for g in &r.guests {
             assert!(g.running_after, "{g:?}");
-            assert_eq!(g.checksum_before, g.checksum_after, "{g:?}");
         }
         // memtouch's bulk is filled by L0, so at least that much must have crossed.
         let bulk = (16 << 20) - vmbeam_abi::l2::BULK_BASE;
+        let succ = vmm.current(Some("copymodes")).unwrap();
         if mode == vmbeam_vmm::migration::rejuvenate::Mode::ZeroCopy {
-            assert_eq!(r.bytes_copied, 0);
+            moves::check_same_pages(&succ, &pages);
         } else {
             assert!(
                 r.bytes_copied >= bulk,
                 "{mode:?} copied only {}",
                 r.bytes_copied
             );
+            // Each guest's pages are now in a memfd that did not exist
+            // before the move, filled by the copy (memtouch's with at
+            // least its bulk).
+            let now = procfs::memfds();
+            let grants = succ.grant_mappings();
+            assert_eq!(grants.len(), 2, "{grants:?}");
+            for g in &grants {
+                let b = procfs::backing(g.host_addr, g.len).unwrap();
+                assert!(
+                    !fds.contains_key(&b.inode),
+                    "{mode:?}: {g:?} in an old file"
+                );
+                let m = &now[&b.inode];
+                let least = if g.guest.as_deref() == Some("l2-0") {
+                    bulk
+                } else {
+                    1
+                };
+                assert!(m.allocated >= least, "{mode:?}: {m:?} holds too little");
+            }
         }
         if mode == vmbeam_vmm::migration::rejuvenate::Mode::Precopy {
             let p = r.precopy.as_ref().expect("precopy stats");
@@ -255,7 +325,7 @@ fn copy_and_precopy_move_guests_by_copying_every_page() {
         }
         wait_progress_beyond(&dir, 2, &base);
     }
-    assert!(!console(&dir, "l2-0").contains("bad=1"));
+    assert_memtouch_clean(&dir, "l2-0", "after copy, precopy and zero-copy moves");
 }
 
 #[test]
@@ -278,7 +348,7 @@ fn an_aged_hypervisor_dying_mid_handover_is_finished_by_l0() {
     assert_eq!(r.rescued, Some(2), "{r:?}");
     check_report(&r, 3, 2);
     wait_progress_beyond(&dir, 3, &base);
-    let l1 = console(&dir, "hv0-g1");
+    let l1 = console(&dir, "agedcrash-g1");
     assert!(
         l1.contains("fault: aged hypervisor crashing after the first guest"),
         "{l1}"
@@ -290,8 +360,115 @@ fn an_aged_hypervisor_dying_mid_handover_is_finished_by_l0() {
     assert!(vmm.failure().is_none());
     // The new generation works normally afterwards.
     let base = progress(&dir, 3);
-    let r = vmm.rejuvenate(None, &RejuvenateOptions::default()).unwrap();
-    check_report(&r, 3, 3);
+    let r = move_checked(&vmm, "agedcrash", &RejuvenateOptions::default(), 3, 3);
     assert_eq!(r.rescued, None);
     wait_progress_beyond(&dir, 3, &base);
+}
+
+/// The boot-parameter page of every guest of `vm`, by name, read from
+/// outside L0 through the nested VM's own mapping.
+fn boot_pages(vm: &HostVm) -> BTreeMap<String, Vec<u8>> {
+    let page = vmbeam_abi::l2::BOOT_PARAMS;
+    vm.nested
+        .lock()
+        .unwrap()
+        .vms
+        .values()
+        .map(|n| {
+            let n = n.lock().unwrap();
+            let s = n
+                .slots
+                .iter()
+                .find(|s| s.l2_gpa <= page && page + 0x1000 <= s.l2_gpa + s.len)
+                .expect("a slot holds the boot-parameter page");
+            let addr = s.hva + (page - s.l2_gpa) as usize;
+            (n.name.clone(), procfs::read_mem(addr, 0x1000).unwrap())
+        })
+        .collect()
+}
+
+/// The check can fail: one byte of a paused guest changed between its
+/// before- and after-checksums (`flip-byte-before-verify`) must make the
+/// move roll back, with every guest still running under the aged guest
+/// hypervisor and its memory as it was, except the injected byte. The byte
+/// is the last of the boot-parameter page (`fault::FLIP_BYTE_GPA`), which
+/// memtouch neither verifies nor reads after it started; it stays changed.
+#[test]
+fn a_guest_changed_during_the_move_rolls_the_move_back() {
+    let test = "flipbyte";
+    if !kvm_or_skip("a_guest_changed_during_the_move_rolls_the_move_back") {
+        return;
+    }
+    let (vmm, dir) = started(test, 2);
+    let aged = vmm.current(Some(test)).unwrap();
+    let before = boot_pages(&aged);
+    let base = progress(&dir, 2);
+    let opts = RejuvenateOptions {
+        fault: vmbeam_vmm::control::api::parse_fault("flip-byte-before-verify").unwrap(),
+        ..Default::default()
+    };
+    let e = vmm.rejuvenate(Some(test), &opts).unwrap_err();
+    let msg = e.to_string();
+    println!("{msg}");
+    assert!(
+        matches!(
+            e,
+            VmmError::Rejuvenate(RejuvenateError::RolledBack { guests: 2, .. })
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("all 2 nested guests keep running under generation 1"),
+        "{msg}"
+    );
+    let flipped = msg
+        .split("memory of ")
+        .nth(1)
+        .and_then(|r| r.split(" differs after the move").next())
+        .unwrap_or_else(|| panic!("the error does not name a guest whose memory changed: {msg}"))
+        .to_string();
+
+    // The line still runs on the aged host VM, whose guests keep printing.
+    let now = vmm.current(Some(test)).unwrap();
+    assert!(Arc::ptr_eq(&now, &aged), "the line's host VM changed");
+    assert_eq!(now.spec.generation, 1);
+    wait_progress_beyond(&dir, 2, &base);
+    let st = vmm.status();
+    let hv = st.host_vms.iter().find(|h| h.name == test).unwrap();
+    assert_eq!(
+        (hv.generation, hv.status.as_str()),
+        (1, "running"),
+        "{hv:?}"
+    );
+    assert_eq!(hv.nested.len(), 2, "{hv:?}");
+    assert!(
+        hv.nested.iter().all(|n| n.moves == 0 && n.generation == 1),
+        "{hv:?}"
+    );
+    assert_eq!(memfds(test, 2), 0, "the successor's memory was released");
+
+    // Memory: only the injected byte of the named guest changed.
+    let after = boot_pages(&aged);
+    assert_eq!(after.len(), 2);
+    let at = (vmbeam_abi::boot::fault::FLIP_BYTE_GPA - vmbeam_abi::l2::BOOT_PARAMS) as usize;
+    for (name, page) in &after {
+        let old = &before[name];
+        let diff: Vec<usize> = (0..page.len()).filter(|&i| page[i] != old[i]).collect();
+        if *name == flipped {
+            assert_eq!(diff, [at], "{name}: bytes changed");
+            assert_eq!(page[at], !old[at]);
+        } else {
+            assert!(diff.is_empty(), "{name}: bytes {diff:?} changed");
+        }
+    }
+    moves::check_bulk(&aged, "l2-0", 0x5eed_0000);
+    assert_memtouch_clean(&dir, "l2-0", "after the rolled-back move");
+
+    // A move without the fault carries the guests, changed byte and all.
+    let base = progress(&dir, 2);
+    move_checked(&vmm, test, &RejuvenateOptions::default(), 2, 2);
+    wait_progress_beyond(&dir, 2, &base);
+    drop(aged);
+    let succ = vmm.current(Some(test)).unwrap();
+    assert_eq!(boot_pages(&succ), after);
 }

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 mod kvm;
+pub mod moves;
+pub mod procfs;
 pub use kvm::kvm_or_skip;
 
 use std::path::{Path, PathBuf};
@@ -94,4 +96,46 @@ pub fn wait_beyond(dir: &Path, i: u32, base: u64) -> String {
     wait_console(dir, &format!("l2-{i}"), Duration::from_secs(60), |t| {
         guest_progress(t, i).is_some_and(|v| v > base)
     })
+}
+
+/// Every `bad=N` count memtouch printed on `text`, parsed as a number
+/// (memtouch's count of corrupted words it sampled, cumulative per guest).
+/// Panics on a `bad=` that is not followed by a number.
+pub fn memtouch_bad_counts(text: &str) -> Vec<u64> {
+    text.lines()
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.strip_prefix("bad="))
+        .map(|n| {
+            n.parse().unwrap_or_else(|_| {
+                panic!("memtouch printed a bad count that is no number: bad={n}")
+            })
+        })
+        .collect()
+}
+
+/// Asserts that memtouch console `name` in `dir` reported at least one
+/// round and never a corrupted word (every `bad=N` has N = 0); `when`
+/// says at which point of the test, for the message.
+pub fn assert_memtouch_clean(dir: &Path, name: &str, when: &str) {
+    let text = console(dir, name);
+    let counts = memtouch_bad_counts(&text);
+    assert!(
+        !counts.is_empty(),
+        "memtouch {name} reported no round {when}; its console:\n{text}"
+    );
+    let worst = counts.iter().max().copied().unwrap_or(0);
+    assert_eq!(
+        worst, 0,
+        "memtouch {name} saw {worst} corrupted words {when}; its console:\n{text}"
+    );
+}
+
+/// Waits until `pred` holds, checking every 10 ms; fails naming `what`
+/// after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !pred() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

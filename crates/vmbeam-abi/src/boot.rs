@@ -27,6 +27,12 @@ pub mod control {
     /// Test only: like HANDOVER, but the aged L1 crashes right after its
     /// first guest is accepted (exercises L0's rescue of the handover).
     pub const HANDOVER_THEN_CRASH: u32 = 4;
+    /// Test only: like HANDOVER, but the aged L1 lies about each guest's
+    /// CPU state in its GUEST messages (L0 must ignore it).
+    pub const HANDOVER_LIE_STATE: u32 = 5;
+    /// Test only: like HANDOVER, but the aged L1 calls HANDOVER_DONE again
+    /// and again while the successor adopts.
+    pub const HANDOVER_SPAM_DONE: u32 = 6;
 }
 
 /// Fault-injection flags for tests (`BootInfo::flags`); zero in production.
@@ -42,6 +48,21 @@ pub mod fault {
     /// The aged L1 crashes after its first guest is accepted (L0 writes
     /// `control::HANDOVER_THEN_CRASH` instead of `HANDOVER`).
     pub const AGED_CRASH_AFTER_FIRST: u64 = 1 << 4;
+    /// L0 changes one byte (at nested address [`FLIP_BYTE_GPA`]) of the
+    /// first granted guest after its before-checksum and before its
+    /// after-checksum, so the move's verification must fail and roll back.
+    pub const FLIP_BYTE_BEFORE_VERIFY: u64 = 1 << 5;
+    /// The byte [`FLIP_BYTE_BEFORE_VERIFY`] inverts: the last byte of the
+    /// nested guest's boot-parameter page, which no workload reads after
+    /// it started and memtouch does not verify.
+    pub const FLIP_BYTE_GPA: u64 = crate::l2::BOOT_PARAMS + 0xfff;
+    /// The aged L1 sends garbage CPU state (`control::HANDOVER_LIE_STATE`).
+    pub const AGED_LIE_STATE: u64 = 1 << 8;
+    /// The aged L1 spams HANDOVER_DONE (`control::HANDOVER_SPAM_DONE`).
+    pub const AGED_SPAM_DONE: u64 = 1 << 9;
+    /// Successor repeats every VM_MAP of an adoption many times (each
+    /// repeat is refused), to widen races with the aged side.
+    pub const SPAM_MAP: u64 = 1 << 10;
 }
 
 /// Modes of the test-only stress guest hypervisor (`guests/stress`), in
@@ -69,6 +90,10 @@ pub mod workload {
     pub const MEMTOUCH: u32 = 1;
     /// Prints a count and a timestamp.
     pub const TICKER: u32 = 2;
+    /// Writes, reads back and verifies blocks of its virtio disk.
+    pub const BLKCHECK: u32 = 3;
+    /// Answers ARP, ICMP echo, UDP and TCP echo on its virtio network card.
+    pub const NETECHO: u32 = 4;
 }
 
 /// A workload image placed by L0 in L1's module area, flattened.

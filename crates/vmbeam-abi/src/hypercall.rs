@@ -36,6 +36,17 @@ pub const OP_VCPU_RUN: u32 = 16;
 pub const OP_INJECT_IRQ: u32 = 17;
 /// Fills nested GPA range `args[1]`..+`args[2]` of VM `args[0]` with the pattern of seed `args[3]`.
 pub const OP_FILL_PATTERN: u32 = 18;
+/// Describes device `args[1]` the operator bound to nested VM `args[0]`:
+/// `ret[0]` = virtio device id, `ret[1]` = 1 if placed, `ret[2]` = its
+/// window, `ret[3]` = its interrupt line. `NoSuchHandle` past the last one.
+pub const OP_DEVICE_QUERY: u32 = 30;
+/// Places device `args[1]` of nested VM `args[0]` at nested address
+/// `args[2]` (a [`DEVICE_WINDOW`]-sized virtio-mmio window) with interrupt
+/// line `args[3]`; `ret[0]` = virtio device id.
+pub const OP_DEVICE_PLACE: u32 = 31;
+/// Size of a device window.
+pub const DEVICE_WINDOW: u64 = 0x1000;
+
 /// Successor only: says it booted and waits for guests.
 pub const OP_HANDOVER_READY: u32 = 20;
 /// Aged L1 only: grants the memory of nested VM `args[0]` to the successor; the

@@ -35,6 +35,23 @@ pub const MIN_MEM: u64 = 0x80_0000;
 /// Port of the nested guest's 16550 console (emulated by L1).
 pub const CONSOLE_PORT: u16 = 0x3f8;
 
+/// Nested address of the first virtio-mmio window a bundled guest
+/// hypervisor places (device `i` at `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE`).
+/// It lies in the 4th GiB, above the RAM of any guest with devices.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio window (one page).
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Interrupt line (GSI) of the first device the bundled guest hypervisor places.
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// Most devices one nested guest may have.
+pub const MAX_DEVICES: usize = 4;
+/// Page directory through which L1 maps the virtio windows (one 2 MiB,
+/// uncached page at [`VIRTIO_MMIO_BASE`]) for a guest with devices.
+pub const DEVICE_PD: u64 = 0x4_6000;
+/// Guest RAM a nested guest with devices may have at most: the windows sit
+/// above it.
+pub const MAX_MEM_WITH_DEVICES: u64 = 3 << 30;
+
 /// `L2BootParams::magic`.
 pub const L2_MAGIC: u64 = 0x766d_6265_616d_4c32; // "vmbeamL2"
 
@@ -62,4 +79,6 @@ pub struct L2BootParams {
 unsafe impl Pod for L2BootParams {}
 
 const _: () = assert!(PD_BASE + MAX_GIB * 0x1000 <= IMAGE_BASE);
+const _: () = assert!(PD_BASE + MAX_GIB * 0x1000 <= DEVICE_PD && DEVICE_PD + 0x1000 <= IMAGE_BASE);
+const _: () = assert!(VIRTIO_MMIO_BASE >= MAX_MEM_WITH_DEVICES);
 const _: () = assert!(IMAGE_BASE + MAX_IMAGE <= STACK_TOP);

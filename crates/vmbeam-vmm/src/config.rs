@@ -16,7 +16,7 @@ pub enum ConfigError {
     )]
     BadSize(String),
     /// A workload name is unknown.
-    #[error("unknown workload '{0}': choose memtouch or ticker")]
+    #[error("unknown workload '{0}': choose memtouch, ticker, blkcheck or netecho")]
     BadWorkload(String),
     /// A value is out of range.
     #[error("{0}")]
@@ -55,6 +55,10 @@ pub enum Workload {
     Memtouch,
     /// Timestamp printer.
     Ticker,
+    /// Writes, reads back and verifies its virtio disk.
+    Blkcheck,
+    /// Echo services on its virtio network card.
+    Netecho,
 }
 
 impl FromStr for Workload {
@@ -63,6 +67,8 @@ impl FromStr for Workload {
         match s.trim() {
             "memtouch" => Ok(Workload::Memtouch),
             "ticker" => Ok(Workload::Ticker),
+            "blkcheck" => Ok(Workload::Blkcheck),
+            "netecho" => Ok(Workload::Netecho),
             other => Err(ConfigError::BadWorkload(other.to_string())),
         }
     }
@@ -74,6 +80,8 @@ impl Workload {
         match self {
             Workload::Memtouch => vmbeam_abi::boot::workload::MEMTOUCH,
             Workload::Ticker => vmbeam_abi::boot::workload::TICKER,
+            Workload::Blkcheck => vmbeam_abi::boot::workload::BLKCHECK,
+            Workload::Netecho => vmbeam_abi::boot::workload::NETECHO,
         }
     }
     /// Name.
@@ -81,6 +89,8 @@ impl Workload {
         match self {
             Workload::Memtouch => "memtouch",
             Workload::Ticker => "ticker",
+            Workload::Blkcheck => "blkcheck",
+            Workload::Netecho => "netecho",
         }
     }
 }
@@ -116,6 +126,8 @@ pub struct VmmConfig {
     /// Aging injector: pool pages each guest hypervisor leaks per nested
     /// RUN (0 = off). Successors get the same setting.
     pub age_leak_pages: u32,
+    /// Device backends bound to nested guest names (`--disk`, `--net`).
+    pub devices: Vec<crate::devices::binding::Binding>,
 }
 
 /// Most pages `--age-leak` may ask for per operation (one 2 MiB extent).
@@ -135,6 +147,7 @@ impl Default for VmmConfig {
             workload_param: 0,
             slice_us: 10_000,
             age_leak_pages: 0,
+            devices: Vec::new(),
         }
     }
 }

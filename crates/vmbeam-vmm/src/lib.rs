@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod control;
+pub mod devices;
 pub mod host;
 pub mod migration;
 pub mod nesting;

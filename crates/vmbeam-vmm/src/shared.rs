@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 
+use crate::devices::binding::Bindings;
 use crate::host::console::{ConsoleError, ConsoleHub, ConsoleTarget};
 use crate::host::hostvm::HostVm;
 use crate::nesting::nested::{GuestRecord, RecordInfo};
@@ -85,6 +86,7 @@ pub struct Shared {
     /// Every live host VM by id (weak: lines and handovers own them), so a
     /// record's `bound_vm` leads to the VM that runs the guest now.
     host_vms: RankedMutex<HashMap<u64, Weak<HostVm>>>,
+    bindings: RankedMutex<Arc<Bindings>>,
     events: RankedMutex<u64>,
     events_cv: RankedCondvar,
     sink: OnceLock<Arc<dyn EventSink>>,
@@ -104,6 +106,7 @@ impl Shared {
             consoles: ConsoleHub::new(consoles)?,
             records: RankedMutex::new(Rank::Records, HashMap::new()),
             host_vms: RankedMutex::new(Rank::HostVms, HashMap::new()),
+            bindings: RankedMutex::new(Rank::Bindings, Arc::new(Bindings::default())),
             events: RankedMutex::new(Rank::Signal, 0),
             events_cv: RankedCondvar::new(),
             sink: OnceLock::new(),
@@ -195,6 +198,16 @@ impl Shared {
                 "suppressed": suppressed,
             }),
         );
+    }
+
+    /// Sets the device backends the operator bound to guest names.
+    pub fn set_bindings(&self, b: Bindings) {
+        *self.bindings.lock().unwrap() = Arc::new(b);
+    }
+
+    /// The device backends bound to guest names.
+    pub fn bindings(&self) -> Arc<Bindings> {
+        self.bindings.lock().unwrap().clone()
     }
 
     /// Remembers a newly built host VM (and forgets dropped ones).

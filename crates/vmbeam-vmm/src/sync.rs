@@ -33,6 +33,12 @@ pub enum Rank {
     NestedTable,
     /// One nested VM (held across its RUN; never two at once).
     NestedVm,
+    /// One virtio device of a nested VM (its registers, queues, counters):
+    /// taken by the nested vCPU inside RUN and by the device's worker.
+    Device,
+    /// The memory view a nested VM's devices use (replaced when its slots
+    /// change; held for a clone).
+    DeviceMemory,
     /// `Session::precopied`: pre-copied destinations.
     SessionCopies,
     /// `HostVm::session`: which handover a host VM takes part in.
@@ -53,6 +59,8 @@ pub enum Rank {
     /// Per host VM bookkeeping leaves: status, health, vCPU threads, slots,
     /// the L0 write log, the UART, resource accounting.
     VmLeaf,
+    /// `Shared::bindings`: device backends by guest name.
+    Bindings,
     /// `ConsoleHub::consoles`: consoles by name.
     ConsoleHub,
     /// One console (its file, counters, rate limit).

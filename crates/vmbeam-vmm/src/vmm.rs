@@ -15,11 +15,12 @@ use crate::config::{ConfigError, VmmConfig};
 use crate::control::events::{unix_ms, EventLog};
 use crate::control::inspect::{self, InspectError, Inspection, Registers};
 use crate::control::policy::Trigger;
+use crate::devices::binding::{BindError, Bindings};
 use crate::host::console::ConsoleTarget;
 use crate::host::hostvm::{HostVm, HostVmError, HostVmSpec, VmStatus};
 use crate::host::images::Images;
 use crate::host::memory::MemFile;
-use crate::migration::rejuvenate::{self, RejuvenateError, RejuvenateOptions, Report};
+use crate::migration::rejuvenate::{self, Mode, RejuvenateError, RejuvenateOptions, Report};
 use crate::nesting::nested::NestedRef;
 use crate::shared::{KvmError, Shared};
 use crate::sync::{Rank, RankedMutex};
@@ -33,6 +34,17 @@ pub enum VmmError {
     /// Bad configuration.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A device binding cannot be used.
+    #[error(transparent)]
+    Devices(#[from] BindError),
+    /// Only a zero-copy rejuvenation keeps a guest's devices with it.
+    #[error("nested guest(s) {guests} have virtio devices; {what} does not move device state yet (use the zero-copy mode)")]
+    DevicesStay {
+        /// The guests.
+        guests: String,
+        /// The operation refused.
+        what: String,
+    },
     /// A host VM could not be built.
     #[error(transparent)]
     Boot(#[from] HostVmError),
@@ -63,6 +75,20 @@ pub enum VmmError {
     /// An inspect request is malformed (length, numbers).
     #[error(transparent)]
     InspectRequest(#[from] InspectError),
+}
+
+/// Names of `vm`'s nested guests that have devices.
+fn guests_with_devices(vm: &HostVm) -> Vec<String> {
+    let vms: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
+    let mut out: Vec<String> = vms
+        .iter()
+        .filter_map(|n| {
+            let n = n.lock().unwrap();
+            (!n.devices.is_empty()).then(|| n.name.clone())
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// How long [`Vmm::inspect`] keeps trying for registers while the vCPU is
@@ -130,6 +156,9 @@ pub struct NestedStatus {
     /// Host VM line whose guest hypervisor runs it now.
     #[serde(default)]
     pub host_vm: String,
+    /// Its virtio devices with their counters.
+    #[serde(default)]
+    pub devices: Vec<crate::devices::DeviceStatus>,
 }
 
 /// Status of a host VM.
@@ -249,6 +278,8 @@ impl Vmm {
         };
         raise_fd_limit();
         let shared = Shared::new(target)?;
+        let names: Vec<String> = (0..config.nested).map(|i| format!("l2-{i}")).collect();
+        shared.set_bindings(Bindings::open(&config.devices, &names)?);
         Ok(Vmm {
             shared,
             images,
@@ -400,12 +431,23 @@ impl Vmm {
         let _flag = FlagGuard(&self.rejuvenating);
         let line = self.line(name)?;
         let aged = line.current.lock().unwrap().clone();
+        if opts.mode != Mode::ZeroCopy {
+            let with = guests_with_devices(&aged);
+            if !with.is_empty() {
+                return Err(VmmError::DevicesStay {
+                    guests: with.join(", "),
+                    what: format!("a {} rejuvenation", opts.mode.as_str()),
+                });
+            }
+        }
+        let events = |event: &str, fields: serde_json::Value| self.event(event, fields);
         let (report, succ) = rejuvenate::rejuvenate(
             &self.shared,
             &self.images.hypervisor,
             &self.images.modules,
             &aged,
             opts,
+            &events,
         )?;
         let retired = RetiredGeneration {
             generation: aged.spec.generation,
@@ -469,6 +511,16 @@ impl Vmm {
         let _guard = self.busy.try_lock().map_err(|_| VmmError::Busy)?;
         let line = self.line(name)?;
         let vm = line.current.lock().unwrap().clone();
+        let with = guests_with_devices(&vm);
+        if !with.is_empty() {
+            // A disk is a file on this host and a TAP an interface here:
+            // neither exists on the other side until storage relocation
+            // and network continuity across hosts do.
+            return Err(VmmError::DevicesStay {
+                guests: with.join(", "),
+                what: "host-to-host migration (their disks and TAPs are local to this host)".into(),
+            });
+        }
         let report = crate::migration::remote::migrate_out(&vm, to, budget)?;
         self.lines
             .lock()
@@ -557,6 +609,7 @@ impl Vmm {
                     console_dropped_bytes: dropped,
                     generation,
                     host_vm,
+                    devices: n.devices.clone(),
                 });
             }
             host_vms.push(HostVmStatus {

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use vmbeam_vmm::config::{parse_size, ConfigError, VmmConfig, Workload};
 use vmbeam_vmm::control::inspect::{parse_number, InspectError};
 use vmbeam_vmm::control::policy::{parse_duration, Condition, PolicyError};
+use vmbeam_vmm::devices::binding::{self, BindError, Binding};
 use vmbeam_vmm::migration::rejuvenate::Mode;
 
 /// Default API socket path.
@@ -64,7 +65,7 @@ pub struct VmArgs {
     /// RAM of each nested guest (e.g. 64M, 4G).
     #[arg(long, default_value = "16M", value_parser = size)]
     pub nested_mem: u64,
-    /// Nested workloads, assigned round-robin (memtouch, ticker).
+    /// Nested workloads, assigned round-robin (memtouch, ticker, blkcheck, netecho).
     #[arg(long, default_value = "memtouch,ticker", value_delimiter = ',', value_parser = workload)]
     pub workload: Vec<Workload>,
     /// memtouch: rounds before it halts (0 = forever); ticker: ticks before it faults on purpose (0 = never; with bit 63 set the fault is an AVX instruction).
@@ -83,6 +84,20 @@ pub struct VmArgs {
     /// nested pool per nested run it issues (0 = off).
     #[arg(long, value_name = "PAGES_PER_OP", default_value_t = 0)]
     pub age_leak: u32,
+    /// Bind a raw disk image to a nested guest: GUEST=PATH[,ro] (repeatable).
+    #[arg(long = "disk", value_name = "GUEST=PATH[,ro]", value_parser = disk)]
+    pub disks: Vec<Binding>,
+    /// Bind an existing TAP to a nested guest: GUEST=tap:NAME[,mac=MAC] (repeatable).
+    #[arg(long = "net", value_name = "GUEST=tap:NAME[,mac=MAC]", value_parser = net)]
+    pub nets: Vec<Binding>,
+}
+
+fn disk(s: &str) -> Result<Binding, BindError> {
+    binding::parse_disk(s)
+}
+
+fn net(s: &str) -> Result<Binding, BindError> {
+    binding::parse_net(s)
 }
 
 impl VmArgs {
@@ -100,6 +115,7 @@ impl VmArgs {
             workload_param: self.workload_param,
             slice_us: self.slice_us,
             age_leak_pages: self.age_leak,
+            devices: self.disks.iter().chain(&self.nets).cloned().collect(),
         }
     }
 }

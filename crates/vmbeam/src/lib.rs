@@ -5,6 +5,7 @@ pub mod cli;
 pub mod demo;
 pub mod run;
 
+use vmbeam_abi::boot::workload;
 use vmbeam_vmm::host::images::Images;
 use vmbeam_vmm::host::loader::LoaderError;
 
@@ -15,13 +16,18 @@ pub const MEMTOUCH_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memtou
 /// The bundled ticker workload ELF.
 pub const TICKER_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ticker.elf"));
 
+/// The bundled blkcheck workload ELF (virtio-blk).
+pub const BLKCHECK_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blkcheck.elf"));
+
 /// The embedded images, optionally with another guest hypervisor ELF.
 pub fn images(hypervisor: Option<Vec<u8>>) -> Result<Images, LoaderError> {
-    Images::new(
+    let mut i = Images::new(
         hypervisor.unwrap_or_else(|| HYPERVISOR_ELF.to_vec()),
         MEMTOUCH_ELF,
         TICKER_ELF,
-    )
+    )?;
+    i.add_module(workload::BLKCHECK, "blkcheck workload", BLKCHECK_ELF)?;
+    Ok(i)
 }
 
 /// A deliberately hostile guest hypervisor used by tests: it sends invalid

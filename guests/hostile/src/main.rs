@@ -34,6 +34,7 @@ macro_rules! say {
     }};
 }
 
+mod aged;
 mod successor;
 
 // Entry from L0: rdi = boot info, rsi = vCPU index, rsp = this vCPU's stack.
@@ -299,8 +300,28 @@ extern "C" fn hostile_main(boot_addr: u64, _vcpu: u64) -> ! {
         attack(&mut r, pool, pool_end);
     }
     say!("hostile: done {} ok {} unexpected", r.ok, r.bad);
+    // As an aged guest hypervisor: answer the first handover request with
+    // the probe of `aged`.
+    let control = (boot_addr + vmbeam_abi::boot::CONTROL_OFFSET as u64) as *const u32;
+    let mut probed = false;
     loop {
-        let _ = r.hc.call(OP_WAIT, &[1_000_000]);
+        // SAFETY: the boot info page is identity-mapped RAM L0 keeps for
+        // this VM; the control word is an aligned u32 inside it.
+        let c = unsafe { control.read_volatile() };
+        if c == vmbeam_abi::boot::control::HANDOVER && !probed {
+            probed = true;
+            aged::run(
+                Run {
+                    hc: Hc { page: r.hc.page },
+                    tag: "hostile-aged",
+                    ok: 0,
+                    bad: 0,
+                },
+                pool,
+                boot.pool_size,
+            );
+        }
+        let _ = r.hc.call(OP_WAIT, &[20_000]);
     }
 }
 
@@ -331,6 +352,19 @@ fn attack(r: &mut Run, pool: u64, pool_end: u64) {
     let ha = r.create("VM_CREATE hostile-a (setup)", "hostile-a");
     let (g, _) = r.hc.create(&name_to_bytes("hostile-a"));
     r.check("VM_CREATE duplicate name", g, Want::Is(BadArg));
+    // The name of a guest another host VM may run in the same VMM (its
+    // first guest): refused while that guest holds it; with no such
+    // neighbour it is free, so it is created and destroyed again. The
+    // host side knows which applies and checks the line.
+    let (g, h) = r.hc.create(&name_to_bytes("l2-0"));
+    r.check(
+        "VM_CREATE l2-0 (a name a neighbour may hold)",
+        g,
+        Want::Either(NotPermitted, Ok),
+    );
+    if g == OK {
+        r.expect("VM_DESTROY l2-0", OP_VM_DESTROY, &[h], Ok);
+    }
     let hb = r.create("VM_CREATE hostile-b (setup)", "hostile-b");
 
     // VM_MAP: ownership, ranges, alignment, overlaps, limits.

@@ -238,10 +238,18 @@ fn script(r: &mut Run, boot: &BootInfo) -> Option<u32> {
         &[h, 0, 32],
         NotPermitted,
     );
-    // SET_STATE is part of adopting, so L0 takes it; but the guest must go
-    // back to the aged side with the registers it left with.
+    // Reading the state would complete the guest's pending exit: refused
+    // while it is on its way. SET_STATE of an adopted guest only confirms
+    // a vCPU the successor has confirmed (VCPU_CREATE, not done here); it
+    // never loads what the successor writes, so the guest goes back to the
+    // aged side with the registers it left with.
     let get = OP_VCPU_GET_STATE;
-    r.expect("VCPU_GET_STATE of the adopted guest", get, &[h, 0, 0], Ok);
+    r.expect(
+        "VCPU_GET_STATE of the adopted guest",
+        get,
+        &[h, 0, 0],
+        NotPermitted,
+    );
     let mut st = r.hc.state();
     st.regs.rip = 0xdead_0000;
     st.regs.rsp = 0;
@@ -250,7 +258,7 @@ fn script(r: &mut Run, boot: &BootInfo) -> Option<u32> {
         "VCPU_SET_STATE of the adopted guest, bogus rip and rsp",
         OP_VCPU_SET_STATE,
         &[h, 0],
-        Ok,
+        NoSuchHandle,
     );
     r.expect(
         "VM_DESTROY of the adopted guest (given back)",

@@ -101,8 +101,21 @@ impl Mailbox {
     }
 
     /// Waits for a message newer than `*last` and copies it into `buf`;
-    /// returns its length, or `None` if L0 set the control word to ABORT.
+    /// returns its length, or `None` if L0 set the control word to ABORT
+    /// (or, for a successor, to COMMIT).
     fn recv(&self, hv: &mut Hv, last: &mut u32, buf: &mut [u8; MSG_MAX]) -> Option<u64> {
+        self.recv_spamming(hv, last, buf, None)
+    }
+
+    /// [`Mailbox::recv`]; with `spam = Some(count)` (fault injection) it
+    /// calls HANDOVER_DONE(count) instead of waiting between polls.
+    fn recv_spamming(
+        &self,
+        hv: &mut Hv,
+        last: &mut u32,
+        buf: &mut [u8; MSG_MAX],
+        spam: Option<u64>,
+    ) -> Option<u64> {
         loop {
             let s = self.seq();
             if s != *last {
@@ -121,10 +134,17 @@ impl Mailbox {
                 };
                 return Some(len);
             }
-            if hv.control() == control::ABORT {
+            if matches!(hv.control(), control::ABORT | control::COMMIT) {
                 return None;
             }
-            let _ = hv.hc.wait(POLL_US);
+            match spam {
+                Some(count) => {
+                    let _ = hv.hc.handover_done(count);
+                }
+                None => {
+                    let _ = hv.hc.wait(POLL_US);
+                }
+            }
         }
     }
 }
@@ -151,14 +171,38 @@ enum Stop {
     Local(u64),
 }
 
+/// Fault injection on the aged side (tests), chosen by L0's control word.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum AgedFault {
+    /// A well-behaved aged L1.
+    None,
+    /// Crash once the first guest is accepted, leaving L0 to finish.
+    CrashAfterFirst,
+    /// Send garbage CPU state in every GUEST message.
+    LieState,
+    /// Call HANDOVER_DONE over and over while the successor adopts.
+    SpamDone,
+}
+
+impl AgedFault {
+    /// The fault a handover control word asks for (`None` if it is no
+    /// handover request).
+    pub fn of_control(c: u32) -> Option<AgedFault> {
+        Some(match c {
+            control::HANDOVER => AgedFault::None,
+            control::HANDOVER_THEN_CRASH => AgedFault::CrashAfterFirst,
+            control::HANDOVER_LIE_STATE => AgedFault::LieState,
+            control::HANDOVER_SPAM_DONE => AgedFault::SpamDone,
+            _ => return None,
+        })
+    }
+}
+
 /// Aged side: offers every guest to the successor; on any failure the
 /// guests keep running here.
-///
-/// `crash_after_first` is fault injection for tests: crash once the first
-/// guest is accepted, leaving L0 to finish the handover.
-pub fn aged(hv: &mut Hv, crash_after_first: bool) {
+pub fn aged(hv: &mut Hv, fault: AgedFault) {
     say!("handover: started");
-    match offer_all(hv, crash_after_first) {
+    match offer_all(hv, fault) {
         Ok(n) => {
             say!("handover: {n} guests accepted, done");
             // L0 revokes this VM during the call, so normally no return.
@@ -176,7 +220,7 @@ pub fn aged(hv: &mut Hv, crash_after_first: bool) {
     }
 }
 
-fn offer_all(hv: &mut Hv, crash_after_first: bool) -> Result<u64, Stop> {
+fn offer_all(hv: &mut Hv, fault: AgedFault) -> Result<u64, Stop> {
     let ch = hv.boot.channel_base;
     if ch == 0 {
         say!("handover: no channel");
@@ -229,13 +273,21 @@ fn offer_all(hv: &mut Hv, crash_after_first: bool) -> Result<u64, Stop> {
         };
         msg.hdr.index = count;
         msg.state[0] = state;
+        if fault == AgedFault::LieState {
+            // Garbage a successor must not be able to load into the guest.
+            msg.state[0] = from_bytes(&[0xa5u8; size_of::<VcpuState>()]).unwrap_or_default();
+            msg.state[0].regs.rip = 0xdead_0000;
+        }
         msg.n_ranges = hv
             .hc
             .grant(g.handle, &mut msg.ranges)
             .map_err(|s| hc_fail("grant", s))? as u32;
         out.send(hv, as_bytes(&msg))
             .map_err(|s| hc_fail("notify", s))?;
-        inbox.recv(hv, &mut last, &mut buf).ok_or(Stop::Host)?;
+        let spam = (fault == AgedFault::SpamDone).then_some(count as u64 + 1);
+        inbox
+            .recv_spamming(hv, &mut last, &mut buf, spam)
+            .ok_or(Stop::Host)?;
         let h = header(&buf);
         let name = name_str(&g.name);
         if h.magic != MSG_MAGIC || h.index != count {
@@ -245,7 +297,7 @@ fn offer_all(hv: &mut Hv, crash_after_first: bool) -> Result<u64, Stop> {
         match h.kind {
             kind::ACCEPT => {
                 say!("handover: {name} accepted");
-                if crash_after_first {
+                if fault == AgedFault::CrashAfterFirst {
                     say!("fault: aged hypervisor crashing after the first guest");
                     guest_rt::crash();
                 }
@@ -296,6 +348,10 @@ pub fn successor(hv: &mut Hv) -> ! {
     let mut accepted = 0;
     loop {
         let Some(len) = inbox.recv(hv, &mut last, &mut buf) else {
+            if hv.control() == control::COMMIT {
+                // L0 found every guest adopted before END arrived.
+                break;
+            }
             drop_adopted(hv);
         };
         if accepted > 0 && flags & fault::CRASH_AFTER_FIRST != 0 {
@@ -391,12 +447,21 @@ fn adopt(hv: &mut Hv, msg: &GuestMsg) -> Result<(), u32> {
         }
     };
     let mut g = Guest::empty();
+    let spam = hv.boot.flags & fault::SPAM_MAP != 0;
     let r = msg.ranges[..msg.n_ranges as usize]
         .iter()
         .try_for_each(|r| {
             hv.hc
                 .vm_map(h, r.succ_gpa, r.l2_gpa, r.len)
-                .map_err(|s| ("vm_map", s))
+                .map_err(|s| ("vm_map", s))?;
+            if spam {
+                // Fault injection: the same confirmation again and again
+                // (each one refused) while the aged side calls into L0.
+                for _ in 0..200 {
+                    let _ = hv.hc.vm_map(h, r.succ_gpa, r.l2_gpa, r.len);
+                }
+            }
+            Ok(())
         });
     let r = r.and_then(|()| {
         let v = hv.hc.vcpu_create(h).map_err(|s| ("vcpu_create", s))?;

@@ -149,6 +149,19 @@ impl Hypercalls {
         self.call(OP_FILL_PATTERN, &[h, gpa, len, seed])
     }
 
+    /// OP_DEVICE_QUERY: the virtio id of device `i` bound to VM `h` and
+    /// whether it is placed already.
+    pub fn device_query(&mut self, h: u64, i: u64) -> HcResult<(u32, bool)> {
+        self.call(OP_DEVICE_QUERY, &[h, i])?;
+        Ok((self.ret(0) as u32, self.ret(1) != 0))
+    }
+
+    /// OP_DEVICE_PLACE of device `i` of VM `h` at nested `base`, line `irq`.
+    pub fn device_place(&mut self, h: u64, i: u64, base: u64, irq: u32) -> HcResult<u32> {
+        self.call(OP_DEVICE_PLACE, &[h, i, base, irq as u64])?;
+        Ok(self.ret(0) as u32)
+    }
+
     /// OP_HANDOVER_READY.
     pub fn handover_ready(&mut self) -> HcResult<()> {
         self.call(OP_HANDOVER_READY, &[])

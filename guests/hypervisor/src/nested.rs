@@ -91,6 +91,8 @@ pub fn workload_name(kind: u32) -> &'static str {
     match kind {
         workload::MEMTOUCH => "memtouch",
         workload::TICKER => "ticker",
+        workload::BLKCHECK => "blkcheck",
+        workload::NETECHO => "netecho",
         _ => "unknown",
     }
 }
@@ -207,6 +209,7 @@ fn build(hv: &mut Hv, g: &Guest, spec: &NestedSpec) -> Result<(), Fail> {
             .fill_pattern(h, l2::BULK_BASE, g.mem_bytes - l2::BULK_BASE, spec.seed)
             .map_err(|s| ("fill_pattern", s))?;
     }
+    place_devices(hv, g, r)?;
     let vcpu = hv.hc.vcpu_create(h).map_err(|s| ("vcpu_create", s))?;
     let mut st = VcpuState::default();
     st.regs.rip = module.entry;
@@ -216,6 +219,51 @@ fn build(hv: &mut Hv, g: &Guest, spec: &NestedSpec) -> Result<(), Fail> {
     hv.hc
         .vcpu_set_state(h, vcpu, &st)
         .map_err(|s| ("vcpu_set_state", s))
+}
+
+/// Places every device the operator bound to the guest, device `i` at
+/// `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE` with line `VIRTIO_IRQ_BASE + i`,
+/// and maps the windows (one uncached 2 MiB page) in the guest's page
+/// tables (for every guest that leaves room for them, devices or not). A
+/// guest too large to leave room for the windows gets no devices.
+fn place_devices(hv: &mut Hv, g: &Guest, r: &[Range]) -> Result<(), Fail> {
+    for i in 0..l2::MAX_DEVICES as u64 {
+        let kind = match hv.hc.device_query(g.handle, i) {
+            Ok((k, _)) => k,
+            Err(Status::NoSuchHandle) => break,
+            Err(s) => return Err(("device_query", s)),
+        };
+        if g.mem_bytes > l2::MAX_MEM_WITH_DEVICES {
+            say!(
+                "{}: too much RAM for devices; device {i} left out",
+                name_str(&g.name)
+            );
+            break;
+        }
+        let base = l2::VIRTIO_MMIO_BASE + i * l2::VIRTIO_MMIO_SIZE;
+        let irq = l2::VIRTIO_IRQ_BASE + i as u32;
+        hv.hc
+            .device_place(g.handle, i, base, irq)
+            .map_err(|s| ("device_place", s))?;
+        say!(
+            "{}: virtio device {kind} at {base:#x} irq {irq}",
+            name_str(&g.name)
+        );
+    }
+    // Mapped for every guest that leaves room, so a workload can probe the
+    // windows (an unplaced one reads as all ones) without faulting.
+    if g.mem_bytes <= l2::MAX_MEM_WITH_DEVICES {
+        let gib = l2::VIRTIO_MMIO_BASE >> 30;
+        let pd_index = (l2::VIRTIO_MMIO_BASE - (gib << 30)) / EXTENT_SIZE;
+        let mut ok = zero_l2(r, l2::DEVICE_PD, 0x1000);
+        // Present, writable, 2 MiB, cache disabled and write-through.
+        ok &= put_u64(r, l2::DEVICE_PD + pd_index * 8, l2::VIRTIO_MMIO_BASE | 0x9b);
+        ok &= put_u64(r, l2::PDPT + gib * 8, l2::DEVICE_PD | 0x3);
+        if !ok {
+            return Err(("device page table", Status::OutOfRange));
+        }
+    }
+    Ok(())
 }
 
 /// L1 address of nested address `l2`, if mapped.

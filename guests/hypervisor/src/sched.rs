@@ -27,8 +27,10 @@ pub fn run(hv: &mut Hv) -> ! {
             }
         }
         let c = hv.control();
-        if (c == control::HANDOVER || c == control::HANDOVER_THEN_CRASH) && last_control != c {
-            handover::aged(hv, c == control::HANDOVER_THEN_CRASH);
+        if let Some(fault) = handover::AgedFault::of_control(c) {
+            if last_control != c {
+                handover::aged(hv, fault);
+            }
         }
         last_control = c;
         health::tick(hv);

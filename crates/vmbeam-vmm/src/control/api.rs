@@ -122,6 +122,10 @@ pub fn parse_fault(s: &str) -> Option<u64> {
         "crash-after-first" => fault::CRASH_AFTER_FIRST,
         "hang-at-boot" => fault::HANG_AT_BOOT,
         "aged-crash-after-first" => fault::AGED_CRASH_AFTER_FIRST,
+        "flip-byte-before-verify" => fault::FLIP_BYTE_BEFORE_VERIFY,
+        "aged-lie-state" => fault::AGED_LIE_STATE,
+        "aged-spam-done" => fault::AGED_SPAM_DONE,
+        "spam-map" => fault::SPAM_MAP,
         _ => return None,
     })
 }

@@ -20,6 +20,8 @@ pub const MAX_NESTED_VCPUS: usize = vmbeam_abi::handover::MAX_NESTED_VCPUS;
 /// Most memory slots per nested VM.
 pub const MAX_NESTED_SLOTS: usize = vmbeam_abi::handover::MAX_GUEST_RANGES;
 
+const _: () = assert!(MAX_NESTED_VMS >= 64);
+
 /// A bound a guest hypervisor can hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bound {
@@ -112,6 +114,5 @@ mod tests {
         assert_eq!(n.get("console_rate"), Some(&1));
         assert_eq!(n.len(), 2);
         assert_eq!(Bound::KvmObjects.status(), Status::NoResources);
-        assert!(MAX_NESTED_VMS >= 64);
     }
 }

@@ -29,6 +29,11 @@ use crate::nesting::table::NestedTable;
 use crate::shared::Shared;
 use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
+/// How long stopping a VM waits for each vCPU thread before leaving it.
+/// A vCPU thread blocks at most in a nested RUN (≤ 1 s slice) or a bounded
+/// handover wait, both of which end early when the VM stops.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Errors of building or running a host VM.
 #[derive(Debug, thiserror::Error)]
 pub enum HostVmError {
@@ -774,15 +779,26 @@ impl HostVm {
         let mut threads: Vec<VcpuThread> = std::mem::take(&mut *self.vcpus.lock().unwrap());
         threads.sort_by_key(|t| t.idx);
         let mut fds = Vec::new();
+        let deadline = Instant::now() + STOP_DEADLINE;
         for mut t in threads {
             let Some(j) = t.join.take() else { continue };
-            while !j.is_finished() {
+            while !j.is_finished() && Instant::now() < deadline {
                 // SAFETY: `immediate_exit` points into the vCPU's kvm_run
                 // mapping; the VcpuFd lives until `join` below returns it.
                 unsafe { kick::set_immediate_exit(t.immediate_exit as *const AtomicU8) };
                 kick::signal_thread(t.thread);
                 self.doorbell.ring();
                 std::thread::sleep(Duration::from_millis(1));
+            }
+            if !j.is_finished() {
+                // Never spin forever: a thread that does not stop (a bug of
+                // L0's) is left behind, still owning its vCPU, and said so.
+                eprintln!(
+                    "vmbeam: vCPU {} of {} did not stop within {STOP_DEADLINE:?}; leaving it",
+                    t.idx,
+                    self.name()
+                );
+                continue;
             }
             if let Ok(fd) = j.join() {
                 fds.push(fd);
@@ -840,6 +856,38 @@ impl HostVm {
         self.nested.lock().unwrap().vms.get(&h).cloned()
     }
 
+    /// Introspection: the host mappings of the pages granted to this VM by
+    /// its predecessor, one per granted range, in grant order. Nothing in
+    /// L0 uses it; tests check the host addresses against
+    /// `/proc/self/maps` to see which file pages back a moved guest.
+    pub fn grant_mappings(&self) -> Vec<HostMapping> {
+        self.mem
+            .read()
+            .unwrap()
+            .regions
+            .iter()
+            .filter_map(|r| match &r.kind {
+                RegionKind::Grant { guest } => Some(HostMapping::of(r, guest)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Introspection: the host mapping of this VM's guest-physical range
+    /// `[gpa, gpa + len)` if one region holds all of it (see
+    /// [`HostVm::grant_mappings`]).
+    pub fn host_mapping(&self, gpa: u64, len: u64) -> Option<HostMapping> {
+        let mem = self.mem.read().unwrap();
+        let r = mem.find(gpa, len)?;
+        let mut m = HostMapping::of(r, "");
+        m.guest = None;
+        m.host_addr += (gpa - r.gpa) as usize;
+        m.file_offset += gpa - r.gpa;
+        m.gpa = gpa;
+        m.len = len;
+        Some(m)
+    }
+
     /// The channel memfd mapped at `CHANNEL_BASE`.
     pub fn channel_file(&self) -> Arc<MemFile> {
         self.channel_file.clone()
@@ -878,6 +926,38 @@ impl HostVm {
 impl Drop for HostVm {
     fn drop(&mut self) {
         self.stop_vcpus();
+    }
+}
+
+/// Introspection: one host mapping of a host VM's memory and the file
+/// range behind it ([`HostVm::grant_mappings`], [`HostVm::host_mapping`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostMapping {
+    /// Nested guest the pages were granted for (grant mappings only).
+    pub guest: Option<String>,
+    /// Guest-physical start in the host VM.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Host virtual address of `gpa` in this process.
+    pub host_addr: usize,
+    /// Descriptor of the backing memfd in this process (valid while the
+    /// host VM or a nested VM still maps the file).
+    pub fd: i32,
+    /// Offset of `gpa` in the backing file.
+    pub file_offset: u64,
+}
+
+impl HostMapping {
+    fn of(r: &Region, guest: &str) -> HostMapping {
+        HostMapping {
+            guest: Some(guest.to_string()),
+            gpa: r.gpa,
+            len: r.size,
+            host_addr: r.map.as_ptr() as usize,
+            fd: std::os::fd::AsRawFd::as_raw_fd(&*r.file.file),
+            file_offset: r.offset,
+        }
     }
 }
 

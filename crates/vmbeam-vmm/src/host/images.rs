@@ -33,6 +33,14 @@ impl Images {
         })
     }
 
+    /// Adds a workload image of `kind` (from its ELF).
+    pub fn add_module(&mut self, kind: u32, what: &str, elf: &[u8]) -> Result<(), LoaderError> {
+        let hi = l2::IMAGE_BASE + l2::MAX_IMAGE;
+        let img = loader::flatten(what, elf, l2::IMAGE_BASE, hi)?;
+        self.modules.push((kind, img));
+        Ok(())
+    }
+
     /// Module index of a workload kind.
     pub fn module_index(&self, kind: u32) -> Option<u32> {
         self.modules

@@ -6,6 +6,12 @@
 //! memfd range: nothing is copied) and freezes the guest under the aged L1.
 //! The successor may build a nested VM on granted pages but cannot run it
 //! until L0 commits, which happens only after the aged VM is revoked.
+//!
+//! Lock order (see docs/architecture.md): a host VM's nested table, then a
+//! nested VM, then its record. The session's state ([`Handover`]) is a leaf:
+//! it is only reached through [`Session::with`], whose closure takes no
+//! other lock, so every op here copies what it needs out of the handover,
+//! lets go of it, and only then locks nested VMs (or the other way round).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,65 +24,15 @@ use vmbeam_abi::layout;
 use crate::host::hostvm::HostVm;
 use crate::host::memory::{MemFile, Region, RegionKind};
 use crate::migration::copy::{GuestCopy, SlotCopy};
+pub use crate::migration::handover_state::{GuestMove, Handover, Phase, SuccSide};
 use crate::migration::rejuvenate::Mode;
 use crate::nesting::hypercall::{HcOutcome, HcResult};
-use crate::nesting::nested::{GuestRecord, NestedRef, NestedState, NestedVm};
+use crate::nesting::nested::{NestedRef, NestedState, NestedVm};
 use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
-/// Phase of a handover session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Phase {
-    /// Successor booting.
-    Booting,
-    /// Successor said it is ready.
-    Ready,
-    /// Aged L1 is moving guests.
-    HandingOver,
-    /// Aged L1 finished and waits in HANDOVER_DONE for L0's decision.
-    AgedDone,
-    /// L0 decided to revoke the aged VM and commit the successor.
-    Committing,
-    /// Given up; the message says why.
-    Aborted(String),
-}
-
-/// One granted nested guest.
-#[derive(Debug, Clone)]
-pub struct Grant {
-    /// Guest name.
-    pub guest: String,
-    /// Identity.
-    pub record: Arc<GuestRecord>,
-    /// Handle under the aged L1.
-    pub aged_handle: u32,
-    /// Successor-side ranges.
-    pub ranges: Vec<GrantRange>,
-    /// Bytes.
-    pub mem_bytes: u64,
-    /// L0 checksum at grant time (paused).
-    pub checksum_before: Option<u64>,
-    /// Last exit under the aged L1.
-    pub paused_at: Instant,
-}
-
-/// Mutable state of a session.
-#[derive(Debug)]
-pub struct SessionState {
-    /// Phase.
-    pub phase: Phase,
-    /// Grants so far.
-    pub grants: Vec<Grant>,
-    /// Next free successor address in the grant window.
-    pub next_grant_gpa: u64,
-    /// Bytes the guest hypervisors put on the channel.
-    pub channel_bytes: u64,
-    /// Bytes of nested memory L0 copied (zero-copy: must stay 0).
-    pub bytes_copied: u64,
-    /// Time spent hashing memory for verification.
-    pub verify_time: Duration,
-    /// When L0 asked the aged L1 to hand over (no guest is paused before).
-    pub asked_at: Option<Instant>,
-}
+/// How long after the handover's deadline an aged L1 waiting inside
+/// HANDOVER_DONE gives up on L0's decision (L0 decides well before).
+const DONE_GRACE: Duration = Duration::from_secs(10);
 
 /// A handover between an aged host VM and its successor.
 pub struct Session {
@@ -90,17 +46,23 @@ pub struct Session {
     pub verify: bool,
     /// How memory moves.
     pub mode: Mode,
-    /// Pre-copied destinations, by guest (precopy mode).
+    /// Pre-copied destinations, by guest (precopy mode). A leaf lock.
     pub precopied: RankedMutex<Vec<GuestCopy>>,
-    /// State.
-    pub st: RankedMutex<SessionState>,
+    /// The state machine. A leaf lock: only [`Session::with`] takes it.
+    st: RankedMutex<Handover>,
     /// Signalled on every phase change.
-    pub cv: RankedCondvar,
+    cv: RankedCondvar,
 }
 
 impl Session {
-    /// A new session for `aged`.
-    pub fn new(aged: Arc<HostVm>, channel: Arc<MemFile>, verify: bool, mode: Mode) -> Arc<Session> {
+    /// A new session for `aged`; nothing in it waits beyond `deadline`.
+    pub fn new(
+        aged: Arc<HostVm>,
+        channel: Arc<MemFile>,
+        verify: bool,
+        mode: Mode,
+        deadline: Instant,
+    ) -> Arc<Session> {
         Arc::new(Session {
             aged,
             successor: RankedMutex::new(Rank::SessionSuccessor, None),
@@ -108,31 +70,17 @@ impl Session {
             verify,
             mode,
             precopied: RankedMutex::new(Rank::SessionCopies, Vec::new()),
-            st: RankedMutex::new(
-                Rank::SessionState,
-                SessionState {
-                    phase: Phase::Booting,
-                    grants: Vec::new(),
-                    next_grant_gpa: layout::GRANT_BASE,
-                    channel_bytes: 0,
-                    bytes_copied: 0,
-                    verify_time: Duration::ZERO,
-                    asked_at: None,
-                },
-            ),
+            st: RankedMutex::new(Rank::SessionState, Handover::new(deadline)),
             cv: RankedCondvar::new(),
         })
     }
 
-    /// Sets the phase and wakes waiters.
-    pub fn set_phase(&self, p: Phase) {
-        let mut st = self.st.lock().unwrap();
-        if p == Phase::HandingOver {
-            st.asked_at = Some(Instant::now());
-        }
-        st.phase = p;
-        drop(st);
+    /// Runs `f` on the handover state and wakes every waiter afterwards.
+    /// `f` must not take any other lock (the state is a leaf).
+    pub fn with<R>(&self, f: impl FnOnce(&mut Handover) -> R) -> R {
+        let r = f(&mut self.st.lock().unwrap());
         self.cv.notify_all();
+        r
     }
 
     /// Current phase.
@@ -140,8 +88,14 @@ impl Session {
         self.st.lock().unwrap().phase.clone()
     }
 
+    /// The instant nothing in this handover waits beyond.
+    pub fn deadline(&self) -> Instant {
+        self.st.lock().unwrap().deadline
+    }
+
     /// Waits until the phase satisfies `pred`, `timeout` passes, or `tick`
-    /// (called every 20 ms) returns an error message.
+    /// (called at least every 20 ms, without the state locked) returns an
+    /// error message.
     pub fn wait_phase(
         &self,
         timeout: Duration,
@@ -149,29 +103,38 @@ impl Session {
         tick: impl Fn() -> Option<String>,
     ) -> Result<Phase, String> {
         let deadline = Instant::now() + timeout;
-        let mut g = self.st.lock().unwrap();
         loop {
-            if pred(&g.phase) {
-                return Ok(g.phase.clone());
+            {
+                let g = self.st.lock().unwrap();
+                if pred(&g.phase) {
+                    return Ok(g.phase.clone());
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                let (g, _) = self
+                    .cv
+                    .wait_timeout(g, left.min(Duration::from_millis(20)))
+                    .unwrap();
+                if pred(&g.phase) {
+                    return Ok(g.phase.clone());
+                }
             }
-            drop(g);
             if let Some(e) = tick() {
                 return Err(e);
             }
             if Instant::now() >= deadline {
-                return Err(format!("timed out after {:?}", timeout));
+                return Err(format!("timed out after {timeout:?}"));
             }
-            g = self.st.lock().unwrap();
-            g = self
-                .cv
-                .wait_timeout(g, Duration::from_millis(20))
-                .unwrap()
-                .0;
         }
     }
 
-    fn is_aged(&self, vm: &HostVm) -> bool {
+    /// True if `vm` is the aged side.
+    pub fn is_aged(&self, vm: &HostVm) -> bool {
         self.aged.id == vm.id
+    }
+
+    /// The successor, if any.
+    pub fn successor(&self) -> Option<Arc<HostVm>> {
+        self.successor.lock().unwrap().clone()
     }
 
     /// For the aged side's ops: the session must be handing over and the
@@ -180,14 +143,10 @@ impl Session {
         if !self.is_aged(vm) {
             return Err(Status::NotPermitted);
         }
-        if self.phase() != Phase::HandingOver {
+        if !self.with(|h| h.handing_over()) {
             return Err(Status::BadState);
         }
-        self.successor
-            .lock()
-            .unwrap()
-            .clone()
-            .ok_or(Status::BadState)
+        self.successor().ok_or(Status::BadState)
     }
 }
 
@@ -199,12 +158,19 @@ fn session_of(vm: &HostVm) -> Result<Arc<Session>, Status> {
         .ok_or(Status::NotPermitted)
 }
 
+/// The session `vm` is the successor in, if any.
+fn successor_session(vm: &HostVm) -> Option<Arc<Session>> {
+    session_of(vm).ok().filter(|s| !s.is_aged(vm))
+}
+
 /// True if `vm` is the successor of a running handover.
 pub fn is_successor_in_handover(vm: &HostVm) -> bool {
-    match vm.session.lock().unwrap().as_ref() {
-        Some(s) => !s.is_aged(vm),
-        None => false,
-    }
+    successor_session(vm).is_some()
+}
+
+/// True if `vm` is the aged side of a running handover.
+pub fn is_aged_in_handover(vm: &HostVm) -> bool {
+    session_of(vm).is_ok_and(|s| s.is_aged(vm))
 }
 
 /// OP_HANDOVER_READY.
@@ -213,32 +179,17 @@ pub fn op_ready(vm: &HostVm) -> HcResult {
     if s.is_aged(vm) {
         return Err(Status::NotPermitted);
     }
-    let mut st = s.st.lock().unwrap();
-    if st.phase != Phase::Booting {
+    if !s.with(|h| h.ready()) {
         return Err(Status::BadState);
     }
-    st.phase = Phase::Ready;
-    s.cv.notify_all();
     Ok(HcOutcome::Continue)
 }
 
 /// OP_GRANT: maps the nested guest's pages into the successor.
 pub fn op_grant(vm: &HostVm, handle: u64, p: &mut HypercallPage) -> HcResult {
-    let mut froze = false;
-    let r = grant_inner(vm, handle, p, &mut froze);
-    if r.is_err() && froze {
-        // A refused grant leaves the guest with the aged L1, runnable.
-        if let Some(n) = vm.nested_vm(handle) {
-            n.lock().unwrap().frozen = false;
-        }
-    }
-    r
-}
-
-fn grant_inner(vm: &HostVm, handle: u64, p: &mut HypercallPage, froze: &mut bool) -> HcResult {
     let s = session_of(vm)?;
     let succ = s.aged_op(vm)?;
-    let ranges = grant_guest(&s, vm, &succ, handle, froze)?;
+    let ranges = grant_guest(&s, vm, &succ, handle)?;
     for (i, r) in ranges.iter().enumerate() {
         let b = vmbeam_abi::as_bytes(r);
         p.data[i * b.len()..(i + 1) * b.len()].copy_from_slice(b);
@@ -247,17 +198,115 @@ fn grant_inner(vm: &HostVm, handle: u64, p: &mut HypercallPage, froze: &mut bool
     Ok(HcOutcome::Continue)
 }
 
+/// What GRANT took from the nested VM while it held it.
+struct Held {
+    record: Arc<crate::nesting::nested::GuestRecord>,
+    aged_handle: u32,
+    lens: Vec<(u64, u64)>,
+    sources: Vec<(Arc<MemFile>, u64)>,
+    vcpus: usize,
+    mem_bytes: u64,
+    paused_at: Instant,
+    checksum: Option<u64>,
+    hashing: Duration,
+    copied: u64,
+}
+
 /// Grants nested VM `handle` of the aged VM `vm` to the successor: pauses
 /// it, maps (or copies) its pages into the successor's grant window and
-/// records the grant. Returns the successor-side ranges.
+/// records the move. Returns the successor-side ranges. A refused grant
+/// leaves nothing behind: the guest is runnable again, and neither the
+/// grant window nor the successor's regions have changed.
 pub(crate) fn grant_guest(
     s: &Session,
     vm: &HostVm,
     succ: &HostVm,
     handle: u64,
-    froze: &mut bool,
 ) -> Result<Vec<GrantRange>, Status> {
     let n = vm.nested_vm(handle).ok_or(Status::NoSuchHandle)?;
+    let asked = s.with(|h| h.asked_at);
+    let held = hold(s, &n, asked)?;
+    let unhold = || n.lock().unwrap().frozen = false;
+    let total: u64 = held.lens.iter().map(|(_, len)| len).sum();
+    let start = match s.with(|h| h.reserve_grant(total)) {
+        Ok(a) => a,
+        Err(e) => {
+            unhold();
+            return Err(e);
+        }
+    };
+    // Map every slot first, then publish them all: a mapping that fails
+    // leaves the successor as it was.
+    let mut regions = Vec::new();
+    let mut ranges = Vec::new();
+    let mut gpa = start;
+    for ((l2_gpa, len), (file, offset)) in held.lens.iter().zip(&held.sources) {
+        let region = Region::map(
+            file,
+            *offset,
+            *len,
+            gpa,
+            RegionKind::Grant {
+                guest: held.record.name.clone(),
+            },
+            succ.alloc_slot(),
+        );
+        match region {
+            Ok(r) => regions.push(r),
+            Err(_) => {
+                drop(regions);
+                s.with(|h| h.release_grant(start, total));
+                unhold();
+                return Err(Status::NoResources);
+            }
+        }
+        ranges.push(GrantRange {
+            succ_gpa: gpa,
+            l2_gpa: *l2_gpa,
+            len: *len,
+        });
+        gpa += len;
+    }
+    let mv = GuestMove {
+        guest: held.record.name.clone(),
+        record: held.record.clone(),
+        aged_handle: held.aged_handle,
+        ranges: ranges.clone(),
+        slots: held.lens.len(),
+        vcpus: held.vcpus,
+        mem_bytes: held.mem_bytes,
+        checksum_before: held.checksum,
+        paused_at: held.paused_at,
+        succ: None,
+    };
+    let recorded = s.with(|h| {
+        h.verify_time += held.hashing;
+        h.bytes_copied += held.copied;
+        if !h.handing_over() || h.moves.iter().any(|m| m.guest == mv.guest) {
+            h.release_grant(start, total);
+            return false;
+        }
+        h.moves.push(mv);
+        true
+    });
+    if !recorded {
+        // A rollback started meanwhile: it must find this guest runnable.
+        unhold();
+        return Err(Status::BadState);
+    }
+    for r in regions {
+        // The successor's own KVM slot for these pages is installed right
+        // after commit: its guest hypervisor names them (VM_MAP) during the
+        // handover but never touches them, and a slot costs time in
+        // proportion to its size.
+        succ.add_region_deferred(r);
+    }
+    Ok(ranges)
+}
+
+/// Freezes nested VM `n` for a grant and takes what the grant needs, under
+/// the VM's own lock only.
+fn hold(s: &Session, n: &NestedRef, asked: Option<Instant>) -> Result<Held, Status> {
     let mut n = n.lock().unwrap();
     let record = n.record.clone().ok_or(Status::BadState)?;
     if n.state == NestedState::Crashed || n.frozen {
@@ -268,21 +317,17 @@ pub(crate) fn grant_guest(
     }
     // The guest stopped running at its last exit, but not before L0 asked
     // for the handover (a halted guest had not been running anyway).
-    let asked = s.st.lock().unwrap().asked_at;
     let paused_at = match (n.last_exit, asked) {
         (Some(e), Some(a)) => e.max(a),
         (Some(e), None) => e,
         (None, a) => a.unwrap_or_else(Instant::now),
     };
-    n.frozen = true;
-    *froze = true;
-    let checksum_before = if s.verify {
-        let t = Instant::now();
-        let c = n.checksum_all();
-        s.st.lock().unwrap().verify_time += t.elapsed();
-        Some(c)
+    let t = Instant::now();
+    let checksum = s.verify.then(|| n.checksum_all());
+    let hashing = if s.verify {
+        t.elapsed()
     } else {
-        None
+        Duration::ZERO
     };
     // Where the successor's pages come from: the guest's own pages
     // (zero-copy), or fresh memory filled by copying (copy, precopy).
@@ -328,146 +373,260 @@ pub(crate) fn grant_guest(
             }
         }
     }
-    let mut ranges = Vec::new();
-    let mut st = s.st.lock().unwrap();
-    st.bytes_copied += copied;
-    for (slot, (file, offset)) in slots.iter().zip(sources) {
-        let gpa = st.next_grant_gpa;
-        if gpa + slot.len > layout::GRANT_BASE + layout::GRANT_SIZE {
-            n.frozen = false;
-            return Err(Status::NoResources);
-        }
-        let region = Region::map(
-            &file,
-            offset,
-            slot.len,
-            gpa,
-            RegionKind::Grant {
-                guest: record.name.clone(),
-            },
-            succ.alloc_slot(),
-        )
-        .map_err(|_| Status::NoResources)?;
-        // The successor's own KVM slot for these pages is installed right
-        // after commit: its guest hypervisor names them (VM_MAP) during the
-        // handover but never touches them, and a slot costs time in
-        // proportion to its size.
-        succ.add_region_deferred(region);
-        st.next_grant_gpa += slot.len;
-        ranges.push(GrantRange {
-            succ_gpa: gpa,
-            l2_gpa: slot.l2_gpa,
-            len: slot.len,
-        });
-    }
-    st.grants.push(Grant {
-        guest: record.name.clone(),
+    n.frozen = true;
+    Ok(Held {
         record,
         aged_handle: n.handle,
+        lens: slots.iter().map(|s| (s.l2_gpa, s.len)).collect(),
+        sources,
+        vcpus: n.vcpu_count(),
         mem_bytes: n.mem_bytes(),
-        ranges: ranges.clone(),
-        checksum_before,
         paused_at,
-    });
-    Ok(ranges)
+        checksum,
+        hashing,
+        copied,
+    })
 }
 
-/// Called when the successor maps granted pages into a nested VM.
-pub fn bind_adopted(vm: &HostVm, n: &mut NestedVm, guest: &str) -> Result<(), Status> {
-    let s = session_of(vm)?;
-    if s.is_aged(vm) || s.phase() != Phase::HandingOver {
-        return Err(Status::NotPermitted);
-    }
-    if n.name != guest {
-        return Err(Status::NotPermitted);
-    }
-    let st = s.st.lock().unwrap();
-    let g = st
-        .grants
-        .iter()
-        .find(|g| g.guest == guest)
+/// Called when the successor maps granted pages of `guest` into its nested
+/// VM `handle` that it built itself (copy modes, or a granted guest no
+/// longer in the aged table): binds the guest's record to it and freezes it.
+pub fn bind_granted(vm: &HostVm, handle: u32, n: &NestedRef, guest: &str) -> Result<(), Status> {
+    let s = successor_session(vm).ok_or(Status::NotPermitted)?;
+    let (record, bound) = s
+        .with(|h| {
+            let hand = h.handing_over();
+            h.move_named(guest)
+                .filter(|_| hand)
+                .map(|m| (m.record.clone(), m.succ.as_ref().map(|x| x.handle)))
+        })
         .ok_or(Status::NotPermitted)?;
-    match &n.record {
-        Some(r) if !Arc::ptr_eq(r, &g.record) => return Err(Status::NotPermitted),
-        _ => {}
+    if bound.is_some_and(|b| b != handle) {
+        return Err(Status::NotPermitted);
     }
-    n.record = Some(g.record.clone());
-    n.frozen = true;
+    {
+        let mut n = n.lock().unwrap();
+        if n.name != guest {
+            return Err(Status::NotPermitted);
+        }
+        match &n.record {
+            Some(r) if !Arc::ptr_eq(r, &record) => return Err(Status::NotPermitted),
+            _ => {}
+        }
+        n.record = Some(record);
+        n.frozen = true;
+    }
+    s.with(|h| {
+        if let Some(m) = h.move_named(guest) {
+            if m.succ.is_none() {
+                m.succ = Some(SuccSide {
+                    handle,
+                    adopted: false,
+                    slot_l1: Vec::new(),
+                    vcpus_confirmed: 0,
+                    state_set: false,
+                });
+            }
+        }
+    });
     Ok(())
 }
 
 /// Successor's VM_CREATE during a zero-copy handover: if `name` was granted,
-/// the aged guest hypervisor's nested VM itself (KVM VM, vCPUs, slots) moves
-/// to the successor's table under `handle` instead of a new one being built.
+/// the aged guest hypervisor's nested VM itself (KVM VM, vCPUs, slots)
+/// moves to the successor's table under `handle` instead of a new one being
+/// built. The VM stays frozen.
 pub fn try_adopt(vm: &HostVm, name: &str, handle: u32) -> Option<NestedRef> {
-    let s = session_of(vm).ok()?;
-    if s.is_aged(vm) || s.mode != Mode::ZeroCopy || s.phase() != Phase::HandingOver {
+    let s = successor_session(vm)?;
+    if s.mode != Mode::ZeroCopy {
         return None;
     }
-    let aged_handle = {
-        let st = s.st.lock().unwrap();
-        st.grants.iter().find(|g| g.guest == name)?.aged_handle
-    };
+    let aged_handle = s.with(|h| {
+        let hand = h.handing_over();
+        h.move_named(name)
+            .filter(|m| hand && m.succ.is_none())
+            .map(|m| m.aged_handle)
+    })?;
     let n = s.aged.nested.lock().unwrap().vms.remove(&aged_handle)?;
-    n.lock().unwrap().begin_adoption(handle);
+    let (slots, vcpus) = {
+        let mut g = n.lock().unwrap();
+        g.handle = handle;
+        (g.slots.len(), g.vcpu_count())
+    };
+    let recorded = s.with(|h| {
+        let hand = h.handing_over();
+        match h.move_named(name) {
+            Some(m) if hand && m.succ.is_none() && m.slots == slots && m.vcpus == vcpus => {
+                m.succ = Some(SuccSide {
+                    handle,
+                    adopted: true,
+                    slot_l1: vec![None; slots],
+                    vcpus_confirmed: 0,
+                    state_set: false,
+                });
+                true
+            }
+            _ => false,
+        }
+    });
+    if !recorded {
+        n.lock().unwrap().handle = aged_handle;
+        s.aged.nested.lock().unwrap().vms.insert(aged_handle, n);
+        return None;
+    }
     Some(n)
 }
 
-/// Gives every VM the successor adopted back to the aged guest hypervisor.
-pub fn return_adopted(aged: &HostVm, succ: &HostVm) {
-    let mut back = Vec::new();
-    {
-        let mut t = succ.nested.lock().unwrap();
-        let handles: Vec<u32> = t
-            .vms
-            .iter()
-            .filter(|(_, v)| v.lock().unwrap().adopted_from.is_some())
-            .map(|(h, _)| *h)
-            .collect();
-        for h in handles {
-            if let Some(v) = t.vms.remove(&h) {
-                back.push(v);
-            }
-        }
+/// True if the successor's nested VM `handle` is an adoption in progress.
+pub fn is_adoption(vm: &HostVm, handle: u32) -> bool {
+    successor_session(vm).is_some_and(|s| s.with(|h| h.adoption(handle).is_some()))
+}
+
+/// Successor's VM_MAP into an adopted VM: confirms one slot. The successor
+/// must name, at its own address `l1_gpa`, exactly the pages that slot
+/// already maps (the same memfd range), or the call is refused.
+/// `backing` is the caller's region kind, memfd and offset of `l1_gpa`;
+/// `range` is VM_MAP's `(l1_gpa, l2_gpa, len)`.
+pub fn confirm_slot(
+    vm: &HostVm,
+    handle: u32,
+    n: &NestedRef,
+    backing: &(RegionKind, Arc<MemFile>, u64),
+    range: (u64, u64, u64),
+) -> Result<(), Status> {
+    let (region, file, offset) = backing;
+    let (l1_gpa, l2_gpa, len) = range;
+    let s = successor_session(vm).ok_or(Status::NotPermitted)?;
+    let guest = s
+        .with(|h| h.adoption(handle).map(|m| m.guest.clone()))
+        .ok_or(Status::NotPermitted)?;
+    match region {
+        RegionKind::Grant { guest: g } if *g == guest => {}
+        _ => return Err(Status::NotPermitted),
     }
-    let mut t = aged.nested.lock().unwrap();
-    for v in back {
-        let h = {
-            let mut n = v.lock().unwrap();
-            n.cancel_adoption();
-            n.handle
-        };
-        t.vms.insert(h, v);
+    let i = n.lock().unwrap().find_slot(l2_gpa, len, file, *offset)?;
+    s.with(|h| {
+        let m = h.adoption(handle).ok_or(Status::NotPermitted)?;
+        let side = m.succ.as_mut().ok_or(Status::NotPermitted)?;
+        match side.slot_l1.get_mut(i) {
+            Some(c @ None) => {
+                *c = Some(l1_gpa);
+                Ok(())
+            }
+            Some(Some(_)) => Err(Status::Overlap),
+            None => Err(Status::BadArg),
+        }
+    })
+}
+
+/// Successor's VCPU_CREATE on an adopted VM: confirms the next existing
+/// vCPU and returns its index (`None` if `handle` is not an adoption).
+pub fn confirm_vcpu(vm: &HostVm, handle: u32) -> Option<Result<u32, Status>> {
+    let s = successor_session(vm)?;
+    s.with(|h| {
+        let m = h.adoption(handle)?;
+        let vcpus = m.vcpus;
+        let side = m.succ.as_mut()?;
+        Some(if side.vcpus_confirmed < vcpus {
+            side.vcpus_confirmed += 1;
+            Ok(side.vcpus_confirmed as u32 - 1)
+        } else {
+            Err(Status::TooMany)
+        })
+    })
+}
+
+/// Successor's SET_STATE on an adopted VM (`None` if not an adoption): a
+/// confirmation only. The nested KVM VM is adopted as it is, with the vCPU
+/// state KVM holds; what the channel says about CPU state has no effect.
+pub fn confirm_state(vm: &HostVm, handle: u32, idx: u64) -> Option<Result<(), Status>> {
+    let s = successor_session(vm)?;
+    s.with(|h| {
+        let m = h.adoption(handle)?;
+        let side = m.succ.as_mut()?;
+        Some(if idx < side.vcpus_confirmed as u64 {
+            if idx == 0 {
+                side.state_set = true;
+            }
+            Ok(())
+        } else {
+            Err(Status::NoSuchHandle)
+        })
+    })
+}
+
+/// Successor's SET_STATE of vCPU 0 of a VM it built on granted pages.
+pub fn note_state_set(vm: &HostVm, handle: u32) {
+    if let Some(s) = successor_session(vm) {
+        s.with(|h| {
+            if let Some(side) = h.move_of_successor(handle).and_then(|m| m.succ.as_mut()) {
+                side.state_set = true;
+            }
+        });
     }
 }
 
-/// Successor's VM_DESTROY of a VM it was adopting: it goes back to the aged
-/// guest hypervisor instead (a successor cannot destroy a guest it was
-/// only offered).
-pub fn unadopt(vm: &HostVm, n: NestedRef) -> Result<(), Status> {
-    let s = session_of(vm)?;
-    let h = {
-        let mut g = n.lock().unwrap();
-        g.cancel_adoption();
-        g.frozen = true; // still granted: stays paused until the handover ends
-        g.handle
+/// Gives every VM the successor adopted back to the aged guest hypervisor,
+/// under its old handle. Nothing else needs undoing: adoption changes the
+/// VM only at commit. Call with the successor's vCPUs stopped.
+pub fn return_adopted(s: &Session, aged: &HostVm, succ: &HostVm) {
+    let back: Vec<(u32, u32)> = s.with(|h| {
+        h.moves
+            .iter_mut()
+            .filter_map(|m| match m.succ.take() {
+                Some(side) if side.adopted => Some((side.handle, m.aged_handle)),
+                other => {
+                    m.succ = other;
+                    None
+                }
+            })
+            .collect()
+    });
+    for (succ_handle, aged_handle) in back {
+        let v = succ.nested.lock().unwrap().vms.remove(&succ_handle);
+        if let Some(v) = v {
+            v.lock().unwrap().handle = aged_handle;
+            aged.nested.lock().unwrap().vms.insert(aged_handle, v);
+        }
+    }
+}
+
+/// Successor's VM_DESTROY of a VM it is adopting: it goes back to the aged
+/// guest hypervisor instead, still frozen (a successor cannot destroy a
+/// guest it was only offered). `None` if `handle` is not an adoption.
+/// After AgedDone it is refused: L0 is committing what it checked.
+pub fn unadopt(vm: &HostVm, handle: u32) -> Option<Result<(), Status>> {
+    let s = successor_session(vm)?;
+    let aged_handle = s.with(|h| {
+        if matches!(h.phase, Phase::AgedDone | Phase::Committing) {
+            if h.move_of_successor(handle)
+                .is_some_and(|m| m.succ.as_ref().is_some_and(|x| x.adopted))
+            {
+                return Some(Err(Status::NotPermitted));
+            }
+            return None;
+        }
+        let m = h.adoption(handle)?;
+        m.succ = None;
+        Some(Ok(m.aged_handle))
+    })?;
+    let aged_handle = match aged_handle {
+        Ok(a) => a,
+        Err(e) => return Some(Err(e)),
     };
-    s.aged.nested.lock().unwrap().vms.insert(h, n);
-    Ok(())
+    let v = vm.nested.lock().unwrap().vms.remove(&handle);
+    if let Some(v) = v {
+        v.lock().unwrap().handle = aged_handle;
+        s.aged.nested.lock().unwrap().vms.insert(aged_handle, v);
+    }
+    Some(Ok(()))
 }
 
 /// OP_NOTIFY: rings the peer.
 pub fn op_notify(vm: &HostVm) -> HcResult {
     let s = session_of(vm)?;
     let (peer, out) = if s.is_aged(vm) {
-        (
-            s.successor
-                .lock()
-                .unwrap()
-                .clone()
-                .ok_or(Status::BadState)?,
-            MAILBOX_TO_SUCCESSOR,
-        )
+        (s.successor().ok_or(Status::BadState)?, MAILBOX_TO_SUCCESSOR)
     } else {
         (s.aged.clone(), MAILBOX_TO_AGED)
     };
@@ -479,7 +638,7 @@ pub fn op_notify(vm: &HostVm) -> HcResult {
         .read(layout::CHANNEL_BASE + out, &mut hdr)
     {
         let h: MailboxHeader = vmbeam_abi::from_bytes(&hdr).unwrap_or_default();
-        s.st.lock().unwrap().channel_bytes += h.len as u64;
+        s.with(|st| st.channel_bytes += h.len as u64);
     }
     peer.doorbell.ring();
     Ok(HcOutcome::Continue)
@@ -487,57 +646,54 @@ pub fn op_notify(vm: &HostVm) -> HcResult {
 
 /// True if every live guest of the aged VM `vm` was granted and the
 /// successor adopted each grant completely (vCPUs, state, all memory).
+/// Takes a snapshot of the moves first, then looks at the nested VMs.
 pub fn everyone_adopted(s: &Session, vm: &HostVm, succ: &HostVm) -> bool {
-    for n in vm.nested.lock().unwrap().vms.values() {
+    let moves: Vec<GuestMove> = s.with(|h| h.moves.clone());
+    let aged: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
+    for n in aged {
         let n = n.lock().unwrap();
         if n.record.is_some() && n.state != NestedState::Crashed && !n.frozen {
             return false;
         }
     }
-    // The grants are read first: the session state ranks after the tables.
-    let grants: Vec<(Arc<GuestRecord>, u64)> =
-        s.st.lock()
-            .unwrap()
-            .grants
-            .iter()
-            .map(|g| (g.record.clone(), g.mem_bytes))
-            .collect();
-    let succ_table = succ.nested.lock().unwrap();
-    grants.iter().all(|(record, mem_bytes)| {
-        succ_table.vms.values().any(|n| {
-            let n = n.lock().unwrap();
-            (n.adopted_from.is_none() || n.adoption_complete())
-                && n.state_set
-                && n.vcpu_count() > 0
-                && n.record.as_ref().is_some_and(|r| Arc::ptr_eq(r, record))
-                && n.mem_bytes() == *mem_bytes
-        })
+    let table = succ.nested.lock().unwrap().vms.clone();
+    moves.iter().all(|m| {
+        let Some(side) = &m.succ else { return false };
+        let Some(n) = table.get(&side.handle) else {
+            return false;
+        };
+        let n = n.lock().unwrap();
+        side.complete(m.vcpus)
+            && n.vcpu_count() > 0
+            && n.record.as_ref().is_some_and(|r| Arc::ptr_eq(r, &m.record))
+            && n.mem_bytes() == m.mem_bytes
     })
 }
 
-/// OP_HANDOVER_DONE: checks no guest is left behind, then retires the caller.
+/// OP_HANDOVER_DONE: checks no guest is left behind, then waits for L0's
+/// decision (bounded by the handover's deadline).
 pub fn op_done(vm: &HostVm, count: u64) -> HcResult {
     let s = session_of(vm)?;
     let succ = s.aged_op(vm)?;
-    if s.st.lock().unwrap().grants.len() as u64 != count || !everyone_adopted(&s, vm, &succ) {
+    if s.with(|h| h.moves.len()) as u64 != count || !everyone_adopted(&s, vm, &succ) {
         return Err(Status::BadState);
     }
-    s.set_phase(Phase::AgedDone);
+    if !s.with(|h| h.aged_done()) {
+        return Err(Status::BadState);
+    }
     // The aged L1 stays inside this hypercall until L0 decides: revoke it
     // (Committing) or give its guests back (Aborted, e.g. the successor died
     // in the meantime).
+    let wait = s.deadline().saturating_duration_since(Instant::now()) + DONE_GRACE;
     let decided = s.wait_phase(
-        Duration::from_secs(120),
+        wait,
         |p| matches!(p, Phase::Committing | Phase::Aborted(_)),
         || stopping(vm).then(|| "stopping".to_string()),
     );
     match decided {
         Ok(Phase::Committing) => Ok(HcOutcome::Retire),
         Err(_) if stopping(vm) => Ok(HcOutcome::Retire),
-        _ => {
-            unfreeze(vm);
-            Err(Status::Aborted)
-        }
+        _ => Err(Status::Aborted),
     }
 }
 
@@ -547,26 +703,31 @@ pub fn op_abort(vm: &HostVm, code: u64) -> HcResult {
     if !s.is_aged(vm) {
         return Err(Status::NotPermitted);
     }
-    match s.phase() {
-        Phase::HandingOver | Phase::Ready => {}
-        _ => return Err(Status::BadState),
+    let why = format!("the guest hypervisor aborted the handover (reason code {code})");
+    if !s.with(|h| matches!(h.phase, Phase::Ready | Phase::HandingOver) && h.begin_abort(&why)) {
+        return Err(Status::BadState);
     }
     // Take back what the successor was adopting before L1 resumes its
     // guests: stop the successor first so it cannot touch them meanwhile.
-    if let Some(succ) = s.successor.lock().unwrap().clone() {
-        succ.stop_vcpus();
-        return_adopted(vm, &succ);
-    }
-    unfreeze(vm);
-    s.set_phase(Phase::Aborted(format!(
-        "the guest hypervisor aborted the handover (reason code {code})"
-    )));
+    give_back(&s, vm);
+    s.with(|h| h.aborted());
     Ok(HcOutcome::Continue)
+}
+
+/// The rollback's core, once the phase is Aborting: stop the successor,
+/// take back what it adopted, let the aged VM run every guest again.
+pub fn give_back(s: &Session, aged: &HostVm) {
+    if let Some(succ) = s.successor() {
+        succ.stop_vcpus();
+        return_adopted(s, aged, &succ);
+    }
+    unfreeze(aged);
 }
 
 /// Lets the aged VM run its guests again (after an abort).
 pub fn unfreeze(vm: &HostVm) {
-    for n in vm.nested.lock().unwrap().vms.values() {
+    let vms: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
+    for n in vms {
         n.lock().unwrap().frozen = false;
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod copy;
 pub mod handover;
+pub mod handover_state;
 pub mod rejuvenate;
 pub mod remote;
 pub mod rescue;

@@ -1,12 +1,16 @@
 //! `vmbeam rejuvenate`: replacing a guest hypervisor by a freshly booted one
 //! and moving every nested guest across without copying its memory.
 //!
-//! The orchestration is a short state machine driven by L0:
-//! boot successor → (Ready) → ask aged L1 to hand over → (AgedDone) →
-//! revoke the aged VM (stop vCPUs, destroy nested VMs, drop slots, release
-//! pages) → commit (successor may now run the guests). Any failure before
-//! commit rolls back: the successor is destroyed and every guest keeps
-//! running under the aged guest hypervisor.
+//! The orchestration walks the handover's state machine
+//! (`handover_state::Phase`) one phase function at a time:
+//! [`Rejuvenation::boot_successor`] → [`Rejuvenation::hand_over`] →
+//! [`Rejuvenation::verify`] → [`Rejuvenation::revoke`] →
+//! [`Rejuvenation::commit`], or [`Rejuvenation::rollback`] from any phase
+//! before the commit point. Each phase emits one `handover` event. Any
+//! failure before commit rolls back: the successor is destroyed and every
+//! guest keeps running under the aged guest hypervisor. If it is the aged
+//! guest hypervisor that died, L0 finishes the handover itself (rescue),
+//! with a second fresh successor if the first one fails it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,9 +19,14 @@ use vmbeam_abi::boot::{control, fault, ROLE_SUCCESSOR};
 
 use crate::host::hostvm::{HostVm, VmStatus};
 use crate::host::loader::FlatImage;
-use crate::migration::handover::{self, Phase, Session};
+use crate::host::memory::Region;
+use crate::migration::handover::{self, GuestMove, Phase, Session};
 use crate::nesting::nested::NestedState;
 use crate::shared::Shared;
+
+/// Where a rejuvenation reports its phases: `(event, fields)`, the hook
+/// behind the events file (`Vmm::event`).
+pub type EventSink<'a> = &'a (dyn Fn(&str, serde_json::Value) + Sync);
 
 /// How nested memory moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -97,13 +106,17 @@ pub enum RejuvenateError {
         generation: u32,
     },
     /// The aged guest hypervisor died mid-handover and L0 could not finish
-    /// the handover in its place; the guests are paused in L0, not lost.
-    #[error("rejuvenation of {vm} failed: {msg}; the nested guests are preserved, paused, in L0")]
+    /// the handover in its place, even with a second fresh successor: the
+    /// guests it could not place are lost (each one has a `guest_lost`
+    /// event), and every successor was destroyed.
+    #[error("rejuvenation of {vm} failed: {msg}; the guest hypervisor is dead and no successor took its guests: {lost} nested guests lost")]
     Rescue {
         /// VM.
         vm: String,
         /// Cause.
         msg: String,
+        /// Guests lost.
+        lost: usize,
     },
     /// The handover failed and was rolled back.
     #[error("rejuvenation of {vm} failed: {msg}; rolled back: all {guests} nested guests keep running under generation {generation}")]
@@ -208,364 +221,657 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Fault injection ([`fault::FLIP_BYTE_BEFORE_VERIFY`]): inverts one byte of
+/// the first granted guest, paused between its two checksums.
+fn flip_first_granted(moves: &[GuestMove], succ: &HostVm) {
+    let Some(m) = moves.first() else { return };
+    let n = m
+        .succ
+        .as_ref()
+        .and_then(|side| succ.nested_vm(side.handle as u64));
+    if let Some(n) = n {
+        let _ = n.lock().unwrap().flip_byte(fault::FLIP_BYTE_GPA);
+    }
+}
+
 /// Moves every nested guest of `aged` to a fresh guest hypervisor.
-/// On success returns the report and the successor.
+/// On success returns the report and the successor. `events` receives one
+/// `handover` event per phase.
 pub fn rejuvenate(
     shared: &Arc<Shared>,
     hypervisor: &[u8],
     modules: &[(u32, FlatImage)],
     aged: &Arc<HostVm>,
     opts: &RejuvenateOptions,
+    events: EventSink<'_>,
 ) -> Result<(Report, Arc<HostVm>), RejuvenateError> {
-    let line = aged.spec.line.clone();
-    let generation = aged.spec.generation;
     match aged.status() {
         VmStatus::Running => {}
         s => {
             return Err(RejuvenateError::NotRunning {
-                vm: line,
+                vm: aged.spec.line.clone(),
                 status: format!("{s:?}"),
             })
         }
     }
-    let t0 = Instant::now();
-    let rss_before = rss_bytes();
-    let cpu0 = cpu_ms();
-
-    // Fresh channel contents for this session.
-    let channel = aged.channel_file();
-    let _ = channel.punch_hole(0, channel.size);
-    let session = Session::new(aged.clone(), channel.clone(), opts.verify, opts.mode);
-    *aged.session.lock().unwrap() = Some(session.clone());
-
-    let guests_now = aged.nested.lock().unwrap().vms.len();
-    let rollback = |session: &Arc<Session>, succ: Option<&Arc<HostVm>>, msg: String| {
-        // Order matters: the successor stops first, then every guest it was
-        // adopting goes back and is unfrozen, and only then is the aged L1
-        // told (it resumes its guests as soon as it sees ABORT).
-        if let Some(s) = succ {
-            s.stop_vcpus();
-            handover::return_adopted(aged, s);
-        }
-        handover::unfreeze(aged);
-        if opts.mode == Mode::Precopy {
-            for v in aged.nested.lock().unwrap().vms.values() {
-                let _ = v.lock().unwrap().set_dirty_logging(false);
-            }
-        }
-        if !matches!(session.phase(), Phase::Aborted(_)) {
-            session.set_phase(Phase::Aborted(msg.clone()));
-        }
-        aged.set_control(control::ABORT);
-        if let Some(s) = succ {
-            drop(s.drop_nested());
-            drop(s.drop_memory());
-            *s.session.lock().unwrap() = None;
-            s.set_status(VmStatus::Stopped);
-        }
-        *aged.session.lock().unwrap() = None;
-        *session.successor.lock().unwrap() = None;
-        RejuvenateError::RolledBack {
-            vm: line.clone(),
-            msg,
-            guests: guests_now,
-            generation,
-        }
-    };
-
-    // 1. Boot the successor.
-    let mut spec = aged.spec.clone();
-    spec.generation += 1;
-    spec.role = ROLE_SUCCESSOR;
-    spec.nested.clear();
-    spec.flags = opts.fault;
-    let succ = match HostVm::boot(
-        shared.clone(),
-        spec,
-        opts.successor_image.as_deref().unwrap_or(hypervisor),
-        modules,
-        channel,
-        Some(session.clone()),
-    ) {
-        Ok(s) => s,
-        Err(e) => {
-            *aged.session.lock().unwrap() = None;
-            return Err(RejuvenateError::Boot {
-                vm: line,
-                msg: e.to_string(),
-                generation,
-            });
-        }
-    };
-    *session.successor.lock().unwrap() = Some(succ.clone());
-    let succ_dead = || match succ.status() {
-        VmStatus::Failed(m) => Some(format!("the successor died: {m}")),
-        VmStatus::Stopped | VmStatus::Retired => Some("the successor stopped".into()),
-        _ => None,
-    };
-    let aged_dead = || match aged.status() {
-        VmStatus::Failed(m) => Some(format!("the aged guest hypervisor died: {m}")),
-        _ => None,
-    };
-    // (If the aged L1 dies meanwhile, its guests still need the successor.)
-    let boot_wait = session.wait_phase(
-        opts.timeout.min(Duration::from_secs(30)),
-        |p| *p == Phase::Ready,
-        succ_dead,
-    );
-    if let Err(m) = boot_wait {
-        return Err(rollback(
-            &session,
-            Some(&succ),
-            format!("the successor did not become ready: {m}"),
-        ));
+    let mut r = Rejuvenation::new(shared, hypervisor, modules, aged, opts, events);
+    r.boot_successor()?;
+    r.precopy()?;
+    match r.hand_over() {
+        Ok(()) => {}
+        Err(Failure::AgedDied(m)) => r.rescue(m)?,
+        Err(Failure::Other(m)) => return Err(r.rollback(m)),
     }
-    let t_ready = Instant::now();
+    r.verify().map_err(|m| r.rollback(m))?;
+    let revoked = r.revoke();
+    Ok(r.commit(revoked))
+}
 
-    // Pre-copy: copy while the guests keep running under the aged L1.
-    let mut precopy = None;
-    if opts.mode == Mode::Precopy {
-        let vms: Vec<_> = aged.nested.lock().unwrap().vms.values().cloned().collect();
-        match crate::migration::copy::precopy_live(&vms, opts.downtime_budget) {
+/// Why the handover phase did not reach AgedDone.
+enum Failure {
+    /// The aged guest hypervisor died: L0 finishes the handover (rescue).
+    AgedDied(String),
+    /// Anything else: roll back.
+    Other(String),
+}
+
+/// What revocation leaves for the commit: things to drop off the critical
+/// path, and the memory it gave back.
+struct Revoked {
+    nested: Vec<crate::nesting::nested::NestedRef>,
+    regions: Vec<Region>,
+    released: u64,
+}
+
+/// One rejuvenation in progress: the phase functions below move it along
+/// the handover's state machine.
+struct Rejuvenation<'a> {
+    shared: &'a Arc<Shared>,
+    hypervisor: &'a [u8],
+    modules: &'a [(u32, FlatImage)],
+    aged: &'a Arc<HostVm>,
+    opts: &'a RejuvenateOptions,
+    events: EventSink<'a>,
+    line: String,
+    generation: u32,
+    guests_now: usize,
+    session: Arc<Session>,
+    succ: Option<Arc<HostVm>>,
+    t0: Instant,
+    t_ready: Instant,
+    rss_before: u64,
+    cpu0: f64,
+    precopy: Option<crate::migration::copy::PrecopyStats>,
+    rescued: Option<usize>,
+    after_sums: Vec<(String, u64)>,
+}
+
+impl<'a> Rejuvenation<'a> {
+    /// Creates the session (phase Booting) and attaches it to the aged VM.
+    fn new(
+        shared: &'a Arc<Shared>,
+        hypervisor: &'a [u8],
+        modules: &'a [(u32, FlatImage)],
+        aged: &'a Arc<HostVm>,
+        opts: &'a RejuvenateOptions,
+        events: EventSink<'a>,
+    ) -> Rejuvenation<'a> {
+        let t0 = Instant::now();
+        let rss_before = rss_bytes();
+        let cpu0 = cpu_ms();
+        let session = Self::new_session(aged, opts);
+        Rejuvenation {
+            shared,
+            hypervisor,
+            modules,
+            aged,
+            opts,
+            events,
+            line: aged.spec.line.clone(),
+            generation: aged.spec.generation,
+            guests_now: aged.nested.lock().unwrap().vms.len(),
+            session,
+            succ: None,
+            t0,
+            t_ready: t0,
+            rss_before,
+            cpu0,
+            precopy: None,
+            rescued: None,
+            after_sums: Vec::new(),
+        }
+    }
+
+    fn new_session(aged: &Arc<HostVm>, opts: &RejuvenateOptions) -> Arc<Session> {
+        // Fresh channel contents for this session.
+        let channel = aged.channel_file();
+        let _ = channel.punch_hole(0, channel.size);
+        // Boot wait + handover wait, each bounded below.
+        let deadline = Instant::now() + opts.timeout.min(Duration::from_secs(30)) + opts.timeout;
+        let session = Session::new(aged.clone(), channel, opts.verify, opts.mode, deadline);
+        *aged.session.lock().unwrap() = Some(session.clone());
+        session
+    }
+
+    fn event(&self, phase: &str, mut fields: serde_json::Value) {
+        fields["vm"] = self.line.clone().into();
+        fields["phase"] = phase.into();
+        fields["generation"] = self.generation.into();
+        (self.events)("handover", fields);
+    }
+
+    fn succ(&self) -> &Arc<HostVm> {
+        self.succ.as_ref().expect("successor booted")
+    }
+
+    fn succ_dead(&self) -> Option<String> {
+        match self.succ.as_ref()?.status() {
+            VmStatus::Failed(m) => Some(format!("the successor died: {m}")),
+            VmStatus::Stopped | VmStatus::Retired => Some("the successor stopped".into()),
+            _ => None,
+        }
+    }
+
+    fn aged_dead(&self) -> Option<String> {
+        match self.aged.status() {
+            VmStatus::Failed(m) => Some(format!("the aged guest hypervisor died: {m}")),
+            _ => None,
+        }
+    }
+
+    /// Booting → Ready: boots the successor (fault flags `fault`, image
+    /// `image`) and waits until it says it is ready. Invariant on success:
+    /// the successor is alive and attached to the session; no guest is
+    /// held. A boot error detaches the session (nothing was frozen).
+    fn boot_with(&mut self, fault: u64, image: &[u8]) -> Result<(), RejuvenateError> {
+        self.event("booting", serde_json::json!({}));
+        let mut spec = self.aged.spec.clone();
+        spec.generation += 1;
+        spec.role = ROLE_SUCCESSOR;
+        spec.nested.clear();
+        spec.flags = fault;
+        let succ = match HostVm::boot(
+            self.shared.clone(),
+            spec,
+            image,
+            self.modules,
+            self.session.channel.clone(),
+            Some(self.session.clone()),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                *self.aged.session.lock().unwrap() = None;
+                self.event("boot_failed", serde_json::json!({"error": e.to_string()}));
+                return Err(RejuvenateError::Boot {
+                    vm: self.line.clone(),
+                    msg: e.to_string(),
+                    generation: self.generation,
+                });
+            }
+        };
+        *self.session.successor.lock().unwrap() = Some(succ.clone());
+        self.succ = Some(succ);
+        // (If the aged L1 dies meanwhile, its guests still need the successor.)
+        let boot_wait = self.session.wait_phase(
+            self.opts.timeout.min(Duration::from_secs(30)),
+            |p| *p == Phase::Ready,
+            || self.succ_dead(),
+        );
+        if let Err(m) = boot_wait {
+            return Err(self.rollback(format!("the successor did not become ready: {m}")));
+        }
+        self.t_ready = Instant::now();
+        self.event(
+            "ready",
+            serde_json::json!({"boot_ms": ms(self.t_ready - self.t0)}),
+        );
+        Ok(())
+    }
+
+    fn boot_successor(&mut self) -> Result<(), RejuvenateError> {
+        let image = self
+            .opts
+            .successor_image
+            .as_deref()
+            .unwrap_or(self.hypervisor);
+        self.boot_with(self.opts.fault, image)
+    }
+
+    /// Pre-copy (precopy mode only): copies while the guests keep running
+    /// under the aged L1. Invariant: still phase Ready, no guest held.
+    fn precopy(&mut self) -> Result<(), RejuvenateError> {
+        if self.opts.mode != Mode::Precopy {
+            return Ok(());
+        }
+        let vms: Vec<_> = self
+            .aged
+            .nested
+            .lock()
+            .unwrap()
+            .vms
+            .values()
+            .cloned()
+            .collect();
+        match crate::migration::copy::precopy_live(&vms, self.opts.downtime_budget) {
             Ok((copies, stats)) => {
-                session.st.lock().unwrap().bytes_copied += stats.live_bytes;
-                *session.precopied.lock().unwrap() = copies;
-                precopy = Some(stats);
+                self.session.with(|h| h.bytes_copied += stats.live_bytes);
+                *self.session.precopied.lock().unwrap() = copies;
+                self.precopy = Some(stats);
+                Ok(())
             }
             Err(e) => {
                 for v in &vms {
                     let _ = v.lock().unwrap().set_dirty_logging(false);
                 }
-                return Err(rollback(&session, Some(&succ), e.to_string()));
+                Err(self.rollback(e.to_string()))
             }
         }
     }
 
-    // 2. Ask the aged guest hypervisor to hand over.
-    session.set_phase(Phase::HandingOver);
-    aged.set_control(if opts.fault & fault::AGED_CRASH_AFTER_FIRST != 0 {
-        control::HANDOVER_THEN_CRASH
-    } else {
-        control::HANDOVER
-    });
-    let done = if aged_dead().is_some() {
-        Err(String::new())
-    } else {
-        session.wait_phase(
-            opts.timeout,
-            |p| matches!(p, Phase::AgedDone | Phase::Aborted(_)),
-            || succ_dead().or_else(aged_dead),
-        )
-    };
-    let mut rescued = None;
-    match done {
-        Ok(Phase::AgedDone) => {}
-        // The aged L1 died: its guests cannot go back to it, so L0 finishes
-        // the handover itself (the successor is alive and ready).
-        Err(_) if aged_dead().is_some() && succ_dead().is_none() => {
-            match crate::migration::rescue::rescue(&session, &succ) {
-                Ok(n) => rescued = Some(n),
-                Err(m) => {
-                    return Err(RejuvenateError::Rescue {
-                        vm: line.clone(),
-                        msg: format!("{}; then {m}", aged_dead().unwrap_or_default()),
-                    })
+    /// Ready → HandingOver → AgedDone: asks the aged L1 to hand over and
+    /// waits (bounded by `timeout`) until it is done, aborts, or either
+    /// side dies. Invariant on success: every live guest is held and
+    /// completely adopted, the successor is alive.
+    fn hand_over(&mut self) -> Result<(), Failure> {
+        if !self.session.with(|h| h.ask()) {
+            return Err(Failure::Other(format!(
+                "cannot hand over in phase {:?}",
+                self.session.phase()
+            )));
+        }
+        self.event("handing_over", serde_json::json!({}));
+        let f = self.opts.fault;
+        self.aged
+            .set_control(if f & fault::AGED_CRASH_AFTER_FIRST != 0 {
+                control::HANDOVER_THEN_CRASH
+            } else if f & fault::AGED_LIE_STATE != 0 {
+                control::HANDOVER_LIE_STATE
+            } else if f & fault::AGED_SPAM_DONE != 0 {
+                control::HANDOVER_SPAM_DONE
+            } else {
+                control::HANDOVER
+            });
+        let done = if let Some(m) = self.aged_dead() {
+            Err(m)
+        } else {
+            self.session.wait_phase(
+                self.opts.timeout,
+                |p| matches!(p, Phase::AgedDone | Phase::Aborted(_)),
+                || self.succ_dead().or_else(|| self.aged_dead()),
+            )
+        };
+        match done {
+            Ok(Phase::AgedDone) => {}
+            // The aged L1 died: its guests cannot go back to it, so L0
+            // finishes the handover itself.
+            Err(m) if self.aged_dead().is_some() => return Err(Failure::AgedDied(m)),
+            Ok(Phase::Aborted(m)) => return Err(Failure::Other(m)),
+            Ok(p) => return Err(Failure::Other(format!("unexpected phase {p:?}"))),
+            Err(m) => return Err(Failure::Other(m)),
+        }
+        // The successor must still be alive to take the guests; otherwise
+        // the aged L1 (waiting inside HANDOVER_DONE) gets them back.
+        if let Some(m) = self.succ_dead() {
+            return Err(Failure::Other(m));
+        }
+        self.event(
+            "aged_done",
+            serde_json::json!({"guests": self.session.with(|h| h.moves.len())}),
+        );
+        Ok(())
+    }
+
+    /// The aged L1 died mid-handover: L0 takes its side of the protocol
+    /// (`rescue::rescue`). If the successor fails that too, it is stopped
+    /// and destroyed, the guests go back to L0's keeping, and L0 tries once
+    /// more with a second fresh successor (the VMM's own image, no fault
+    /// flags). If that fails as well, the guests are lost: each is
+    /// destroyed and reported with a `guest_lost` event. Invariant on
+    /// success: phase AgedDone, as after a normal hand over.
+    fn rescue(&mut self, why: String) -> Result<(), RejuvenateError> {
+        self.event("rescue", serde_json::json!({"cause": why}));
+        let first = match self.succ_dead() {
+            Some(m) => Err(m),
+            None => crate::migration::rescue::rescue(&self.session, self.succ()),
+        };
+        let first_err = match first {
+            Ok(n) => {
+                self.rescued = Some(n);
+                return Ok(());
+            }
+            Err(m) => m,
+        };
+        self.event(
+            "rescue_failed",
+            serde_json::json!({"error": first_err, "retry": true}),
+        );
+        self.discard_successor(&first_err);
+        // Second attempt: a fresh session and successor, L0 on the aged side.
+        self.session = Self::new_session(self.aged, self.opts);
+        let second = match self.boot_with(0, self.hypervisor) {
+            Ok(()) if self.session.with(|h| h.ask()) => {
+                crate::migration::rescue::rescue(&self.session, self.succ())
+            }
+            Ok(()) => Err("cannot hand over".into()),
+            Err(e) => Err(e.to_string()),
+        };
+        match second {
+            Ok(n) => {
+                self.rescued = Some(n);
+                Ok(())
+            }
+            Err(m) => {
+                if self.succ.is_some() {
+                    self.discard_successor(&m);
                 }
+                Err(self.lose_guests(format!("{why}; then {first_err}; then {m}")))
             }
         }
-        Ok(Phase::Aborted(m)) => return Err(rollback(&session, Some(&succ), m)),
-        Ok(p) => {
-            return Err(rollback(
-                &session,
-                Some(&succ),
-                format!("unexpected phase {p:?}"),
-            ))
-        }
-        Err(m) => return Err(rollback(&session, Some(&succ), m)),
     }
 
-    // The successor must still be alive to take the guests; otherwise the
-    // aged L1 (waiting inside HANDOVER_DONE) gets them back.
-    if let Some(m) = succ_dead() {
-        return Err(rollback(&session, Some(&succ), m));
+    /// A successor that failed a rescue: Aborting, stop it, take back what
+    /// it adopted (into the dead aged VM's table, unfrozen so a new grant
+    /// can take them), destroy it and break the session's reference cycle.
+    fn discard_successor(&mut self, why: &str) {
+        self.session.with(|h| h.begin_abort(why));
+        handover::give_back(&self.session, self.aged);
+        self.session.with(|h| h.aborted());
+        if let Some(s) = self.succ.take() {
+            drop(s.drop_nested());
+            drop(s.drop_memory());
+            *s.session.lock().unwrap() = None;
+            s.set_status(VmStatus::Stopped);
+        }
+        *self.session.successor.lock().unwrap() = None;
+        *self.aged.session.lock().unwrap() = None;
     }
-    // Verify before anything is revoked: a guest whose memory differs on
-    // the successor's side is not committed (all guests go back).
-    let mut after_sums: Vec<(String, u64)> = Vec::new();
-    if opts.verify {
-        let grants = session.st.lock().unwrap().grants.clone();
-        let table: Vec<_> = succ.nested.lock().unwrap().vms.values().cloned().collect();
-        for g in &grants {
+
+    /// Nobody can run the dead aged L1's guests: destroy them (their memory
+    /// is released) and report each one.
+    fn lose_guests(&mut self, msg: String) -> RejuvenateError {
+        *self.aged.session.lock().unwrap() = None;
+        *self.session.successor.lock().unwrap() = None;
+        let vms = self.aged.drop_nested();
+        let names: Vec<String> = vms
+            .iter()
+            .filter_map(|v| v.lock().unwrap().record.as_ref().map(|r| r.name.clone()))
+            .collect();
+        for n in &names {
+            (self.events)(
+                "guest_lost",
+                serde_json::json!({"vm": self.line, "guest": n, "error": msg}),
+            );
+        }
+        drop(vms);
+        RejuvenateError::Rescue {
+            vm: self.line.clone(),
+            msg,
+            lost: names.len(),
+        }
+    }
+
+    /// With `verify`: hashes every guest through the successor's nested VM
+    /// and compares with the hash taken at grant. Invariant: phase still
+    /// AgedDone, nothing revoked; a mismatch is a rollback.
+    fn verify(&mut self) -> Result<(), String> {
+        if !self.opts.verify {
+            return Ok(());
+        }
+        let moves: Vec<GuestMove> = self.session.with(|h| h.moves.clone());
+        if self.opts.fault & fault::FLIP_BYTE_BEFORE_VERIFY != 0 {
+            flip_first_granted(&moves, self.succ());
+        }
+        for m in &moves {
+            let n = m
+                .succ
+                .as_ref()
+                .and_then(|side| self.succ().nested_vm(side.handle as u64));
             let t = Instant::now();
-            let sum = table.iter().find_map(|n| {
+            let sum = n.and_then(|n| {
                 let n = n.lock().unwrap();
                 n.record
                     .as_ref()
-                    .is_some_and(|r| Arc::ptr_eq(r, &g.record))
+                    .is_some_and(|r| Arc::ptr_eq(r, &m.record))
                     .then(|| n.checksum_all())
             });
-            session.st.lock().unwrap().verify_time += t.elapsed();
+            self.session.with(|h| h.verify_time += t.elapsed());
             match sum {
-                Some(a) if Some(a) == g.checksum_before => after_sums.push((g.guest.clone(), a)),
+                Some(a) if Some(a) == m.checksum_before => {
+                    self.after_sums.push((m.guest.clone(), a))
+                }
                 Some(a) => {
-                    let m = format!(
-                        "memory of {} differs after the move (checksum {:016x} before, {a:016x} after)",
-                        g.guest,
-                        g.checksum_before.unwrap_or(0)
-                    );
-                    return Err(rollback(&session, Some(&succ), m));
+                    return Err(format!(
+                    "memory of {} differs after the move (checksum {:016x} before, {a:016x} after)",
+                    m.guest,
+                    m.checksum_before.unwrap_or(0)
+                ))
                 }
-                None => {
-                    let m = format!("the successor did not adopt {}", g.guest);
-                    return Err(rollback(&session, Some(&succ), m));
+                None => return Err(format!("the successor did not adopt {}", m.guest)),
+            }
+        }
+        self.event("verified", serde_json::json!({"guests": moves.len()}));
+        Ok(())
+    }
+
+    /// AgedDone → Committing, then revokes the aged VM: no vCPU, nested VM
+    /// or slot of it survives, and its unused pages are punched. Invariant:
+    /// past the commit point; the aged L1 can reach no page any more.
+    fn revoke(&mut self) -> Revoked {
+        self.session.with(|h| h.commit());
+        let aged = self.aged;
+        aged.stop_vcpus();
+        aged.mark_retired();
+        let allocated_before = aged.ram_file.allocated_bytes() + aged.pool_file.allocated_bytes();
+        // Slots go now (the aged VM can no longer reach any page); the host
+        // mappings and the nested KVM VMs are torn down after commit, off
+        // the critical path, by the reaper.
+        let nested = aged.drop_nested();
+        let regions = aged.drop_memory();
+        let mut keep: Vec<(u64, u64)> = Vec::new();
+        let succ_table: Vec<_> = self
+            .succ()
+            .nested
+            .lock()
+            .unwrap()
+            .vms
+            .values()
+            .cloned()
+            .collect();
+        for n in &succ_table {
+            for s in &n.lock().unwrap().slots {
+                if Arc::ptr_eq(&s.file, &aged.pool_file) {
+                    keep.push((s.file_offset, s.len));
                 }
             }
         }
-    }
-    session.set_phase(Phase::Committing);
-
-    // 3. Revoke the aged VM: no vCPU, no nested VM, no slot survives.
-    aged.stop_vcpus();
-    aged.mark_retired();
-    let allocated_before = aged.ram_file.allocated_bytes() + aged.pool_file.allocated_bytes();
-    // Slots go now (the aged VM can no longer reach any page); the host
-    // mappings and the nested KVM VMs are torn down after commit, off the
-    // critical path, by the reaper below.
-    let reap_nested = aged.drop_nested();
-    let reap_regions = aged.drop_memory();
-    let grants = session.st.lock().unwrap().grants.clone();
-    let mut keep: Vec<(u64, u64)> = Vec::new();
-    let succ_table: Vec<_> = succ.nested.lock().unwrap().vms.values().cloned().collect();
-    for n in &succ_table {
-        for s in &n.lock().unwrap().slots {
-            if Arc::ptr_eq(&s.file, &aged.pool_file) {
-                keep.push((s.file_offset, s.len));
+        keep.sort();
+        let mut at = 0;
+        for (off, len) in keep {
+            if off > at {
+                let _ = aged.pool_file.punch_hole(at, off - at);
             }
+            at = at.max(off + len);
+        }
+        let _ = aged
+            .pool_file
+            .punch_hole(at, aged.pool_file.size.saturating_sub(at));
+        let _ = aged.ram_file.punch_hole(0, aged.ram_file.size);
+        let allocated_after = aged.ram_file.allocated_bytes() + aged.pool_file.allocated_bytes();
+        *aged.session.lock().unwrap() = None;
+        self.event("revoked", serde_json::json!({}));
+        Revoked {
+            nested,
+            regions,
+            released: allocated_before.saturating_sub(allocated_after),
         }
     }
-    keep.sort();
-    let mut at = 0;
-    for (off, len) in keep {
-        if off > at {
-            let _ = aged.pool_file.punch_hole(at, off - at);
-        }
-        at = at.max(off + len);
-    }
-    let _ = aged
-        .pool_file
-        .punch_hole(at, aged.pool_file.size.saturating_sub(at));
-    let _ = aged.ram_file.punch_hole(0, aged.ram_file.size);
-    let allocated_after = aged.ram_file.allocated_bytes() + aged.pool_file.allocated_bytes();
-    *aged.session.lock().unwrap() = None;
 
-    // 4. Verify and commit.
-    let mut guests = Vec::new();
-    for g in &grants {
-        let n = succ_table.iter().find(|n| {
-            n.lock()
-                .unwrap()
-                .record
-                .as_ref()
-                .is_some_and(|r| Arc::ptr_eq(r, &g.record))
-        });
-        let after = after_sums
-            .iter()
-            .find(|(name, _)| *name == g.guest)
-            .map(|(_, a)| *a);
-        if let Some(n) = n {
+    /// Committing → done: binds every guest to the successor, applies the
+    /// adopted slots' new L1 addresses, unfreezes them, writes COMMIT, and
+    /// waits (bounded) until each has run once. Invariant: every guest is
+    /// in the successor's table, bound to it, runnable; the session is
+    /// detached from both VMs.
+    fn commit(&mut self, revoked: Revoked) -> (Report, Arc<HostVm>) {
+        let succ = self.succ().clone();
+        let moves: Vec<GuestMove> = self.session.with(|h| h.moves.clone());
+        for m in &moves {
+            let Some(side) = &m.succ else { continue };
+            let Some(n) = succ.nested_vm(side.handle as u64) else {
+                continue;
+            };
             let mut n = n.lock().unwrap();
-            let mut info = g.record.info.lock().unwrap();
+            if side.adopted {
+                for (i, l1) in side.slot_l1.iter().enumerate() {
+                    if let Some(l1) = l1 {
+                        n.set_slot_l1(i, *l1);
+                    }
+                }
+            }
+            let mut info = m.record.info.lock().unwrap();
             info.bound_vm = succ.id;
             info.handle = n.handle;
             info.host_vm = succ.spec.line.clone();
             info.generation = succ.spec.generation;
             info.moves += 1;
-            info.paused_at = Some(g.paused_at);
+            info.paused_at = Some(m.paused_at);
             info.resumed_at = None;
-            n.adopted_from = None;
+            drop(info);
             n.frozen = false;
             if n.state == NestedState::Crashed {
                 n.state = NestedState::Created;
             }
         }
-        guests.push((g.clone(), after));
-    }
-    *succ.session.lock().unwrap() = None;
-    succ.set_control(control::COMMIT);
-    let t_commit = Instant::now();
-    // Off the critical path: the successor's own view of the granted pages.
-    if let Err(e) = succ.install_deferred_slots() {
-        succ.console().write_line(
-            format!(
-                "vmbeam: cannot map granted memory into {}: {e}",
-                succ.name()
-            )
-            .as_bytes(),
-        );
-    }
-
-    let reaper = std::thread::Builder::new()
-        .name("vmbeam-reaper".into())
-        .spawn(move || {
-            drop(reap_nested);
-            drop(reap_regions);
-        })
-        .ok();
-
-    // 5. Wait for every guest to run under the successor.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let seen = shared.vm_events();
-        let all = grants
-            .iter()
-            .all(|g| g.record.info.lock().unwrap().resumed_at.is_some());
-        if all || Instant::now() >= deadline || succ_dead().is_some() {
-            break;
+        *succ.session.lock().unwrap() = None;
+        succ.set_control(control::COMMIT);
+        let t_commit = Instant::now();
+        // Off the critical path: the successor's own view of the granted pages.
+        if let Err(e) = succ.install_deferred_slots() {
+            succ.console().write_line(
+                format!(
+                    "vmbeam: cannot map granted memory into {}: {e}",
+                    succ.name()
+                )
+                .as_bytes(),
+            );
         }
-        shared.wait_vm_event(seen, Duration::from_millis(20));
-    }
-    if let Some(r) = reaper {
-        let _ = r.join();
-    }
-    let st = session.st.lock().unwrap();
-    let verify_time = st.verify_time;
-    let report = Report {
-        mode: opts.mode.as_str().into(),
-        vm: line.clone(),
-        from_generation: generation,
-        to_generation: succ.spec.generation,
-        boot_ms: ms(t_ready - t0),
-        handover_ms: ms(t_commit - t_ready),
-        total_ms: ms(t0.elapsed()),
-        bytes_copied: st.bytes_copied,
-        channel_bytes: st.channel_bytes,
-        released_bytes: allocated_before.saturating_sub(allocated_after),
-        host_rss_before: rss_before,
-        host_rss_after: rss_bytes(),
-        cpu_ms: cpu_ms() - cpu0,
-        verify_ms: ms(verify_time),
-        guests: guests
-            .into_iter()
-            .map(|(g, after)| {
-                let info = g.record.info.lock().unwrap().clone();
-                let downtime = info
-                    .resumed_at
-                    .map(|r| (r - g.paused_at).saturating_sub(verify_time));
-                GuestReport {
-                    name: g.guest.clone(),
-                    mem_bytes: g.mem_bytes,
-                    downtime_us: downtime.map(|d| d.as_micros() as u64).unwrap_or(0),
-                    checksum_before: g.checksum_before.map(|c| format!("{c:016x}")),
-                    checksum_after: after.map(|c| format!("{c:016x}")),
-                    running_after: info.resumed_at.is_some() && info.bound_vm == succ.id,
-                    moves: info.moves,
-                }
+        let Revoked {
+            nested,
+            regions,
+            released,
+        } = revoked;
+        let reaper = std::thread::Builder::new()
+            .name("vmbeam-reaper".into())
+            .spawn(move || {
+                drop(nested);
+                drop(regions);
             })
-            .collect(),
-        precopy,
-        rescued,
-    };
-    drop(st);
-    *session.successor.lock().unwrap() = None;
-    Ok((report, succ))
+            .ok();
+        // Wait for every guest to run under the successor.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = self.shared.vm_events();
+            let all = moves
+                .iter()
+                .all(|m| m.record.info.lock().unwrap().resumed_at.is_some());
+            if all || Instant::now() >= deadline || self.succ_dead().is_some() {
+                break;
+            }
+            self.shared.wait_vm_event(seen, Duration::from_millis(20));
+        }
+        if let Some(r) = reaper {
+            let _ = r.join();
+        }
+        let (verify_time, bytes_copied, channel_bytes) = self
+            .session
+            .with(|h| (h.verify_time, h.bytes_copied, h.channel_bytes));
+        let report = Report {
+            mode: self.opts.mode.as_str().into(),
+            vm: self.line.clone(),
+            from_generation: self.generation,
+            to_generation: succ.spec.generation,
+            boot_ms: ms(self.t_ready - self.t0),
+            handover_ms: ms(t_commit - self.t_ready),
+            total_ms: ms(self.t0.elapsed()),
+            bytes_copied,
+            channel_bytes,
+            released_bytes: released,
+            host_rss_before: self.rss_before,
+            host_rss_after: rss_bytes(),
+            cpu_ms: cpu_ms() - self.cpu0,
+            verify_ms: ms(verify_time),
+            guests: moves
+                .iter()
+                .map(|m| {
+                    let info = m.record.info.lock().unwrap().clone();
+                    let downtime = info
+                        .resumed_at
+                        .map(|r| (r - m.paused_at).saturating_sub(verify_time));
+                    GuestReport {
+                        name: m.guest.clone(),
+                        mem_bytes: m.mem_bytes,
+                        downtime_us: downtime.map(|d| d.as_micros() as u64).unwrap_or(0),
+                        checksum_before: m.checksum_before.map(|c| format!("{c:016x}")),
+                        checksum_after: self
+                            .after_sums
+                            .iter()
+                            .find(|(name, _)| *name == m.guest)
+                            .map(|(_, a)| format!("{a:016x}")),
+                        running_after: info.resumed_at.is_some() && info.bound_vm == succ.id,
+                        moves: info.moves,
+                    }
+                })
+                .collect(),
+            precopy: self.precopy.clone(),
+            rescued: self.rescued,
+        };
+        *self.session.successor.lock().unwrap() = None;
+        self.event(
+            "committed",
+            serde_json::json!({"to_generation": succ.spec.generation, "guests": moves.len(),
+                "total_ms": report.total_ms}),
+        );
+        (report, succ)
+    }
+
+    /// Any phase before Committing → Aborting → Aborted: stops the
+    /// successor, gives back every guest it adopted, unfreezes every guest
+    /// of the aged VM, and only then tells the aged L1 (it resumes its
+    /// guests as soon as it sees ABORT); then destroys the successor and
+    /// detaches the session from both sides. Invariant: every guest runs
+    /// under the aged guest hypervisor; nothing of the successor is left.
+    fn rollback(&mut self, msg: String) -> RejuvenateError {
+        self.session.with(|h| h.begin_abort(&msg));
+        handover::give_back(&self.session, self.aged);
+        if self.opts.mode == Mode::Precopy {
+            let vms: Vec<_> = self
+                .aged
+                .nested
+                .lock()
+                .unwrap()
+                .vms
+                .values()
+                .cloned()
+                .collect();
+            for v in vms {
+                let _ = v.lock().unwrap().set_dirty_logging(false);
+            }
+        }
+        self.session.with(|h| h.aborted());
+        self.aged.set_control(control::ABORT);
+        if let Some(s) = self.succ.take() {
+            drop(s.drop_nested());
+            drop(s.drop_memory());
+            *s.session.lock().unwrap() = None;
+            s.set_status(VmStatus::Stopped);
+        }
+        *self.aged.session.lock().unwrap() = None;
+        *self.session.successor.lock().unwrap() = None;
+        self.event("rolled_back", serde_json::json!({"error": msg}));
+        RejuvenateError::RolledBack {
+            vm: self.line.clone(),
+            msg,
+            guests: self.guests_now,
+            generation: self.generation,
+        }
+    }
 }

@@ -23,7 +23,7 @@ use vmbeam_abi::layout::CHANNEL_BASE;
 use vmbeam_abi::state::VcpuState;
 
 use crate::host::hostvm::HostVm;
-use crate::migration::handover::{grant_guest, Phase, Session};
+use crate::migration::handover::{grant_guest, Session};
 use crate::nesting::nested::NestedState;
 
 /// How long L0 waits for each answer of the successor.
@@ -81,14 +81,21 @@ fn reply(aged: &HostVm, succ: &HostVm, seen: u32) -> Result<MsgHeader, String> {
 pub fn rescue(s: &Arc<Session>, succ: &Arc<HostVm>) -> Result<usize, String> {
     let aged = &s.aged;
     aged.stop_vcpus();
-    if s.phase() != Phase::HandingOver {
-        s.set_phase(Phase::HandingOver);
+    if !s.with(|h| h.handing_over()) {
+        return Err(format!("the handover is no longer open ({:?})", s.phase()));
     }
     // Where did the dead L1 stop? If its last GUEST has no answer yet, the
     // successor is still working on it: wait for that answer.
     let (_, out) = mailbox(aged, MAILBOX_TO_SUCCESSOR).ok_or("channel unreadable")?;
     let (in_h, mut last) = mailbox(aged, MAILBOX_TO_AGED).ok_or("channel unreadable")?;
     let mut seen = in_h.seq;
+    if last.magic != MSG_MAGIC {
+        // The successor has not said HELLO yet (it does right after READY).
+        last = reply(aged, succ, seen)?;
+        seen = mailbox(aged, MAILBOX_TO_AGED)
+            .map(|(h, _)| h.seq)
+            .unwrap_or(seen);
+    }
     let offered_last = out.magic == MSG_MAGIC && out.kind == kind::GUEST;
     if offered_last
         && !(last.magic == MSG_MAGIC
@@ -138,20 +145,16 @@ pub fn rescue(s: &Arc<Session>, succ: &Arc<HostVm>) -> Result<usize, String> {
         if !live || adopted(&rec) {
             continue;
         }
-        let granted =
-            s.st.lock()
-                .unwrap()
-                .grants
+        let granted = s.with(|st| {
+            st.moves
                 .iter()
-                .find(|g| Arc::ptr_eq(&g.record, &rec))
-                .map(|g| g.ranges.clone());
+                .find(|m| Arc::ptr_eq(&m.record, &rec))
+                .map(|m| m.ranges.clone())
+        });
         let ranges = match granted {
             Some(r) => r,
-            None => {
-                let mut froze = false;
-                grant_guest(s, aged, succ, h as u64, &mut froze)
-                    .map_err(|e| format!("grant of {}: {e:?}", rec.name))?
-            }
+            None => grant_guest(s, aged, succ, h as u64)
+                .map_err(|e| format!("grant of {}: {e:?}", rec.name))?,
         };
         let (state, mem, name) = {
             let mut n = n.lock().unwrap();
@@ -207,6 +210,8 @@ pub fn rescue(s: &Arc<Session>, succ: &Arc<HostVm>) -> Result<usize, String> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    s.set_phase(Phase::AgedDone);
+    if !s.with(|h| h.aged_done()) {
+        return Err(format!("the handover was given up ({:?})", s.phase()));
+    }
     Ok(offered)
 }

@@ -111,41 +111,68 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
         OP_VM_CREATE => vm_create(vm, p),
         OP_VM_DESTROY => {
             let h = u32::try_from(a[0]).map_err(|_| Status::NoSuchHandle)?;
+            if let Some(r) = handover::unadopt(vm, h) {
+                // An adoption goes back to the aged guest hypervisor; the
+                // successor's claims on its pages go with it.
+                vm.nested.lock().unwrap().release_handle(h);
+                return r.map(|_| HcOutcome::Continue);
+            }
             let n = {
                 let mut t = vm.nested.lock().unwrap();
                 let n = t.vms.remove(&h).ok_or(Status::NoSuchHandle)?;
                 t.release_handle(h);
                 n
             };
-            if n.lock().unwrap().adopted_from.is_some() {
-                return handover::unadopt(vm, n).map(|_| HcOutcome::Continue);
-            }
             destroy(vm, n);
             OK
         }
         OP_VM_MAP => vm_map(vm, a[0], a[1], a[2], a[3]),
         OP_VCPU_CREATE => {
             let n = nested(vm, a[0])?;
-            let idx = n
-                .lock()
-                .unwrap()
-                .create_vcpu(&vm.shared.cpuid)
-                .map_err(|s| match s {
-                    Status::TooMany => vm.refuse(Bound::Vcpus, "nested vCPUs"),
-                    Status::NoResources => vm.refuse(Bound::KvmObjects, "KVM_CREATE_VCPU"),
-                    s => s,
-                })?;
+            let idx = match handover::confirm_vcpu(vm, a[0] as u32) {
+                Some(r) => r?,
+                None => n
+                    .lock()
+                    .unwrap()
+                    .create_vcpu(&vm.shared.cpuid)
+                    .map_err(|s| match s {
+                        Status::TooMany => vm.refuse(Bound::Vcpus, "nested vCPUs"),
+                        Status::NoResources => vm.refuse(Bound::KvmObjects, "KVM_CREATE_VCPU"),
+                        s => s,
+                    })?,
+            };
             p.ret[0] = idx as u64;
             OK
         }
         OP_VCPU_GET_STATE => {
             let n = nested(vm, a[0])?;
-            p.state = n.lock().unwrap().get_state(a[1], a[2])?;
+            let mut n = n.lock().unwrap();
+            if n.frozen {
+                // Reading completes a pending exit, which changes the state
+                // of a guest that is on its way.
+                return Err(Status::NotPermitted);
+            }
+            p.state = n.get_state(a[1], a[2])?;
             OK
         }
         OP_VCPU_SET_STATE => {
             let n = nested(vm, a[0])?;
-            n.lock().unwrap().set_state(a[1], &p.state)?;
+            // An adopted VM keeps the state KVM holds: the successor's
+            // SET_STATE only confirms it.
+            if let Some(r) = handover::confirm_state(vm, a[0] as u32, a[1]) {
+                return r.map(|_| HcOutcome::Continue);
+            }
+            let mut n = n.lock().unwrap();
+            if n.frozen && !handover::is_successor_in_handover(vm) {
+                // Granted away: the aged L1 no longer owns its state.
+                return Err(Status::NotPermitted);
+            }
+            n.set_state(a[1], &p.state)?;
+            let frozen = n.frozen;
+            drop(n);
+            if frozen && a[1] == 0 {
+                handover::note_state_set(vm, a[0] as u32);
+            }
             OK
         }
         OP_VCPU_RUN => {
@@ -177,6 +204,52 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
             for (gpa, len) in n.l1_ranges(a[1], a[2]) {
                 vm.note_l0_write(gpa, len);
             }
+            OK
+        }
+        OP_DEVICE_QUERY => {
+            let n = nested(vm, a[0])?;
+            let n = n.lock().unwrap();
+            let idx = u32::try_from(a[1]).map_err(|_| Status::NoSuchHandle)?;
+            let bindings = vm.shared.bindings();
+            let b = bindings
+                .for_guest(&n.name)
+                .get(idx as usize)
+                .ok_or(Status::NoSuchHandle)?;
+            p.ret[0] = b.device_type() as u64;
+            if let Some((base, gsi)) = n.devices.placement(idx) {
+                p.ret[1] = 1;
+                p.ret[2] = base;
+                p.ret[3] = gsi as u64;
+            }
+            OK
+        }
+        OP_DEVICE_PLACE => {
+            let n = nested(vm, a[0])?;
+            let mut n = n.lock().unwrap();
+            if n.frozen {
+                return Err(Status::NotPermitted);
+            }
+            if n.record.is_none() {
+                return Err(Status::BadState);
+            }
+            let idx = u32::try_from(a[1]).map_err(|_| Status::NoSuchHandle)?;
+            let gsi = u32::try_from(a[3]).map_err(|_| Status::BadArg)?;
+            let bindings = vm.shared.bindings();
+            let b = bindings
+                .for_guest(&n.name)
+                .get(idx as usize)
+                .ok_or(Status::NoSuchHandle)?;
+            p.ret[0] = n.place_device(idx, a[2], gsi, b).map_err(|e| {
+                use crate::devices::DeviceError as E;
+                match e {
+                    E::Misaligned(_) => Status::Misaligned,
+                    E::OutOfRange(_) => Status::OutOfRange,
+                    E::Overlap(..) => Status::Overlap,
+                    E::BadIrq(_) => Status::BadArg,
+                    E::AlreadyPlaced(_) | E::TooLate => Status::BadState,
+                    E::Kvm(_) => Status::NoResources,
+                }
+            })? as u64;
             OK
         }
         OP_HANDOVER_READY => handover::op_ready(vm),
@@ -295,7 +368,7 @@ fn build_nested(
 fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcResult {
     let l1_end = check_map_args(l1_gpa, l2_gpa, len)?;
     let n = nested(vm, handle)?;
-    let h = handle as u32;
+    let h = u32::try_from(handle).map_err(|_| Status::NoSuchHandle)?;
     let (region_kind, file, offset, hva, map) = {
         let mem = vm.mem.read().unwrap();
         let spans = mem.regions.iter().map(|r| (r.gpa, r.size, &r.kind));
@@ -309,7 +382,8 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
         )
     };
     // No two nested VMs of this guest hypervisor may share memory: the L1
-    // range is claimed in the table first (one lock decides), then mapped.
+    // range is claimed in the table first (one lock decides, so two vCPUs
+    // cannot both win), then mapped; a failed map gives the claim back.
     {
         let mut t = vm.nested.lock().unwrap();
         if !t.vms.contains_key(&h) {
@@ -317,18 +391,24 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
         }
         t.claim(h, l1_gpa, l1_end)?;
     }
-    let res = map_claimed(
-        vm,
-        &n,
-        l1_gpa,
-        l2_gpa,
-        len,
-        region_kind,
-        file,
-        offset,
-        hva,
-        map,
-    );
+    let res = if handover::is_adoption(vm, h) {
+        // Adopting the aged guest hypervisor's VM: confirm, don't remap.
+        let backing = (region_kind, file, offset);
+        handover::confirm_slot(vm, h, &n, &backing, (l1_gpa, l2_gpa, len))
+            .map(|_| HcOutcome::Continue)
+    } else {
+        map_claimed(
+            vm,
+            h,
+            &n,
+            (l1_gpa, l2_gpa, len),
+            region_kind,
+            file,
+            offset,
+            hva,
+            map,
+        )
+    };
     if res.is_err() {
         vm.nested.lock().unwrap().release_claim(h, l1_gpa);
     }
@@ -338,29 +418,19 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
 #[allow(clippy::too_many_arguments)]
 fn map_claimed(
     vm: &HostVm,
+    h: u32,
     n: &NestedRef,
-    l1_gpa: u64,
-    l2_gpa: u64,
-    len: u64,
+    (l1_gpa, l2_gpa, len): (u64, u64, u64),
     region_kind: RegionKind,
     file: std::sync::Arc<crate::host::memory::MemFile>,
     offset: u64,
     hva: usize,
     map: std::sync::Arc<vm_memory::MmapRegion>,
 ) -> HcResult {
-    let mut n = n.lock().unwrap();
-    if n.adopted_from.is_some() {
-        // Adopting the aged guest hypervisor's VM: confirm, don't remap.
-        let RegionKind::Grant { guest } = &region_kind else {
-            return Err(Status::NotPermitted);
-        };
-        handover::bind_adopted(vm, &mut n, guest)?;
-        n.confirm_slot(l1_gpa, l2_gpa, len, &file, offset)?;
-        return OK;
-    }
     if let RegionKind::Grant { guest } = &region_kind {
-        handover::bind_adopted(vm, &mut n, guest)?;
+        handover::bind_granted(vm, h, n, guest)?;
     }
+    let mut n = n.lock().unwrap();
     n.map(NestedSlot {
         l2_gpa,
         l1_gpa,

@@ -20,6 +20,9 @@ use vmbeam_abi::checksum;
 use vmbeam_abi::hypercall::{exit, NestedExit, Status};
 use vmbeam_abi::state::VcpuState;
 
+use crate::devices::binding::Backend;
+use crate::devices::queue::DeviceMemory;
+use crate::devices::{DeviceError, DeviceSet};
 use crate::host::arch;
 use crate::host::console::Console;
 use crate::host::kick::SliceTimer;
@@ -183,7 +186,11 @@ pub struct NestedVm {
     vcpus: Vec<NestedVcpu>,
     /// Identity, once bound.
     pub record: Option<Arc<GuestRecord>>,
-    /// Frozen VMs may not run (granted away, or adopted but not committed).
+    /// The run gate of a handover: a frozen VM (granted away, or adopted
+    /// but not committed) may not run, be filled, be injected into or have
+    /// its state read or written by a guest hypervisor. Only the handover
+    /// (`migration::handover`, `rejuvenate`, `rescue`) sets or clears it;
+    /// everything else about a move lives in `migration::handover_state`.
     pub frozen: bool,
     /// Lifecycle state.
     pub state: NestedState,
@@ -193,20 +200,8 @@ pub struct NestedVm {
     pub exits: u64,
     /// When KVM_RUN last returned.
     pub last_exit: Option<Instant>,
-    /// Set by L1's SET_STATE on the first vCPU.
-    pub state_set: bool,
-    /// Handle under the aged guest hypervisor while a successor adopts this
-    /// VM (until commit); `None` otherwise.
-    pub adopted_from: Option<u32>,
-    /// Slots the adopting guest hypervisor has confirmed with VM_MAP.
-    pub confirmed_slots: Vec<bool>,
-    /// vCPUs the adopting guest hypervisor has confirmed with VCPU_CREATE.
-    pub confirmed_vcpus: usize,
-    /// While adopted: each slot's L1 address under the aged guest
-    /// hypervisor, and the state of each vCPU from before the adopting guest
-    /// hypervisor's first SET_STATE of it. [`NestedVm::cancel_adoption`]
-    /// puts both back, so a VM given back to the aged side is as it left it.
-    adoption_undo: (Vec<u64>, Vec<(usize, VcpuState)>),
+    /// Virtio devices (they stay with the VM through an adoption).
+    pub devices: DeviceSet,
 }
 
 /// What others read of a nested VM without taking its lock (which a RUN
@@ -231,6 +226,8 @@ pub struct NestedSummary {
     pub frozen: bool,
     /// Identity, once bound.
     pub record: Option<Arc<GuestRecord>>,
+    /// Its virtio devices.
+    pub devices: Vec<crate::devices::DeviceStatus>,
 }
 
 /// A nested VM shared between the L1 vCPUs that drive it, with its
@@ -281,6 +278,11 @@ impl NestedCell {
     }
 
     fn publish(&self, n: &NestedVm) {
+        let devices = if n.devices.is_empty() {
+            Vec::new()
+        } else {
+            n.devices.status()
+        };
         let mut s = self.summary.lock().unwrap_or_else(PoisonError::into_inner);
         s.handle = n.handle;
         if s.name != n.name {
@@ -300,6 +302,7 @@ impl NestedCell {
         if !same {
             s.record = n.record.clone();
         }
+        s.devices = devices;
     }
 }
 
@@ -356,11 +359,7 @@ impl NestedVm {
             runs: 0,
             exits: 0,
             last_exit: None,
-            state_set: false,
-            adopted_from: None,
-            confirmed_slots: Vec::new(),
-            confirmed_vcpus: 0,
-            adoption_undo: (Vec::new(), Vec::new()),
+            devices: DeviceSet::default(),
         }
     }
 
@@ -445,6 +444,9 @@ impl NestedVm {
         {
             return Err(Status::Overlap);
         }
+        if self.devices.overlaps(slot.l2_gpa, slot.len) {
+            return Err(Status::Overlap);
+        }
         let region = kvm_userspace_memory_region {
             slot: self.slots.len() as u32,
             flags: 0,
@@ -456,86 +458,77 @@ impl NestedVm {
         // mapping that the slot keeps alive for as long as this VM exists.
         unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err)?;
         self.slots.push(slot);
+        if !self.devices.is_empty() {
+            self.devices.set_memory(self.device_memory());
+        }
         Ok(())
     }
 
-    /// Starts an adoption by a successor under handle `handle`: the KVM VM,
-    /// its slots (same pages) and vCPUs stay; the successor must confirm each
-    /// slot and vCPU and set the state before L0 accepts the handover.
-    pub fn begin_adoption(&mut self, handle: u32) {
-        self.adopted_from = Some(self.handle);
-        self.handle = handle;
-        self.confirmed_slots = vec![false; self.slots.len()];
-        self.confirmed_vcpus = 0;
-        self.state_set = false;
-        self.adoption_undo = (self.slots.iter().map(|s| s.l1_gpa).collect(), Vec::new());
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        let views: Vec<_> = self
+            .slots
+            .iter()
+            .map(|s| (s.l2_gpa, s.hva, s.len as usize, s.map.clone()))
+            .collect();
+        DeviceMemory::new(&views)
     }
 
-    /// Gives an adopted VM back to the aged guest hypervisor (rollback):
-    /// its handle, its slots' L1 addresses and the state of every vCPU the
-    /// adopting guest hypervisor set are restored.
-    pub fn cancel_adoption(&mut self) {
-        if let Some(h) = self.adopted_from.take() {
-            self.handle = h;
-            self.state_set = true;
-            self.frozen = false;
-            let (l1, states) = std::mem::take(&mut self.adoption_undo);
-            for (s, l1) in self.slots.iter_mut().zip(l1) {
-                s.l1_gpa = l1;
-            }
-            for (i, st) in states {
-                if let Some(v) = self.vcpus.get(i) {
-                    // The same state KVM accepted from this vCPU before.
-                    let _ = arch::set_state(&v.fd, &st);
-                }
-            }
-        }
-    }
-
-    /// True once the successor confirmed every slot and vCPU and set the state.
-    pub fn adoption_complete(&self) -> bool {
-        self.confirmed_slots.len() == self.slots.len()
-            && self.confirmed_slots.iter().all(|c| *c)
-            && self.confirmed_vcpus == self.vcpus.len()
-            && self.state_set
-    }
-
-    /// Confirms one slot of an adopted VM: the successor names, at its own
-    /// address `l1_gpa`, exactly the pages this slot already maps.
-    pub fn confirm_slot(
+    /// Places a virtio device bound to this guest (`index` in binding
+    /// order) at nested address `base` with interrupt line `gsi`; returns
+    /// its virtio device id.
+    pub fn place_device(
         &mut self,
-        l1_gpa: u64,
+        index: u32,
+        base: u64,
+        gsi: u32,
+        backend: &Backend,
+    ) -> Result<u32, DeviceError> {
+        let ram: Vec<(u64, u64)> = self.slots.iter().map(|s| (s.l2_gpa, s.len)).collect();
+        let kind = self.devices.place(
+            &self.vm,
+            index,
+            base,
+            gsi,
+            backend,
+            &self.name,
+            &ram,
+            self.vcpus.len(),
+        )?;
+        self.devices.set_memory(self.device_memory());
+        Ok(kind)
+    }
+
+    /// The index of the slot that maps `len` bytes at `l2_gpa` from exactly
+    /// `offset` of `file` (how a successor confirms an adopted slot).
+    pub fn find_slot(
+        &self,
         l2_gpa: u64,
         len: u64,
         file: &Arc<MemFile>,
         offset: u64,
-    ) -> Result<(), Status> {
+    ) -> Result<usize, Status> {
         let i = self
             .slots
             .iter()
             .position(|s| s.l2_gpa == l2_gpa && s.len == len)
             .ok_or(Status::BadArg)?;
-        if self.confirmed_slots.get(i).copied().unwrap_or(true) {
-            return Err(Status::Overlap);
-        }
-        let s = &mut self.slots[i];
+        let s = &self.slots[i];
         if !Arc::ptr_eq(&s.file, file) || s.file_offset != offset {
             return Err(Status::NotPermitted);
         }
-        s.l1_gpa = l1_gpa;
-        self.confirmed_slots[i] = true;
-        Ok(())
+        Ok(i)
+    }
+
+    /// Records that slot `i` is now reached at `l1_gpa` in the guest
+    /// hypervisor that runs this VM (applied when an adoption commits).
+    pub fn set_slot_l1(&mut self, i: usize, l1_gpa: u64) {
+        if let Some(s) = self.slots.get_mut(i) {
+            s.l1_gpa = l1_gpa;
+        }
     }
 
     /// Adds a vCPU; returns its index.
     pub fn create_vcpu(&mut self, cpuid: &CpuId) -> Result<u32, Status> {
-        if self.adopted_from.is_some() {
-            if self.confirmed_vcpus < self.vcpus.len() {
-                self.confirmed_vcpus += 1;
-                return Ok(self.confirmed_vcpus as u32 - 1);
-            }
-            return Err(Status::TooMany);
-        }
         if self.vcpus.len() >= MAX_VCPUS {
             return Err(Status::TooMany);
         }
@@ -606,10 +599,8 @@ impl NestedVm {
         Ok(out)
     }
 
-    /// Writes a vCPU's state. While the VM is adopted, the state it had
-    /// before is kept first, for [`NestedVm::cancel_adoption`].
+    /// Writes a vCPU's state (refused while a read it owes is pending).
     pub fn set_state(&mut self, idx: u64, st: &VcpuState) -> Result<(), Status> {
-        let adopted = self.adopted_from.is_some();
         let v = self
             .vcpus
             .get(usize::try_from(idx).map_err(|_| Status::NoSuchHandle)?);
@@ -617,16 +608,7 @@ impl NestedVm {
         if v.pending != Pending::None {
             return Err(Status::BadState);
         }
-        let i = idx as usize;
-        if adopted && !self.adoption_undo.1.iter().any(|(k, _)| *k == i) {
-            let before = arch::get_state(&v.fd).map_err(|_| Status::Internal)?;
-            self.adoption_undo.1.push((i, before));
-        }
-        arch::set_state(&v.fd, st).map_err(|_| Status::BadArg)?;
-        if idx == 0 {
-            self.state_set = true;
-        }
-        Ok(())
+        arch::set_state(&v.fd, st).map_err(|_| Status::BadArg)
     }
 
     /// Queues external interrupt `vector` the way a local APIC would: it
@@ -676,7 +658,10 @@ impl NestedVm {
         // alone (`runs == 0` marks the first entry after a move).
         self.vcpu(idx)?;
         self.runs += 1;
-        let v = self.vcpu(idx)?;
+        let v = self
+            .vcpus
+            .get_mut(idx as usize)
+            .ok_or(Status::NoSuchHandle)?;
         complete_pending(v, answer);
         let ie = &mut v.fd.get_kvm_run().immediate_exit as *mut u8 as *const AtomicU8;
         let t0 = Instant::now();
@@ -684,6 +669,7 @@ impl NestedVm {
         let mut gen;
         let mut out = NestedExit::default();
         let mut internal = false;
+        let devices = &self.devices;
         loop {
             let waiting = offer_irq(v);
             v.fd.get_kvm_run().request_interrupt_window = waiting as u8;
@@ -708,6 +694,15 @@ impl NestedVm {
                     // A poll tick while an interrupt waits: look again.
                     timer.disarm(gen);
                     v.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                // Device registers are served here, at host speed, and the
+                // guest continues: the guest hypervisor never sees them.
+                Ok(VcpuExit::MmioRead(addr, data)) if devices.owns(addr) => {
+                    devices.mmio_read(addr, data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) if devices.mmio_write(addr, data) => {
                     continue;
                 }
                 Ok(VcpuExit::IoOut(port, data)) if data.len() <= 8 => {
@@ -935,6 +930,17 @@ impl NestedVm {
             }
         }
         sum
+    }
+
+    /// Inverts the byte at nested address `l2_gpa` through the slot's
+    /// mapping (fault injection: a corruption the move must detect).
+    pub fn flip_byte(&self, l2_gpa: u64) -> Result<(), Status> {
+        let (i, off, _) = self.pieces(l2_gpa, 1)?[0];
+        let p = (self.slots[i].hva + off as usize) as *mut u8;
+        // SAFETY: `p` is inside the slot's live shared mapping; the guest is
+        // paused, and a racing guest write would only change the byte too.
+        unsafe { p.write_volatile(!p.read_volatile()) };
+        Ok(())
     }
 
     /// Reads bytes of a mapped range.

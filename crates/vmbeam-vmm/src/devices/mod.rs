@@ -1,0 +1,370 @@
+//! Virtio devices of nested guests, served by L0 at host speed.
+//!
+//! A nested guest's devices live with its nested VM ([`DeviceSet`] is part
+//! of `NestedVm`), not with the guest hypervisor that placed them: a
+//! zero-copy rejuvenation hands the same nested VM, with its devices, open
+//! files and TAPs, to the successor. Register accesses are MMIO exits of
+//! the nested vCPU that L0 answers inside the RUN hypercall (L1 never sees
+//! them); queue notifications are ioeventfds served by one worker thread
+//! per device; interrupts are irqfds into the nested VM's in-kernel
+//! irqchip. See docs/devices.md.
+
+pub mod binding;
+pub mod blk;
+pub mod mmio;
+pub mod queue;
+pub mod tap;
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::devices::binding::Backend;
+use crate::devices::mmio::{DeviceCounters, MmioDevice, QUEUE_NOTIFY};
+use crate::devices::queue::DeviceMemory;
+use crate::sync::{Rank, RankedMutex};
+
+/// Size of a device window.
+pub const WINDOW: u64 = vmbeam_abi::hypercall::DEVICE_WINDOW;
+/// Nested addresses the in-kernel irqchip owns (IOAPIC, local APIC).
+pub const IRQCHIP_RANGES: [(u64, u64); 2] = [(0xfec0_0000, 0x1000), (0xfee0_0000, 0x10_0000)];
+/// Interrupt lines a device may use: the in-kernel PIC and IOAPIC pins,
+/// except 0 (timer) and 2 (PIC cascade).
+pub const GSI_RANGE: (u32, u32) = (1, 23);
+/// How long a device worker sleeps between checks of its stop flag.
+const WORKER_TICK: Duration = Duration::from_millis(200);
+
+/// Why a placement was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceError {
+    /// The window is not page aligned.
+    #[error("device window {0:#x} is not aligned to {WINDOW:#x}")]
+    Misaligned(u64),
+    /// The window lies beyond the nested address space.
+    #[error("device window {0:#x} lies outside the nested address space")]
+    OutOfRange(u64),
+    /// The window overlaps RAM, another device or the irqchip.
+    #[error("device window {0:#x} overlaps {1}")]
+    Overlap(u64, &'static str),
+    /// A bad interrupt line.
+    #[error("interrupt line {0} is not usable (1, 3-23)")]
+    BadIrq(u32),
+    /// Placed already.
+    #[error("device {0} is already placed")]
+    AlreadyPlaced(u32),
+    /// The VM has vCPUs but no irqchip yet: devices must come first.
+    #[error("devices must be placed before the first vCPU is created")]
+    TooLate,
+    /// KVM refused an irqchip, ioeventfd or irqfd.
+    #[error("KVM refused {0}")]
+    Kvm(&'static str),
+}
+
+/// A device as `vmbeam status` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeviceStatus {
+    /// Binding index.
+    pub index: u32,
+    /// `virtio-blk` or `virtio-net`.
+    pub kind: String,
+    /// Backend.
+    pub backend: String,
+    /// Window.
+    pub mmio_base: u64,
+    /// Interrupt line.
+    pub irq: u32,
+    /// Driver status register.
+    pub driver_status: u32,
+    /// Counters.
+    pub counters: DeviceCounters,
+    /// Last driver error that needed a reset.
+    pub last_error: Option<String>,
+}
+
+struct Placed {
+    index: u32,
+    base: u64,
+    gsi: u32,
+    dev: Arc<RankedMutex<MmioDevice>>,
+    stop: Arc<AtomicBool>,
+    worker: Option<JoinHandle<()>>,
+}
+
+/// The devices of one nested VM.
+pub struct DeviceSet {
+    placed: Vec<Placed>,
+    mem: Arc<RankedMutex<Option<Arc<DeviceMemory>>>>,
+    irqchip: bool,
+}
+
+impl std::fmt::Debug for DeviceSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceSet")
+            .field("devices", &self.placed.len())
+            .finish()
+    }
+}
+
+fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
+    a < b.saturating_add(blen) && b < a.saturating_add(alen)
+}
+
+impl Default for DeviceSet {
+    fn default() -> Self {
+        DeviceSet {
+            placed: Vec::new(),
+            mem: Arc::new(RankedMutex::new(Rank::DeviceMemory, None)),
+            irqchip: false,
+        }
+    }
+}
+
+impl DeviceSet {
+    /// No devices.
+    pub fn is_empty(&self) -> bool {
+        self.placed.is_empty()
+    }
+
+    /// Number of devices placed.
+    pub fn len(&self) -> usize {
+        self.placed.len()
+    }
+
+    /// Whether the VM got an in-kernel irqchip.
+    pub fn has_irqchip(&self) -> bool {
+        self.irqchip
+    }
+
+    /// Whether `[addr, addr + len)` overlaps a device window.
+    pub fn overlaps(&self, addr: u64, len: u64) -> bool {
+        self.placed
+            .iter()
+            .any(|p| overlaps(addr, len, p.base, WINDOW))
+    }
+
+    fn find(&self, addr: u64) -> Option<&Placed> {
+        self.placed
+            .iter()
+            .find(|p| addr >= p.base && addr - p.base < WINDOW)
+    }
+
+    /// Whether `addr` is inside a device window.
+    pub fn owns(&self, addr: u64) -> bool {
+        !self.placed.is_empty() && self.find(addr).is_some()
+    }
+
+    /// Where device `index` is placed: (window, interrupt line).
+    pub fn placement(&self, index: u32) -> Option<(u64, u32)> {
+        self.placed
+            .iter()
+            .find(|p| p.index == index)
+            .map(|p| (p.base, p.gsi))
+    }
+
+    /// Serves an MMIO read if `addr` is in a window; false otherwise.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        let Some(p) = self.find(addr) else {
+            return false;
+        };
+        let mut d = p.dev.lock().unwrap();
+        let off = addr - d.base;
+        d.read(off, data);
+        true
+    }
+
+    /// Serves an MMIO write if `addr` is in a window; false otherwise. A
+    /// notification that arrives as an exit (not through the ioeventfd) is
+    /// served right here.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        let Some(p) = self.find(addr) else {
+            return false;
+        };
+        let mem = self.mem.lock().unwrap().clone();
+        let mut d = p.dev.lock().unwrap();
+        let off = addr - d.base;
+        if d.write(off, data, mem.as_ref().map(|m| &m.mem)) {
+            if let Some(m) = &mem {
+                d.process(&m.mem);
+            }
+        }
+        true
+    }
+
+    /// Replaces the memory view (after the VM's slots changed).
+    pub fn set_memory(&self, mem: Option<DeviceMemory>) {
+        *self.mem.lock().unwrap() = mem.map(Arc::new);
+    }
+
+    /// Places `backend` as device `index` at `base` with line `gsi`.
+    /// `ram` lists the VM's memory (nested address, length); `vcpus` is its
+    /// vCPU count.
+    #[allow(clippy::too_many_arguments)]
+    pub fn place(
+        &mut self,
+        vm: &VmFd,
+        index: u32,
+        base: u64,
+        gsi: u32,
+        backend: &Backend,
+        guest: &str,
+        ram: &[(u64, u64)],
+        vcpus: usize,
+    ) -> Result<u32, DeviceError> {
+        if self.placed.iter().any(|p| p.index == index) {
+            return Err(DeviceError::AlreadyPlaced(index));
+        }
+        if !base.is_multiple_of(WINDOW) {
+            return Err(DeviceError::Misaligned(base));
+        }
+        if base
+            .checked_add(WINDOW)
+            .is_none_or(|e| e > crate::nesting::nested::MAX_L2_GPA)
+        {
+            return Err(DeviceError::OutOfRange(base));
+        }
+        if ram.iter().any(|&(a, l)| overlaps(base, WINDOW, a, l)) {
+            return Err(DeviceError::Overlap(base, "guest RAM"));
+        }
+        if self.overlaps(base, WINDOW) {
+            return Err(DeviceError::Overlap(base, "another device"));
+        }
+        if IRQCHIP_RANGES
+            .iter()
+            .any(|&(a, l)| overlaps(base, WINDOW, a, l))
+        {
+            return Err(DeviceError::Overlap(base, "the interrupt controller"));
+        }
+        if gsi < GSI_RANGE.0 || gsi > GSI_RANGE.1 || gsi == 2 {
+            return Err(DeviceError::BadIrq(gsi));
+        }
+        if self.placed.iter().any(|p| p.gsi == gsi) {
+            return Err(DeviceError::BadIrq(gsi));
+        }
+        if !self.irqchip {
+            if vcpus > 0 {
+                return Err(DeviceError::TooLate);
+            }
+            vm.create_irq_chip()
+                .map_err(|_| DeviceError::Kvm("an in-kernel irqchip"))?;
+            self.irqchip = true;
+        }
+        let notify = EventFd::new(EFD_NONBLOCK).map_err(|_| DeviceError::Kvm("an eventfd"))?;
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|_| DeviceError::Kvm("an eventfd"))?;
+        vm.register_ioevent(
+            &notify,
+            &IoEventAddress::Mmio(base + QUEUE_NOTIFY),
+            NoDatamatch,
+        )
+        .map_err(|_| DeviceError::Kvm("the queue-notify ioeventfd"))?;
+        if vm.register_irqfd(&irq, gsi).is_err() {
+            let _ = vm.unregister_ioevent(
+                &notify,
+                &IoEventAddress::Mmio(base + QUEUE_NOTIFY),
+                NoDatamatch,
+            );
+            return Err(DeviceError::Kvm("the irqfd"));
+        }
+        let be: Box<dyn mmio::Backend> = match backend {
+            Backend::Disk {
+                file,
+                path,
+                ro,
+                size,
+            } => Box::new(blk::Blk::new(file.clone(), path, *ro, *size, guest)),
+            Backend::Net { .. } => {
+                return Err(DeviceError::Kvm("a network device (not served yet)"))
+            }
+        };
+        let dev = Arc::new(RankedMutex::new(
+            Rank::Device,
+            MmioDevice::new(base, gsi, be, irq),
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let (dev, stop, mem) = (dev.clone(), stop.clone(), self.mem.clone());
+            std::thread::Builder::new()
+                .name(format!("vmbeam-dev-{guest}"))
+                .spawn(move || worker(notify, dev, stop, mem))
+                .map_err(|_| DeviceError::Kvm("a device thread"))?
+        };
+        let kind = backend.device_type();
+        self.placed.push(Placed {
+            index,
+            base,
+            gsi,
+            dev,
+            stop,
+            worker: Some(worker),
+        });
+        Ok(kind)
+    }
+
+    /// Status of every device.
+    pub fn status(&self) -> Vec<DeviceStatus> {
+        self.placed
+            .iter()
+            .map(|p| {
+                let d = p.dev.lock().unwrap();
+                DeviceStatus {
+                    index: p.index,
+                    kind: match d.device_type() {
+                        virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK => "virtio-blk".into(),
+                        virtio_bindings::virtio_ids::VIRTIO_ID_NET => "virtio-net".into(),
+                        t => format!("virtio-{t}"),
+                    },
+                    backend: d.describe(),
+                    mmio_base: d.base,
+                    irq: d.gsi,
+                    driver_status: d.status(),
+                    counters: d.counters,
+                    last_error: d.last_error.as_ref().map(|e| e.to_string()),
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for DeviceSet {
+    fn drop(&mut self) {
+        for p in &self.placed {
+            p.stop.store(true, Ordering::SeqCst);
+        }
+        for p in &mut self.placed {
+            if let Some(w) = p.worker.take() {
+                let _ = w.join();
+            }
+        }
+    }
+}
+
+/// Serves a device's queues whenever the driver notifies it.
+fn worker(
+    notify: EventFd,
+    dev: Arc<RankedMutex<MmioDevice>>,
+    stop: Arc<AtomicBool>,
+    mem: Arc<RankedMutex<Option<Arc<DeviceMemory>>>>,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let mut pfd = libc::pollfd {
+            fd: notify.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, WORKER_TICK.as_millis() as i32) };
+        if n <= 0 || notify.read().is_err() {
+            continue;
+        }
+        let Some(m) = mem.lock().unwrap().clone() else {
+            continue;
+        };
+        let mut d = dev.lock().unwrap();
+        d.counters.notifications += 1;
+        d.process(&m.mem);
+    }
+}

@@ -1,0 +1,282 @@
+//! A zero-copy handover driven by a buggy or hostile guest hypervisor on
+//! either side: L0 must neither wedge (every wait has a deadline, the
+//! rejuvenation lock is released, status keeps answering), nor let the aged
+//! side's lies reach a guest, nor leak a successor or freeze the guests
+//! when it has to finish the handover of a dead guest hypervisor itself.
+
+mod common;
+
+use std::path::Path;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vmbeam_vmm::config::{VmmConfig, Workload};
+use vmbeam_vmm::control::api::parse_fault;
+use vmbeam_vmm::control::events::EventLog;
+use vmbeam_vmm::migration::rejuvenate::{RejuvenateOptions, Report};
+use vmbeam_vmm::vmm::Vmm;
+
+fn started(test: &str, line: &str, nested: u32) -> (Arc<Vmm>, std::path::PathBuf) {
+    let dir = temp_dir(test);
+    let vmm = vmm(
+        &dir,
+        VmmConfig {
+            nested,
+            workloads: vec![Workload::Memtouch, Workload::Ticker],
+            ..Default::default()
+        },
+    );
+    vmm.set_event_log(EventLog::open(&dir.join("events.jsonl")).unwrap());
+    vmm.start(line).unwrap();
+    for i in 0..nested {
+        wait_console(&dir, &format!("l2-{i}"), Duration::from_secs(60), |t| {
+            t.lines().count() >= 3
+        });
+    }
+    (Arc::new(vmm), dir)
+}
+
+/// Runs a rejuvenation on its own thread and waits at most `limit` for it:
+/// a rejuvenation that never returns fails the test instead of hanging it
+/// (the thread keeps its own reference to the VMM, so nothing here blocks
+/// on it).
+fn rejuvenate_within(
+    vmm: &Arc<Vmm>,
+    opts: RejuvenateOptions,
+    limit: Duration,
+) -> Result<Report, String> {
+    let (tx, rx) = mpsc::channel();
+    let v = vmm.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(v.rejuvenate(None, &opts).map_err(|e| e.to_string()));
+    });
+    // Meanwhile `status` must keep answering promptly.
+    let t = Instant::now();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(r) => return r,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("rejuvenation thread: {e}"),
+        }
+        let s = Instant::now();
+        let _ = vmm.status();
+        assert!(
+            s.elapsed() < Duration::from_secs(5),
+            "status took {:?} during the handover",
+            s.elapsed()
+        );
+        assert!(
+            t.elapsed() < limit,
+            "the rejuvenation did not return within {limit:?}: L0 is wedged"
+        );
+    }
+}
+
+fn events(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn check_moved(r: &Report, nested: usize, generation: u32) {
+    assert_eq!(r.to_generation, generation, "{r:?}");
+    assert_eq!(r.guests.len(), nested, "{r:?}");
+    for g in &r.guests {
+        assert!(g.running_after, "{g:?}");
+    }
+}
+
+/// Memory files of host VM `line` generation `g` open in this process.
+fn memfds(line: &str, g: u32) -> usize {
+    let tag = format!("memfd:vmbeam-{line}/g{g}-");
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .map(|l| l.to_string_lossy().contains(&tag))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+#[test]
+fn an_aged_hypervisor_spamming_done_during_adoption_cannot_wedge_l0() {
+    if !kvm_or_skip("spam_done") {
+        return;
+    }
+    let (vmm, dir) = started("spamdone", "spam", 4);
+    // The aged L1 calls HANDOVER_DONE in a loop while the successor adopts
+    // each guest, and the successor repeats every slot confirmation: the
+    // two guest hypervisors hammer L0's handover state from both sides.
+    for round in 0..2u32 {
+        let base = progress(&dir, 4);
+        let opts = RejuvenateOptions {
+            fault: parse_fault("aged-spam-done").unwrap() | parse_fault("spam-map").unwrap(),
+            timeout: Duration::from_secs(20),
+            ..Default::default()
+        };
+        let r = rejuvenate_within(&vmm, opts, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        check_moved(&r, 4, 2 + round);
+        for i in 0..4 {
+            wait_beyond(&dir, i, base[i as usize]);
+        }
+    }
+    // The rejuvenation lock was released: a normal one works afterwards.
+    let base = progress(&dir, 4);
+    let r = rejuvenate_within(&vmm, RejuvenateOptions::default(), Duration::from_secs(90))
+        .expect("a later rejuvenation");
+    check_moved(&r, 4, 4);
+    for i in 0..4 {
+        wait_beyond(&dir, i, base[i as usize]);
+    }
+    assert!(vmm.failure().is_none());
+    let ev = events(&dir);
+    for phase in [
+        "booting",
+        "ready",
+        "handing_over",
+        "aged_done",
+        "verified",
+        "revoked",
+        "committed",
+    ] {
+        assert!(
+            ev.iter()
+                .any(|e| e["event"] == "handover" && e["phase"] == phase),
+            "no handover event for phase {phase}: {ev:?}"
+        );
+    }
+}
+
+#[test]
+fn lies_about_cpu_state_in_the_channel_have_no_effect() {
+    if !kvm_or_skip("lie_state") {
+        return;
+    }
+    let (vmm, dir) = started("liestate", "liar", 2);
+    let base = progress(&dir, 2);
+    let opts = RejuvenateOptions {
+        fault: parse_fault("aged-lie-state").unwrap(),
+        timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let r = rejuvenate_within(&vmm, opts, Duration::from_secs(90)).expect("the move succeeds");
+    check_moved(&r, 2, 2);
+    // The guests continue where they were, as KVM held them: memtouch
+    // still finds its memory intact and the ticker keeps counting.
+    for i in 0..2 {
+        wait_beyond(&dir, i, base[i as usize]);
+    }
+    let l1 = console(&dir, "liar-g2");
+    assert!(!l1.contains("crashed"), "{l1}");
+    assert_memtouch_clean(&dir, "l2-0", "after the move");
+    let st = vmm.status();
+    assert!(st.host_vms[0].nested.iter().all(|n| n.moves == 1), "{st:?}");
+}
+
+#[test]
+fn a_failed_rescue_destroys_its_successor_and_keeps_the_guests_running() {
+    if !kvm_or_skip("failed_rescue") {
+        return;
+    }
+    let line = "rescuefail";
+    let (vmm, dir) = started("rescuefail", line, 3);
+    let base = progress(&dir, 3);
+    // The aged L1 dies after its first guest is accepted, and the successor
+    // dies when L0 offers it the next one: L0's rescue fails.
+    let opts = RejuvenateOptions {
+        fault: parse_fault("aged-crash-after-first").unwrap()
+            | parse_fault("crash-after-first").unwrap(),
+        timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let r = rejuvenate_within(&vmm, opts, Duration::from_secs(120))
+        .expect("L0 places the guests with a second successor");
+    check_moved(&r, 3, 2);
+    assert!(r.rescued.is_some(), "{r:?}");
+    for i in 0..3 {
+        wait_beyond(&dir, i, base[i as usize]);
+    }
+    let ev = events(&dir);
+    let failed = ev
+        .iter()
+        .find(|e| e["event"] == "handover" && e["phase"] == "rescue_failed")
+        .unwrap_or_else(|| panic!("no rescue_failed event: {ev:?}"));
+    assert!(failed["error"].as_str().is_some(), "{failed}");
+    // Only the second successor's memory is left of generation 2 (the
+    // failed one was destroyed, not kept alive by a reference cycle), and
+    // the dead aged VM's own RAM went with it.
+    let st = vmm.status();
+    assert_eq!(st.host_vms.len(), 1);
+    assert_eq!(st.host_vms[0].generation, 2);
+    assert_eq!(st.host_vms[0].status, "running");
+    assert_eq!(st.host_vms[0].nested.len(), 3);
+    let g2 = memfds(line, 2);
+    let reference = {
+        // A normal rejuvenation's successor, for comparison.
+        let r = rejuvenate_within(&vmm, RejuvenateOptions::default(), Duration::from_secs(90))
+            .expect("a later rejuvenation");
+        check_moved(&r, 3, 3);
+        memfds(line, 3)
+    };
+    assert_eq!(
+        g2, reference,
+        "memory files of generation 2 vs a normal successor"
+    );
+}
+
+#[test]
+fn a_refused_grant_leaves_the_grant_window_as_it_was() {
+    if !kvm_or_skip("refused_grant") {
+        return;
+    }
+    let dir = temp_dir("refusedgrant");
+    let config = VmmConfig {
+        nested: 0,
+        pool: Some(3 << 30),
+        console_dir: Some(dir.clone()),
+        ..Default::default()
+    };
+    let images = vmbeam::images(Some(vmbeam::HOSTILE_ELF.to_vec())).unwrap();
+    let vmm = Arc::new(Vmm::new(config, images).unwrap());
+    vmm.start("hostile").unwrap();
+    wait_console(&dir, "hostile-g1", Duration::from_secs(120), |t| {
+        t.contains("hostile: done")
+    });
+    // The hostile guest hypervisor, asked to hand over, probes the grant
+    // window instead and aborts.
+    let opts = RejuvenateOptions {
+        // Hashing 32 GiB of sparse grants proves nothing here.
+        verify: false,
+        timeout: Duration::from_secs(60),
+        successor_image: Some(vmbeam::HYPERVISOR_ELF.to_vec()),
+        ..Default::default()
+    };
+    let e = rejuvenate_within(&vmm, opts, Duration::from_secs(120)).unwrap_err();
+    assert!(e.contains("aborted the handover"), "{e}");
+    let text = wait_console(&dir, "hostile-g1", Duration::from_secs(30), |t| {
+        t.contains("hostile-aged: done")
+    });
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("hostile-aged"))
+        .collect();
+    assert!(
+        !lines.iter().any(|l| l.contains("UNEXPECTED")),
+        "{}",
+        lines.join("\n")
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("refused grant left the window as it was -> Ok ok")),
+        "{}",
+        lines.join("\n")
+    );
+    assert!(vmm.failure().is_none());
+}

@@ -369,20 +369,15 @@ fn an_aged_hypervisor_dying_mid_handover_is_finished_by_l0() {
 /// outside L0 through the nested VM's own mapping.
 fn boot_pages(vm: &HostVm) -> BTreeMap<String, Vec<u8>> {
     let page = vmbeam_abi::l2::BOOT_PARAMS;
-    vm.nested
-        .lock()
-        .unwrap()
-        .vms
-        .values()
-        .map(|n| {
-            let n = n.lock().unwrap();
-            let s = n
-                .slots
+    moves::slots_of(vm)
+        .into_iter()
+        .map(|(name, slots)| {
+            let s = slots
                 .iter()
                 .find(|s| s.l2_gpa <= page && page + 0x1000 <= s.l2_gpa + s.len)
                 .expect("a slot holds the boot-parameter page");
             let addr = s.hva + (page - s.l2_gpa) as usize;
-            (n.name.clone(), procfs::read_mem(addr, 0x1000).unwrap())
+            (name, procfs::read_mem(addr, 0x1000).unwrap())
         })
         .collect()
 }

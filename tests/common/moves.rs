@@ -30,6 +30,21 @@ pub struct GuestPages {
     pub sum: Option<u64>,
 }
 
+/// The slots of every nested VM of `vm` (by nested address), copied out so
+/// that no lock of L0 is held while a test reads or asserts; each copy
+/// keeps its host mapping alive.
+pub fn slots_of(vm: &HostVm) -> Vec<(String, Vec<vmbeam_vmm::nesting::nested::NestedSlot>)> {
+    let vms: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
+    vms.iter()
+        .map(|n| {
+            let n = n.lock().unwrap();
+            let mut slots = n.slots.clone();
+            slots.sort_by_key(|s| s.l2_gpa);
+            (n.name.clone(), slots)
+        })
+        .collect()
+}
+
 /// The pages of every guest of `vm`, by name: for each slot the file range
 /// behind the nested VM's mapping, checked to be the one behind the host
 /// VM's own mapping of the same L1 pages. With `sums`, also a checksum of
@@ -37,10 +52,7 @@ pub struct GuestPages {
 /// for a guest that does not write its memory meanwhile).
 pub fn guest_pages(vm: &HostVm, sums: bool) -> BTreeMap<String, GuestPages> {
     let mut out = BTreeMap::new();
-    for n in vm.nested.lock().unwrap().vms.values() {
-        let n = n.lock().unwrap();
-        let mut slots = n.slots.clone();
-        slots.sort_by_key(|s| s.l2_gpa);
+    for (name, slots) in slots_of(vm) {
         let mut sum = vmbeam_abi::checksum::CHECKSUM_INIT;
         let mut before = Vec::new();
         for s in &slots {
@@ -51,8 +63,7 @@ pub fn guest_pages(vm: &HostVm, sums: bool) -> BTreeMap<String, GuestPages> {
             let host = procfs::backing(l1.host_addr, s.len).unwrap();
             assert_eq!(
                 nested, host,
-                "{}: the nested VM and its host VM map different pages",
-                n.name
+                "{name}: the nested VM and its host VM map different pages"
             );
             assert_eq!(procfs::fd_inode(l1.fd), host.inode);
             if sums {
@@ -64,7 +75,7 @@ pub fn guest_pages(vm: &HostVm, sums: bool) -> BTreeMap<String, GuestPages> {
             });
         }
         out.insert(
-            n.name.clone(),
+            name,
             GuestPages {
                 slots: before,
                 sum: sums.then_some(sum),
@@ -255,16 +266,12 @@ pub fn channel_mailboxes(line: &str) -> Mailboxes {
 /// in `vm` holds the pattern L0 filled it with from `seed`: memtouch only
 /// samples it, and nothing writes it after the fill.
 pub fn check_bulk(vm: &HostVm, name: &str, seed: u64) {
-    let table = vm.nested.lock().unwrap();
-    let n = table
-        .vms
-        .values()
-        .find(|n| n.lock().unwrap().name == name)
-        .unwrap_or_else(|| panic!("no guest {name}"))
-        .lock()
-        .unwrap();
+    let (_, slots) = slots_of(vm)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no guest {name}"));
     let mut words = 0u64;
-    for s in &n.slots {
+    for s in &slots {
         let start = s.l2_gpa.max(vmbeam_abi::l2::BULK_BASE);
         let end = s.l2_gpa + s.len;
         if start >= end {

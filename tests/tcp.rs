@@ -150,14 +150,23 @@ fn a_host_vm_moves_to_another_vmm_over_tcp() {
     assert!(rj.guests.iter().all(|g| g.running_after), "{rj:?}");
 }
 
+/// The reason in the one REFUSE frame `out` must hold.
+fn refusal(out: &[u8]) -> String {
+    let mut r = out;
+    let (k, p) = vmbeam_vmm::migration::wire::read_frame(&mut r).expect("a REFUSE frame");
+    assert_eq!(k, vmbeam_vmm::migration::wire::Kind::Refuse);
+    assert!(r.is_empty(), "more than one frame after the refusal");
+    vmbeam_vmm::migration::wire::parse_reason(&p)
+}
+
 #[test]
 fn a_corrupted_or_truncated_stream_is_rejected() {
     if !kvm_or_skip("a_corrupted_or_truncated_stream_is_rejected") {
         return;
     }
     let (dst, ddir, addr, outcomes) = destination_with_outcomes("tcp-bad");
-    // Garbage: refused at the first frame header ("GET " is no magic),
-    // and the connection is closed without an answer.
+    // Garbage: refused at the first frame header ("GET " is no magic);
+    // the answer is one REFUSE frame that says so, then the connection closes.
     let mut s = TcpStream::connect(&addr).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\n\r\nthis is not a migration stream")
         .unwrap();
@@ -166,7 +175,6 @@ fn a_corrupted_or_truncated_stream_is_rejected() {
     let mut out = Vec::new();
     s.read_to_end(&mut out)
         .expect("the receiver closes the connection");
-    assert!(out.is_empty(), "the receiver answered garbage: {out:?}");
     let e = next_outcome(&outcomes).unwrap_err();
     assert_eq!(
         e,
@@ -175,6 +183,7 @@ fn a_corrupted_or_truncated_stream_is_rejected() {
             u32::from_le_bytes(*b"GET ")
         )
     );
+    assert_eq!(refusal(&out), e);
     // A valid header announcing a huge frame: refused before anything of
     // that size is allocated or read, while the sender still holds the
     // connection open.
@@ -199,7 +208,7 @@ fn a_corrupted_or_truncated_stream_is_rejected() {
     let mut out = Vec::new();
     s.read_to_end(&mut out)
         .expect("the receiver closes the connection");
-    assert!(out.is_empty(), "the receiver answered: {out:?}");
+    assert_eq!(refusal(&out), e);
     drop(s);
     // A HELLO asking for absurd memory.
     let mut s = TcpStream::connect(&addr).unwrap();
@@ -211,10 +220,8 @@ fn a_corrupted_or_truncated_stream_is_rejected() {
     )
     .unwrap();
     let (k, p) = vmbeam_vmm::migration::wire::read_frame(&mut s).unwrap();
-    assert_eq!(k, vmbeam_vmm::migration::wire::Kind::Result);
-    let v: vmbeam_vmm::migration::remote::Verdict = serde_json::from_slice(&p).unwrap();
-    assert!(!v.ok);
-    let refusal = v.error.unwrap();
+    assert_eq!(k, vmbeam_vmm::migration::wire::Kind::Refuse);
+    let refusal = vmbeam_vmm::migration::wire::parse_reason(&p);
     assert!(
         refusal.starts_with("incoming migration rejected: "),
         "{refusal}"

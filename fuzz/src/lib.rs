@@ -549,6 +549,12 @@ pub fn wire_frame(data: &[u8]) {
                         assert!(payload.len() < 12);
                     }
                 }
+                if kind == Kind::Zero {
+                    assert_eq!(wire::parse_range(&payload).is_ok(), payload.len() == 20);
+                }
+                if kind == Kind::Refuse {
+                    assert!(wire::parse_reason(&payload).len() <= 3 * wire::MAX_REASON);
+                }
             }
             Err(e) => {
                 assert!(!e.to_string().is_empty());

@@ -508,6 +508,23 @@ impl Vmm {
         to: &str,
         budget: Duration,
     ) -> Result<Report, VmmError> {
+        self.migrate_with(
+            name,
+            to,
+            &crate::migration::remote::MigrateOptions {
+                downtime: budget,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`Vmm::migrate`] with options (TLS, progress and cancel).
+    pub fn migrate_with(
+        &self,
+        name: Option<&str>,
+        to: &str,
+        opts: &crate::migration::remote::MigrateOptions,
+    ) -> Result<Report, VmmError> {
         let _guard = self.busy.try_lock().map_err(|_| VmmError::Busy)?;
         let line = self.line(name)?;
         let vm = line.current.lock().unwrap().clone();
@@ -521,7 +538,7 @@ impl Vmm {
                 what: "host-to-host migration (their disks and TAPs are local to this host)".into(),
             });
         }
-        let report = crate::migration::remote::migrate_out(&vm, to, budget)?;
+        let report = crate::migration::remote::migrate_out_with(&vm, to, opts)?;
         self.lines
             .lock()
             .unwrap()

@@ -139,6 +139,14 @@ pub struct RunArgs {
     /// (HOST:PORT) instead of booting one.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Mutual TLS for `--listen`: a directory with ca.pem (the CA senders
+    /// must be signed by), cert.pem and key.pem (this host's).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Allow `--listen` on a non-loopback address without `--tls-dir`
+    /// (anyone who reaches the port can then make this host run a VM).
+    #[arg(long)]
+    pub insecure_listen: bool,
     /// Rejuvenate automatically when the nested pool in the guest hypervisor's
     /// last health report is low: free<PERCENT% or free<SIZE (e.g. "free<10%", "free<64M").
     #[arg(long, value_name = "CONDITION", value_parser = condition)]
@@ -209,6 +217,10 @@ pub struct MigrateArgs {
     /// Downtime budget of the pre-copy, in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
+    /// Mutual TLS: a directory with ca.pem (the CA the destination must be
+    /// signed by), cert.pem and key.pem (this host's).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// Print the full report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -77,8 +77,16 @@ fn main() -> ExitCode {
                 show::<Inspection>(&b, a.json, "inspect reply", vmbeam::demo::print_inspection)
             }),
         Command::Migrate(a) => {
-            let body = serde_json::json!({ "vm": a.vm, "to": a.to, "downtime_ms": a.downtime_ms })
-                .to_string();
+            // The source vmbeam loads the files: give it a path that does not
+            // depend on this shell's directory.
+            let tls = a
+                .tls_dir
+                .as_ref()
+                .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()));
+            let body = serde_json::json!({
+                "vm": a.vm, "to": a.to, "downtime_ms": a.downtime_ms, "tls_dir": tls
+            })
+            .to_string();
             api_call(&a.sock.path(), "POST", "/migrate", Some(&body))
                 .and_then(|b| show::<Report>(&b, a.json, "report", vmbeam::demo::print_report))
         }

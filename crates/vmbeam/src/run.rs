@@ -31,6 +31,9 @@ pub enum RunError {
     /// The API socket failed.
     #[error(transparent)]
     Api(#[from] vmbeam_vmm::control::api::ApiError),
+    /// Listening for migrations is not possible or not allowed.
+    #[error("{0}")]
+    Listen(String),
     /// The guest hypervisor image could not be read or checked.
     #[error("{0}")]
     Image(String),
@@ -277,8 +280,26 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         .unwrap_or_else(crate::cli::default_socket);
     let server = Arc::new(ApiServer::bind(&sock)?);
     if let Some(addr) = &args.listen {
-        let listener = std::net::TcpListener::bind(addr)
-            .map_err(|e| RunError::Image(format!("cannot listen for migrations on {addr}: {e}")))?;
+        let tls = args
+            .tls_dir
+            .as_deref()
+            .map(vmbeam_vmm::migration::tls::TlsDir::load)
+            .transpose()
+            .map_err(|e| RunError::Listen(e.to_string()))?;
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+            RunError::Listen(format!("cannot listen for migrations on {addr}: {e}"))
+        })?;
+        let bound = listener.local_addr().map_err(|e| {
+            RunError::Listen(format!("cannot listen for migrations on {addr}: {e}"))
+        })?;
+        if tls.is_none() && !bound.ip().is_loopback() && !args.insecure_listen {
+            return Err(RunError::Listen(format!(
+                "refusing to listen for migrations on {addr} without --tls-dir: anyone who can \
+                 reach it could make this host run a VM of their choosing (give --tls-dir DIR, \
+                 listen on a loopback address, or accept the risk with --insecure-listen)"
+            )));
+        }
+        let opts = vmbeam_vmm::migration::remote::ReceiveOptions { tls };
         eprintln!(
             "vmbeam: waiting for host VMs to migrate in on {addr}; API on {}",
             sock.display()
@@ -293,9 +314,12 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
                         .peer_addr()
                         .map(|a| a.to_string())
                         .unwrap_or_default();
-                    match vmbeam_vmm::migration::remote::receive(&v.shared, stream, &|n| {
-                        v.has_line(n)
-                    }) {
+                    match vmbeam_vmm::migration::remote::receive_with(
+                        &v.shared,
+                        stream,
+                        &|n| v.has_line(n),
+                        &opts,
+                    ) {
                         Ok(vm) => {
                             eprintln!(
                                 "vmbeam: host VM {} arrived from {peer} and runs here now",

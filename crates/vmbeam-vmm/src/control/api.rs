@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use vmbeam_abi::boot::fault;
 
 use crate::migration::rejuvenate::{Mode, RejuvenateOptions};
+use crate::migration::remote::MigrateOptions;
+use crate::migration::tls::TlsDir;
 use crate::vmm::{Vmm, VmmError};
 
 /// Errors of the API server and client.
@@ -82,6 +84,9 @@ pub struct MigrateRequest {
     pub to: String,
     /// Pre-copy downtime budget in ms (default 300).
     pub downtime_ms: Option<u64>,
+    /// Directory with ca.pem, cert.pem and key.pem for mutual TLS (default: plain TCP).
+    #[serde(default)]
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 /// Request body of `POST /checksum`.
@@ -314,7 +319,16 @@ impl ApiServer {
                     Err(e) => return (400, err_json(&format!("bad migrate request: {e}"))),
                 };
                 let budget = Duration::from_millis(req.downtime_ms.unwrap_or(300).clamp(1, 60_000));
-                match vmm.migrate(req.vm.as_deref(), &req.to, budget) {
+                let tls = match req.tls_dir.as_deref().map(TlsDir::load).transpose() {
+                    Ok(t) => t,
+                    Err(e) => return (400, err_json(&e.to_string())),
+                };
+                let opts = MigrateOptions {
+                    downtime: budget,
+                    tls,
+                    progress: None,
+                };
+                match vmm.migrate_with(req.vm.as_deref(), &req.to, &opts) {
                     Ok(r) => (200, to_json(&r)),
                     Err(e) => (error_code(&e), err_json(&e.to_string())),
                 }

@@ -5,7 +5,9 @@
 pub mod copy;
 pub mod handover;
 pub mod handover_state;
+pub mod link;
 pub mod rejuvenate;
 pub mod remote;
 pub mod rescue;
+pub mod tls;
 pub mod wire;

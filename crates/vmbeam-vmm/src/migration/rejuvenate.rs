@@ -191,6 +191,9 @@ pub struct Report {
     /// mid-handover (absent when it did not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rescued: Option<usize>,
+    /// How memory crossed the network (host-to-host migration only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<crate::migration::remote::Transfer>,
 }
 
 /// Resident set size of this process in bytes.
@@ -823,6 +826,7 @@ impl<'a> Rejuvenation<'a> {
                 .collect(),
             precopy: self.precopy.clone(),
             rescued: self.rescued,
+            transfer: None,
         };
         *self.session.successor.lock().unwrap() = None;
         self.event(

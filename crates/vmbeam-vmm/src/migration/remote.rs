@@ -11,7 +11,6 @@
 //! resumes and keeps running. The receiver validates every frame and never
 //! runs anything until commit.
 
-use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,9 +22,12 @@ use crate::host::arch;
 use crate::host::hostvm::{HostVm, HostVmSpec, VmStatus};
 use crate::host::memory::{GuestRam, MemFile, Region, RegionKind};
 use crate::migration::copy::{dirty_page_numbers, dirty_pages, PrecopyStats, PAGE};
+use crate::migration::link::{self, Link, Transport};
 use crate::migration::rejuvenate::{cpu_ms, rss_bytes, GuestReport, Report};
+use crate::migration::tls::{self, TlsDir};
 use crate::migration::wire::{self, Kind, WireError};
 use crate::nesting::nested::{NestedSlot, NestedState, NestedVm};
+use crate::progress::{Phase, Progress};
 use crate::shared::Shared;
 
 /// Errors of host-to-host migration.
@@ -54,6 +56,15 @@ pub enum RemoteError {
     /// KVM or memory set-up failed on this side.
     #[error("migration failed locally: {0}")]
     Local(String),
+    /// Mutual TLS failed: no certificate, an untrusted one, or no TLS.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The user cancelled before the switch.
+    #[error("the migration was cancelled; the source keeps running")]
+    Cancelled,
+    /// COMMIT went out but the destination never said it runs the VM.
+    #[error("the destination did not confirm that it runs the VM after COMMIT ({0}); the source copy is kept stopped, not released")]
+    Unconfirmed(String),
 }
 
 /// One region of the host VM's memory.
@@ -126,13 +137,68 @@ pub struct Verdict {
     pub error: Option<String>,
     /// Checksum of each nested guest's memory as received.
     pub checksums: Vec<(String, u64)>,
+    /// Time the destination took to build the VM (KVM VM, vCPUs, nested VMs), ms.
+    #[serde(default)]
+    pub build_ms: f64,
+    /// Time the destination spent hashing the nested guests, ms.
+    #[serde(default)]
+    pub verify_ms: f64,
+}
+
+/// A guest as the destination runs it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StartedGuest {
+    /// Name.
+    pub name: String,
+    /// Moves so far, this one included.
+    pub moves: u32,
+    /// Runs (not crashed).
+    pub running: bool,
+}
+
+/// The destination's word after COMMIT: its vCPUs run.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Started {
+    /// The host VM's vCPU threads run.
+    pub running: bool,
+    /// Its nested guests.
+    pub guests: Vec<StartedGuest>,
+}
+
+/// How the memory crossed (TCP migration reports only). Every field is
+/// measured on this run.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Transfer {
+    /// The stream was mutual TLS.
+    pub tls: bool,
+    /// Guest memory sent as page data.
+    pub page_bytes: u64,
+    /// Guest memory sent as zero-page markers (no data).
+    pub zero_bytes: u64,
+    /// Frame bytes written to the connection (headers, markers, state).
+    pub wire_bytes_sent: u64,
+    /// Frame bytes the destination sent back.
+    pub wire_bytes_received: u64,
+    /// Hashing of the nested guests on the source, at pause, ms.
+    pub source_verify_ms: f64,
+    /// Hashing of the nested guests on the destination, ms.
+    pub destination_verify_ms: f64,
+    /// Building the VM on the destination, ms.
+    pub destination_build_ms: f64,
+    /// Pause → COMMIT handed to the kernel, ms (the downtime ends later,
+    /// when the destination's STARTED arrives).
+    pub pause_to_commit_ms: f64,
+    /// Guest memory covered (pages and zero markers) per second of the
+    /// whole migration, GB/s.
+    pub memory_gbps: f64,
 }
 
 const MAX_REGIONS: usize = 64;
 
-/// What the stop-and-copy phase yields: bytes sent, (name, bytes, checksum)
-/// of each nested guest at pause, and the receiver's verdict.
-type FinalPhase = (u64, Vec<(String, u64, u64)>, Verdict);
+/// What the stop-and-copy phase yields: what was sent, (name, bytes,
+/// checksum) of each nested guest at pause, the receiver's verdict and the
+/// time spent hashing here.
+type FinalPhase = (Sent, Vec<(String, u64, u64)>, Verdict, Duration);
 
 fn kind_name(k: &RegionKind) -> (&'static str, Option<String>) {
     match k {
@@ -210,64 +276,169 @@ fn collect_dirty(
     d
 }
 
-fn send_range(
-    w: &mut impl Write,
-    idx: usize,
-    r: &Region,
-    off: u64,
-    len: u64,
-) -> Result<u64, WireError> {
-    let mut at = off;
-    while at < off + len {
-        let n = (off + len - at).min(wire::CHUNK as u64);
-        // SAFETY: `[at, at+n)` is inside the region's live mapping.
-        let data =
-            unsafe { std::slice::from_raw_parts(r.map.as_ptr().add(at as usize), n as usize) };
-        wire::write_frame(w, Kind::Pages, &wire::pages_payload(idx as u32, at, data))?;
-        at += n;
-    }
-    Ok(len)
+/// Checks that a page (or any run of bytes) is all zero.
+fn is_zero(p: &[u8]) -> bool {
+    p.iter().fold(0u8, |a, &b| a | b) == 0
 }
 
-fn send_all(w: &mut impl Write, regions: &[Region]) -> Result<u64, WireError> {
-    let mut n = 0;
-    for (i, r) in regions.iter().enumerate() {
-        for (off, len, data) in r.file.extents(r.offset, r.size) {
-            if data {
-                n += send_range(w, i, r, off - r.offset, len)?;
-            }
-        }
-    }
-    Ok(n)
+/// What the sender has put on the wire, for the report.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sent {
+    /// Guest memory sent as page data.
+    pages: u64,
+    /// Guest memory sent as zero markers.
+    zero: u64,
 }
 
-fn send_dirty(w: &mut impl Write, regions: &[Region], d: &Dirty) -> Result<u64, WireError> {
-    let mut n = 0;
-    for (i, (r, bm)) in regions.iter().zip(&d.maps).enumerate() {
-        // Coalesce runs of dirty pages.
-        let mut run: Option<(u64, u64)> = None;
-        let pages = r.size / PAGE;
-        for p in 0..pages {
-            let dirty = bm[(p / 64) as usize] & (1 << (p % 64)) != 0;
-            match (dirty, run) {
-                (true, None) => run = Some((p, 1)),
-                (true, Some((s, c))) if c * PAGE < wire::CHUNK as u64 => run = Some((s, c + 1)),
-                (true, Some((s, c))) => {
-                    n += send_range(w, i, r, s * PAGE, c * PAGE)?;
-                    run = Some((p, 1));
-                }
-                (false, Some((s, c))) => {
-                    n += send_range(w, i, r, s * PAGE, c * PAGE)?;
-                    run = None;
-                }
-                (false, None) => {}
-            }
+impl Sent {
+    fn add(&mut self, o: Sent) {
+        self.pages += o.pages;
+        self.zero += o.zero;
+    }
+}
+
+/// The sender's side of a connection: frames out through the link, and a
+/// look at what the destination said after every frame, so a refusal stops
+/// the stream at once.
+struct Out<'a> {
+    link: &'a Link,
+    progress: Option<&'a Progress>,
+}
+
+impl Out<'_> {
+    /// Fails if the destination refused, went away, or the user cancelled.
+    fn check(&self) -> Result<(), RemoteError> {
+        if self.progress.is_some_and(|p| p.is_cancelled()) {
+            return Err(RemoteError::Cancelled);
         }
-        if let Some((s, c)) = run {
-            n += send_range(w, i, r, s * PAGE, c * PAGE)?;
+        match self.link.try_recv() {
+            None => Ok(()),
+            Some(r) => Err(peer_said(r)),
         }
     }
-    Ok(n)
+
+    fn frame(&self, f: Vec<u8>) -> Result<(), RemoteError> {
+        self.check()?;
+        self.link
+            .send_encoded(f)
+            .map_err(|e| refusal_or(self.link, e))
+    }
+
+    fn send(&self, k: Kind, payload: &[u8]) -> Result<(), RemoteError> {
+        self.frame(wire::encode(k, payload)?)
+    }
+
+    /// Sends `[off, off+len)` of region `idx`: zero pages as ZERO markers,
+    /// the others as PAGES frames of at most [`wire::CHUNK`] bytes.
+    fn range(&self, idx: usize, r: &Region, off: u64, len: u64) -> Result<Sent, RemoteError> {
+        let mut s = Sent::default();
+        let end = off + len;
+        let mut at = off;
+        let mut zero_run: Option<u64> = None;
+        let mut data_run: Option<u64> = None;
+        let base = r.map.as_ptr();
+        let flush_zero =
+            |z: &mut Option<u64>, upto: u64, s: &mut Sent| -> Result<(), RemoteError> {
+                if let Some(st) = z.take() {
+                    self.send(Kind::Zero, &wire::range_payload(idx as u32, st, upto - st))?;
+                    s.zero += upto - st;
+                }
+                Ok(())
+            };
+        let flush_data =
+            |d: &mut Option<u64>, upto: u64, s: &mut Sent| -> Result<(), RemoteError> {
+                if let Some(st) = d.take() {
+                    // SAFETY: `[st, upto)` is inside the region's live mapping.
+                    let data = unsafe {
+                        std::slice::from_raw_parts(base.add(st as usize), (upto - st) as usize)
+                    };
+                    self.frame(wire::encode_pages(idx as u32, st, data))?;
+                    s.pages += upto - st;
+                    if let Some(p) = self.progress {
+                        p.add_bytes(upto - st);
+                    }
+                }
+                Ok(())
+            };
+        while at < end {
+            let n = (end - at).min(PAGE);
+            // SAFETY: `[at, at+n)` is inside the region's live mapping.
+            let page = unsafe { std::slice::from_raw_parts(base.add(at as usize), n as usize) };
+            if is_zero(page) {
+                flush_data(&mut data_run, at, &mut s)?;
+                zero_run.get_or_insert(at);
+            } else {
+                flush_zero(&mut zero_run, at, &mut s)?;
+                if data_run.is_some_and(|st| at - st >= wire::CHUNK as u64) {
+                    flush_data(&mut data_run, at, &mut s)?;
+                }
+                data_run.get_or_insert(at);
+            }
+            at += n;
+        }
+        flush_zero(&mut zero_run, end, &mut s)?;
+        flush_data(&mut data_run, end, &mut s)?;
+        Ok(s)
+    }
+
+    /// Round 1: every data extent of every region (holes read as zero on
+    /// the destination's fresh memory and are not sent).
+    fn all(&self, regions: &[Region]) -> Result<Sent, RemoteError> {
+        let mut s = Sent::default();
+        for (i, r) in regions.iter().enumerate() {
+            for (off, len, data) in r.file.extents(r.offset, r.size) {
+                if data {
+                    s.add(self.range(i, r, off - r.offset, len)?);
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    fn dirty(&self, regions: &[Region], d: &Dirty) -> Result<Sent, RemoteError> {
+        let mut s = Sent::default();
+        for (i, (r, bm)) in regions.iter().zip(&d.maps).enumerate() {
+            // Coalesce runs of dirty pages.
+            let mut run: Option<(u64, u64)> = None;
+            for p in 0..r.size / PAGE {
+                let dirty = bm[(p / 64) as usize] & (1 << (p % 64)) != 0;
+                match (dirty, run) {
+                    (true, None) => run = Some((p, 1)),
+                    (true, Some((st, c))) => run = Some((st, c + 1)),
+                    (false, Some((st, c))) => {
+                        s.add(self.range(i, r, st * PAGE, c * PAGE)?);
+                        run = None;
+                    }
+                    (false, None) => {}
+                }
+            }
+            if let Some((st, c)) = run {
+                s.add(self.range(i, r, st * PAGE, c * PAGE)?);
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// The error a frame (or failure) from the destination stands for.
+fn peer_said(r: Result<link::Frame, WireError>) -> RemoteError {
+    match r {
+        Ok((Kind::Refuse, p)) => RemoteError::Refused(wire::parse_reason(&p)),
+        Ok((k, _)) => RemoteError::Refused(format!("unexpected {k:?} frame from the destination")),
+        Err(e) => RemoteError::Wire(e),
+    }
+}
+
+/// A failed send: the destination's own reason if it sent one before the
+/// connection broke, else the transport error.
+fn refusal_or(link: &Link, e: WireError) -> RemoteError {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while let Ok((k, p)) = link.recv(deadline.saturating_duration_since(Instant::now())) {
+        if k == Kind::Refuse {
+            return RemoteError::Refused(wire::parse_reason(&p));
+        }
+    }
+    RemoteError::Wire(e)
 }
 
 /// Parses `tcp://HOST:PORT` or `HOST:PORT`.
@@ -283,9 +454,52 @@ pub fn parse_addr(to: &str) -> Result<String, RemoteError> {
     }
 }
 
+/// The host part of `HOST:PORT` (brackets of an IPv6 literal removed).
+fn host_of(addr: &str) -> &str {
+    let h = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    h.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// How to migrate out.
+#[derive(Debug, Clone, Default)]
+pub struct MigrateOptions {
+    /// Downtime budget of the pre-copy.
+    pub downtime: Duration,
+    /// Mutual TLS material; `None` sends in clear.
+    pub tls: Option<TlsDir>,
+    /// Progress to publish (phase, bytes), and the cancel flag to obey.
+    pub progress: Option<Arc<Progress>>,
+}
+
 /// Sends host VM `vm` to `to`. On success the source VM is stopped and its
 /// memory released; on error it keeps running.
 pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Report, RemoteError> {
+    migrate_out_with(
+        vm,
+        to,
+        &MigrateOptions {
+            downtime: budget,
+            ..Default::default()
+        },
+    )
+}
+
+/// How long the sender waits for each answer of the destination.
+const ANSWER: Duration = Duration::from_secs(120);
+
+/// [`migrate_out`] with options.
+pub fn migrate_out_with(
+    vm: &Arc<HostVm>,
+    to: &str,
+    opts: &MigrateOptions,
+) -> Result<Report, RemoteError> {
+    let budget = opts.downtime;
+    let progress = opts.progress.as_deref();
+    let phase = |p: Phase| {
+        if let Some(x) = progress {
+            x.set_phase(p)
+        }
+    };
     let addr = parse_addr(to)?;
     let t0 = Instant::now();
     let rss_before = rss_bytes();
@@ -302,15 +516,24 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
         }
     })?;
     let _ = stream.set_nodelay(true);
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .map_err(WireError::Io)?;
-    let mut w =
-        BufWriter::with_capacity(wire::CHUNK + 64, stream.try_clone().map_err(WireError::Io)?);
-    let mut r = BufReader::new(stream);
+    let transport = match &opts.tls {
+        Some(t) => {
+            tls::connect(t, stream, host_of(&addr)).map_err(|e| RemoteError::Tls(e.to_string()))?
+        }
+        None => Transport::Plain(stream),
+    };
+    let link = Link::spawn(transport, "vmbeam-migrate-io")?;
+    let out = Out {
+        link: &link,
+        progress,
+    };
 
     let regions: Vec<Region> = vm.mem.read().unwrap().regions.clone();
     let nested: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
+    if let Some(p) = progress {
+        p.set_bytes_total(regions.iter().map(|r| r.size).sum::<u64>());
+        p.set_guests_total(nested.len() as u64);
+    }
     let hello = Hello {
         line: vm.spec.line.clone(),
         generation: vm.spec.generation,
@@ -333,9 +556,10 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
             .collect(),
     };
     let json = |v: &dyn erased::Ser| v.to_json();
-    wire::write_frame(&mut w, Kind::Hello, json(&hello).as_bytes())?;
+    out.send(Kind::Hello, json(&hello).as_bytes())?;
 
     // Live phase: everything keeps running.
+    phase(Phase::Precopy);
     vm.start_l0_write_log();
     set_l1_logging(vm, true);
     for n in &nested {
@@ -343,45 +567,51 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
     }
     let result = (|| -> Result<(Report, Vec<kvm_ioctls::VcpuFd>), RemoteError> {
         let mut stats = PrecopyStats::default();
+        let mut sent = Sent::default();
         let t = Instant::now();
-        stats.live_bytes += send_all(&mut w, &regions)?;
-        w.flush().map_err(WireError::Io)?;
+        let first = out.all(&regions)?;
+        sent.add(first);
+        link.flush(ANSWER).map_err(|e| refusal_or(&link, e))?;
         stats.rounds = 1;
-        let mut bps = stats.live_bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
+        let mut bps = (first.pages + first.zero) as f64 / t.elapsed().as_secs_f64().max(1e-6);
         loop {
             let d = collect_dirty(vm, &regions, &nested);
             let pending = d.count();
             let est = Duration::from_secs_f64(pending as f64 * PAGE as f64 / bps.max(1.0));
             stats.rounds += 1;
+            if let Some(p) = progress {
+                p.add_round();
+            }
             if est <= budget || stats.rounds >= crate::migration::copy::MAX_ROUNDS {
-                stats.live_bytes += send_dirty(&mut w, &regions, &d)?;
+                sent.add(out.dirty(&regions, &d)?);
                 stats.remaining_pages = pending;
                 stats.converged = est <= budget;
                 break;
             }
             let t = Instant::now();
-            let n = send_dirty(&mut w, &regions, &d)?;
-            w.flush().map_err(WireError::Io)?;
-            stats.live_bytes += n;
-            if n > 0 {
-                bps = n as f64 / t.elapsed().as_secs_f64().max(1e-6);
+            let n = out.dirty(&regions, &d)?;
+            link.flush(ANSWER).map_err(|e| refusal_or(&link, e))?;
+            sent.add(n);
+            if n.pages + n.zero > 0 {
+                bps = (n.pages + n.zero) as f64 / t.elapsed().as_secs_f64().max(1e-6);
             }
         }
+        stats.live_bytes = sent.pages;
         // Stop-and-copy.
+        phase(Phase::HandingOver);
         let t_pause = Instant::now();
         let fds = vm.pause_vcpus();
         // Everything from here to the verdict resumes the source on failure.
         let res = (|| -> Result<FinalPhase, RemoteError> {
-            let mut sent = stats.live_bytes;
             let d = collect_dirty(vm, &regions, &nested);
-            sent += send_dirty(&mut w, &regions, &d)?;
+            sent.add(out.dirty(&regions, &d)?);
             // What L0 itself wrote is not in any dirty log: the boot-info and
             // hypercall pages (answers, control word) and pattern fills.
             let mut l0 = vec![(0u64, layout::PML4_ADDR)];
             l0.extend(vm.take_l0_writes());
             for (gpa, len) in l0 {
                 if let Some(i) = regions.iter().position(|r| r.contains(gpa, len)) {
-                    sent += send_range(&mut w, i, &regions[i], gpa - regions[i].gpa, len)?;
+                    sent.add(out.range(i, &regions[i], gpa - regions[i].gpa, len)?);
                 }
             }
             let mut l1_vcpus = Vec::new();
@@ -391,12 +621,16 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
             }
             let mut descs = Vec::new();
             let mut before = Vec::new();
+            let mut hash = Duration::ZERO;
             for n in &nested {
                 let mut n = n.lock().unwrap();
                 let states = n
                     .save_vcpus()
                     .map_err(|s| RemoteError::Local(format!("{}: {s:?}", n.name)))?;
-                before.push((n.name.clone(), n.mem_bytes(), n.checksum_all()));
+                let th = Instant::now();
+                let sum = n.checksum_all();
+                hash += th.elapsed();
+                before.push((n.name.clone(), n.mem_bytes(), sum));
                 descs.push(NestedDesc {
                     handle: n.handle,
                     name: n.name.clone(),
@@ -421,23 +655,18 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
                 l1_vcpus,
                 nested: descs,
             };
-            wire::write_frame(&mut w, Kind::State, json(&state).as_bytes())?;
-            wire::write_frame(&mut w, Kind::Done, &[])?;
-            w.flush().map_err(WireError::Io)?;
-            let (k, p) = wire::read_frame(&mut r)?;
-            let verdict = match k {
-                Kind::Result => serde_json::from_slice::<Verdict>(&p)
+            out.send(Kind::State, json(&state).as_bytes())?;
+            out.send(Kind::Done, &[])?;
+            link.flush(ANSWER).map_err(|e| refusal_or(&link, e))?;
+            phase(Phase::Verifying);
+            let verdict = match link.recv(ANSWER) {
+                Ok((Kind::Result, p)) => serde_json::from_slice::<Verdict>(&p)
                     .map_err(|e| RemoteError::Refused(format!("unreadable verdict: {e}")))?,
-                Kind::Abort => {
-                    return Err(RemoteError::Refused(
-                        String::from_utf8_lossy(&p).into_owned(),
-                    ))
-                }
-                other => return Err(RemoteError::Refused(format!("unexpected {other:?} frame"))),
+                other => return Err(peer_said(other)),
             };
-            Ok((sent, before, verdict))
+            Ok((sent, before, verdict, hash))
         })();
-        let (sent, before, verdict) = match res {
+        let (sent, before, verdict, source_hash) = match res {
             Ok(v) => v,
             Err(e) => return Err(resume_err(vm, fds, e)),
         };
@@ -452,19 +681,41 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
                 .find(|(n, _)| n == name)
                 .map(|(_, c)| *c);
             if theirs != Some(*sum) {
-                let _ = wire::write_frame(&mut w, Kind::Abort, b"checksum mismatch");
-                let _ = w.flush();
+                let _ = out.send(Kind::Abort, b"checksum mismatch");
+                let _ = link.flush(Duration::from_secs(5));
                 let e =
                     RemoteError::Refused(format!("memory of {name} differs on the destination"));
                 return Err(resume_err(vm, fds, e));
             }
         }
-        let committed = wire::write_frame(&mut w, Kind::Commit, &[])
-            .and_then(|_| w.flush().map_err(WireError::Io));
+        let committed = out
+            .send(Kind::Commit, &[])
+            .and_then(|_| link.flush(ANSWER).map_err(RemoteError::Wire));
         if let Err(e) = committed {
-            return Err(resume_err(vm, fds, e.into()));
+            return Err(resume_err(vm, fds, e));
         }
+        phase(Phase::Committing);
+        let commit_sent = t_pause.elapsed();
+        // From COMMIT on the destination owns the VM: this side must not run
+        // it again, whatever happens to the connection.
+        let started = match link.recv(ANSWER) {
+            Ok((Kind::Started, p)) => serde_json::from_slice::<Started>(&p)
+                .map_err(|e| RemoteError::Refused(format!("unreadable STARTED: {e}"))),
+            other => Err(peer_said(other)),
+        };
         let downtime = t_pause.elapsed();
+        let started = match started {
+            Ok(s) => s,
+            Err(e) => {
+                drop(fds);
+                vm.set_status(VmStatus::Failed(format!(
+                    "migrated to {addr}: COMMIT was sent but the destination did not confirm \
+                     that it runs the VM ({e}); this copy is kept stopped, not released"
+                )));
+                return Err(RemoteError::Unconfirmed(e.to_string()));
+            }
+        };
+        phase(Phase::Done);
         // The destination runs the guests now: release this copy.
         let allocated = vm.ram_file.allocated_bytes() + vm.pool_file.allocated_bytes();
         vm.set_status(VmStatus::Retired);
@@ -474,39 +725,56 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
         let _ = vm.pool_file.punch_hole(0, vm.pool_file.size);
         let released = allocated
             .saturating_sub(vm.ram_file.allocated_bytes() + vm.pool_file.allocated_bytes());
+        let total = t0.elapsed();
+        let transfer = Transfer {
+            tls: opts.tls.is_some(),
+            page_bytes: sent.pages,
+            zero_bytes: sent.zero,
+            wire_bytes_sent: link.bytes_sent(),
+            wire_bytes_received: link.bytes_received(),
+            source_verify_ms: source_hash.as_secs_f64() * 1000.0,
+            destination_verify_ms: verdict.verify_ms,
+            destination_build_ms: verdict.build_ms,
+            pause_to_commit_ms: commit_sent.as_secs_f64() * 1000.0,
+            memory_gbps: (sent.pages + sent.zero) as f64 / total.as_secs_f64().max(1e-9) / 1e9,
+        };
         let report = Report {
             mode: "tcp".into(),
             vm: vm.spec.line.clone(),
             from_generation: vm.spec.generation,
             to_generation: vm.spec.generation,
-            boot_ms: 0.0,
+            boot_ms: verdict.build_ms,
             handover_ms: downtime.as_secs_f64() * 1000.0,
-            total_ms: t0.elapsed().as_secs_f64() * 1000.0,
-            bytes_copied: sent,
-            channel_bytes: 0,
+            total_ms: total.as_secs_f64() * 1000.0,
+            bytes_copied: sent.pages,
+            channel_bytes: link.bytes_sent() + link.bytes_received(),
             released_bytes: released,
             host_rss_before: rss_before,
             host_rss_after: rss_bytes(),
             cpu_ms: cpu_ms() - cpu0,
-            verify_ms: 0.0,
+            verify_ms: transfer.source_verify_ms + transfer.destination_verify_ms,
             guests: before
                 .iter()
-                .map(|(name, mem, sum)| GuestReport {
-                    name: name.clone(),
-                    mem_bytes: *mem,
-                    downtime_us: downtime.as_micros() as u64,
-                    checksum_before: Some(format!("{sum:016x}")),
-                    checksum_after: verdict
-                        .checksums
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .map(|(_, c)| format!("{c:016x}")),
-                    running_after: true,
-                    moves: 0,
+                .map(|(name, mem, sum)| {
+                    let there = started.guests.iter().find(|g| &g.name == name);
+                    GuestReport {
+                        name: name.clone(),
+                        mem_bytes: *mem,
+                        downtime_us: downtime.as_micros() as u64,
+                        checksum_before: Some(format!("{sum:016x}")),
+                        checksum_after: verdict
+                            .checksums
+                            .iter()
+                            .find(|(n, _)| n == name)
+                            .map(|(_, c)| format!("{c:016x}")),
+                        running_after: there.is_some_and(|g| g.running) && started.running,
+                        moves: there.map(|g| g.moves).unwrap_or(0),
+                    }
                 })
                 .collect(),
             precopy: Some(stats),
             rescued: None,
+            transfer: Some(transfer),
         };
         Ok((report, fds))
     })();
@@ -516,12 +784,20 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
             Ok(report)
         }
         Err(e) => {
+            phase(if matches!(e, RemoteError::Cancelled) {
+                Phase::Cancelled
+            } else {
+                Phase::Failed
+            });
             vm.take_l0_writes();
             set_l1_logging(vm, false);
             for n in &nested {
                 let _ = n.lock().unwrap().set_dirty_logging(false);
             }
-            if vm.status() != VmStatus::Running && !vm.vcpus_alive() {
+            if !matches!(e, RemoteError::Unconfirmed(_))
+                && vm.status() != VmStatus::Running
+                && !vm.vcpus_alive()
+            {
                 // Paused by an early error path that could not resume.
                 vm.set_status(VmStatus::Running);
             }
@@ -617,6 +893,27 @@ fn state_from(bytes: &[u8]) -> Result<VcpuState, RemoteError> {
     vmbeam_abi::from_bytes(bytes).ok_or_else(|| RemoteError::Invalid("vCPU state".into()))
 }
 
+/// How to receive.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiveOptions {
+    /// Mutual TLS material; `None` accepts plain TCP.
+    pub tls: Option<TlsDir>,
+}
+
+/// How long the receiver waits for each frame of the sender.
+const FRAME_WAIT: Duration = Duration::from_secs(60);
+/// How long a refusing receiver keeps reading (and discarding) so the
+/// sender can read the refusal instead of a reset connection.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// Host memory available for new allocations, from /proc/meminfo.
+fn mem_available() -> Option<u64> {
+    let t = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let l = t.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = l.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Receives one host VM from `stream`, validates everything, answers with a
 /// verdict, and on commit starts it. Returns the running host VM.
 pub fn receive(
@@ -624,40 +921,63 @@ pub fn receive(
     stream: TcpStream,
     taken: &dyn Fn(&str) -> bool,
 ) -> Result<Arc<HostVm>, RemoteError> {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .map_err(WireError::Io)?;
-    let mut w = BufWriter::new(stream.try_clone().map_err(WireError::Io)?);
-    let mut r = BufReader::with_capacity(wire::CHUNK + 64, stream);
-    let refuse = |w: &mut BufWriter<TcpStream>, e: RemoteError| {
-        let v = Verdict {
-            ok: false,
-            error: Some(e.to_string()),
-            checksums: Vec::new(),
-        };
-        let _ = wire::write_frame(
-            w,
-            Kind::Result,
-            serde_json::to_string(&v).unwrap_or_default().as_bytes(),
-        );
-        let _ = w.flush();
+    receive_with(shared, stream, taken, &ReceiveOptions::default())
+}
+
+/// [`receive`] with options. With TLS, the handshake (a client certificate
+/// signed by the CA is required) completes before a single frame is read.
+pub fn receive_with(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    taken: &dyn Fn(&str) -> bool,
+    opts: &ReceiveOptions,
+) -> Result<Arc<HostVm>, RemoteError> {
+    let _ = stream.set_nodelay(true);
+    let transport = match &opts.tls {
+        Some(t) => tls::accept(t, stream).map_err(|e| RemoteError::Tls(e.to_string()))?,
+        None => Transport::Plain(stream),
+    };
+    let link = Link::spawn(transport, "vmbeam-receive-io")?;
+    // Says why, then keeps reading for a while so the sender sees the reason.
+    let refuse = |e: RemoteError| -> RemoteError {
+        let reason = e.to_string();
+        if link
+            .send(Kind::Refuse, wire::refuse_payload(&reason))
+            .and_then(|_| link.flush(LINGER))
+            .is_ok()
+        {
+            let until = Instant::now() + LINGER;
+            while link
+                .recv(until.saturating_duration_since(Instant::now()))
+                .is_ok()
+            {}
+        }
         e
     };
-    let (k, p) = wire::read_frame(&mut r)?;
+    let (k, p) = link.recv(FRAME_WAIT)?;
     if k != Kind::Hello {
-        return Err(refuse(
-            &mut w,
-            RemoteError::Invalid(format!("expected HELLO, got {k:?}")),
-        ));
+        return Err(refuse(RemoteError::Invalid(format!(
+            "expected HELLO, got {k:?}"
+        ))));
     }
     let hello: Hello = serde_json::from_slice(&p)
-        .map_err(|e| refuse(&mut w, RemoteError::Invalid(format!("HELLO: {e}"))))?;
-    check_hello(&hello).map_err(|e| refuse(&mut w, e))?;
+        .map_err(|e| refuse(RemoteError::Invalid(format!("HELLO: {e}"))))?;
+    check_hello(&hello).map_err(&refuse)?;
     if taken(&hello.line) {
-        return Err(refuse(
-            &mut w,
-            RemoteError::Invalid(format!("a host VM named {} already runs here", hello.line)),
-        ));
+        return Err(refuse(RemoteError::Invalid(format!(
+            "a host VM named {} already runs here",
+            hello.line
+        ))));
+    }
+    let need: u64 = hello.regions.iter().map(|r| r.size).sum();
+    if let Some(avail) = mem_available() {
+        if need > avail {
+            return Err(refuse(RemoteError::Local(format!(
+                "not enough memory here: the host VM needs {} MiB, {} MiB are available",
+                need >> 20,
+                avail >> 20
+            ))));
+        }
     }
     let local = |e: String| RemoteError::Local(e);
     let mut regions = Vec::new();
@@ -671,30 +991,27 @@ pub fn receive(
             },
         };
         let f = MemFile::new(&format!("{}-in-{}", hello.line, d.kind), d.size)
-            .map_err(|e| refuse(&mut w, local(e.to_string())))?;
+            .map_err(|e| refuse(local(e.to_string())))?;
         regions.push(
             Region::map(&f, 0, d.size, d.gpa, kind, i as u32)
-                .map_err(|e| refuse(&mut w, local(e.to_string())))?,
+                .map_err(|e| refuse(local(e.to_string())))?,
         );
     }
+    let in_region = |ri: u32, off: u64, len: u64| -> Result<&Region, RemoteError> {
+        let reg = regions
+            .get(ri as usize)
+            .ok_or_else(|| RemoteError::Invalid(format!("memory for region {ri}")))?;
+        if off.checked_add(len).is_none_or(|e| e > reg.size) {
+            return Err(RemoteError::Invalid(format!("memory beyond region {ri}")));
+        }
+        Ok(reg)
+    };
     let state: StateMsg = loop {
-        let (k, p) = wire::read_frame(&mut r)?;
+        let (k, p) = link.recv(FRAME_WAIT)?;
         match k {
             Kind::Pages => {
                 let (ri, off, data) = wire::parse_pages(&p)?;
-                let reg = regions.get(ri as usize).ok_or_else(|| {
-                    refuse(
-                        &mut w,
-                        RemoteError::Invalid(format!("PAGES for region {ri}")),
-                    )
-                })?;
-                let end = off.checked_add(data.len() as u64);
-                if end.is_none_or(|e| e > reg.size) {
-                    return Err(refuse(
-                        &mut w,
-                        RemoteError::Invalid(format!("PAGES beyond region {ri}")),
-                    ));
-                }
+                let reg = in_region(ri, off, data.len() as u64).map_err(&refuse)?;
                 // SAFETY: the range was checked to lie inside the fresh mapping.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
@@ -704,35 +1021,40 @@ pub fn receive(
                     )
                 };
             }
+            Kind::Zero => {
+                let (ri, off, len) = wire::parse_range(&p)?;
+                let reg = in_region(ri, off, len).map_err(&refuse)?;
+                if off % PAGE != 0 || len % PAGE != 0 {
+                    return Err(refuse(RemoteError::Invalid(
+                        "ZERO marker not page-aligned".into(),
+                    )));
+                }
+                reg.file
+                    .punch_hole(reg.offset + off, len)
+                    .map_err(|e| refuse(local(e.to_string())))?;
+            }
             Kind::State => {
                 break serde_json::from_slice(&p)
-                    .map_err(|e| refuse(&mut w, RemoteError::Invalid(format!("STATE: {e}"))))?;
+                    .map_err(|e| refuse(RemoteError::Invalid(format!("STATE: {e}"))))?;
             }
-            Kind::Abort => {
-                return Err(RemoteError::Refused(
-                    String::from_utf8_lossy(&p).into_owned(),
-                ))
-            }
+            Kind::Abort => return Err(RemoteError::Refused(wire::parse_reason(&p))),
             other => {
-                return Err(refuse(
-                    &mut w,
-                    RemoteError::Invalid(format!("unexpected {other:?} frame")),
-                ))
+                return Err(refuse(RemoteError::Invalid(format!(
+                    "unexpected {other:?} frame"
+                ))))
             }
         }
     };
-    let (k, _) = wire::read_frame(&mut r)?;
+    let (k, _) = link.recv(FRAME_WAIT)?;
     if k != Kind::Done {
-        return Err(refuse(
-            &mut w,
-            RemoteError::Invalid(format!("expected DONE, got {k:?}")),
-        ));
+        return Err(refuse(RemoteError::Invalid(format!(
+            "expected DONE, got {k:?}"
+        ))));
     }
-    let built = build(shared, &hello, regions, &state);
-    let (vm, fds) = match built {
-        Ok(x) => x,
-        Err(e) => return Err(refuse(&mut w, e)),
-    };
+    let tb = Instant::now();
+    let (vm, fds) = build(shared, &hello, regions, &state).map_err(&refuse)?;
+    let build_ms = tb.elapsed().as_secs_f64() * 1000.0;
+    let th = Instant::now();
     let mut sums = Vec::new();
     for n in vm.nested.lock().unwrap().vms.values() {
         let n = n.lock().unwrap();
@@ -742,23 +1064,60 @@ pub fn receive(
         ok: true,
         error: None,
         checksums: sums,
+        build_ms,
+        verify_ms: th.elapsed().as_secs_f64() * 1000.0,
     };
-    wire::write_frame(
-        &mut w,
-        Kind::Result,
-        serde_json::to_string(&v).unwrap_or_default().as_bytes(),
-    )?;
-    w.flush().map_err(WireError::Io)?;
-    let (k, p) = wire::read_frame(&mut r)?;
-    if k != Kind::Commit {
-        drop(vm.drop_nested());
-        drop(vm.drop_memory());
-        return Err(RemoteError::Refused(format!(
-            "sender did not commit ({k:?}: {})",
-            String::from_utf8_lossy(&p)
-        )));
+    let answered = link
+        .send(
+            Kind::Result,
+            serde_json::to_string(&v).unwrap_or_default().as_bytes(),
+        )
+        .and_then(|_| link.flush(FRAME_WAIT))
+        .and_then(|_| link.recv(FRAME_WAIT));
+    match answered {
+        Ok((Kind::Commit, _)) => {}
+        other => {
+            drop(vm.drop_nested());
+            drop(vm.drop_memory());
+            return Err(RemoteError::Refused(match other {
+                Ok((k, p)) => format!("sender did not commit ({k:?}: {})", wire::parse_reason(&p)),
+                Err(e) => format!("sender did not commit ({e})"),
+            }));
+        }
     }
     vm.start_vcpus(fds);
+    let guests = vm
+        .nested
+        .lock()
+        .unwrap()
+        .vms
+        .values()
+        .map(|n| {
+            let n = n.lock().unwrap();
+            StartedGuest {
+                name: n.name.clone(),
+                moves: n
+                    .record
+                    .as_ref()
+                    .map(|r| r.info.lock().unwrap().moves)
+                    .unwrap_or(0),
+                running: n.state != NestedState::Crashed,
+            }
+        })
+        .collect();
+    let started = Started {
+        running: vm.status() == VmStatus::Running && vm.vcpus_alive(),
+        guests,
+    };
+    // The VM runs here whatever becomes of this last frame.
+    let _ = link
+        .send(
+            Kind::Started,
+            serde_json::to_string(&started)
+                .unwrap_or_default()
+                .as_bytes(),
+        )
+        .and_then(|_| link.flush(Duration::from_secs(5)));
     Ok(vm)
 }
 

@@ -5,18 +5,24 @@
 //! anything is allocated and CRC-checked before it is used, so a truncated
 //! or corrupted stream is rejected with an error that says where, and the
 //! receiver never acts on half a frame. Structured frames carry JSON;
-//! memory frames carry raw pages.
+//! memory frames carry raw pages; runs of zero pages travel as ZERO markers
+//! (region, offset, length) instead of bytes. A refusal travels as REFUSE
+//! with a bounded reason, so the sender can print the receiver's own words.
 
 use std::io::{Read, Write};
 
 /// `"VBMW"`.
 pub const MAGIC: u32 = 0x5642_4d57;
 /// Protocol version.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest payload of one frame.
 pub const MAX_PAYLOAD: usize = 4 << 20;
 /// Bytes of memory per PAGES frame at most.
 pub const CHUNK: usize = 1 << 20;
+/// Longest reason a REFUSE frame carries (longer ones are cut).
+pub const MAX_REASON: usize = 512;
+/// Header bytes of a frame.
+pub const HEADER: usize = 16;
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,8 +40,15 @@ pub enum Kind {
     Result = 5,
     /// Sender → receiver: start running it.
     Commit = 6,
-    /// Either side: give up (UTF-8 reason).
+    /// Sender → receiver: give up (UTF-8 reason).
     Abort = 7,
+    /// Sender → receiver: a run of zero bytes (region u32, offset u64, length u64).
+    Zero = 8,
+    /// Receiver → sender: the migration is refused (UTF-8 reason, at most
+    /// [`MAX_REASON`] bytes).
+    Refuse = 9,
+    /// Receiver → sender: the vCPUs run on this side now (JSON).
+    Started = 10,
 }
 
 impl Kind {
@@ -48,6 +61,9 @@ impl Kind {
             5 => Kind::Result,
             6 => Kind::Commit,
             7 => Kind::Abort,
+            8 => Kind::Zero,
+            9 => Kind::Refuse,
+            10 => Kind::Started,
             _ => return None,
         })
     }
@@ -81,60 +97,84 @@ pub enum WireError {
         /// Sent.
         want: u32,
     },
+    /// The peer did not answer in time.
+    #[error("the peer did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// TLS failed (handshake or record layer).
+    #[error("{0}")]
+    Tls(String),
+    /// The peer speaks TLS and this side does not, or the other way round.
+    #[error("the peer {0}")]
+    TlsMismatch(&'static str),
     /// A frame's contents are inconsistent.
     #[error("malformed {0}")]
     Malformed(String),
 }
 
-fn crc_table() -> &'static [u32; 256] {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, e) in t.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xedb8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-            *e = c;
-        }
-        t
-    })
-}
-
-/// CRC-32 (IEEE).
+/// CRC-32 (IEEE, as in zlib), hardware-accelerated where the CPU has it.
 pub fn crc32(data: &[u8]) -> u32 {
-    let t = crc_table();
-    !data.iter().fold(!0u32, |c, &b| {
-        t[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8)
-    })
+    crc32fast::hash(data)
 }
 
-/// Writes one frame.
-pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
+/// Encodes one frame's header for `payload`.
+pub fn header(kind: Kind, payload: &[u8]) -> Result<[u8; HEADER], WireError> {
     if payload.len() > MAX_PAYLOAD {
         return Err(WireError::TooLong(payload.len()));
     }
-    let mut h = [0u8; 16];
+    let mut h = [0u8; HEADER];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     h[4..6].copy_from_slice(&VERSION.to_le_bytes());
     h[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
     h[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     h[12..16].copy_from_slice(&crc32(payload).to_le_bytes());
+    Ok(h)
+}
+
+/// One whole frame (header and payload) as bytes.
+pub fn encode(kind: Kind, payload: &[u8]) -> Result<Vec<u8>, WireError> {
+    let h = header(kind, payload)?;
+    let mut v = Vec::with_capacity(HEADER + payload.len());
+    v.extend_from_slice(&h);
+    v.extend_from_slice(payload);
+    Ok(v)
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
+    let h = header(kind, payload)?;
     w.write_all(&h)?;
     w.write_all(payload)?;
     Ok(())
 }
 
-/// Reads one frame, checking magic, version, kind, length and CRC.
-pub fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>), WireError> {
-    let mut h = [0u8; 16];
+/// A checked frame header: its kind, payload length (at most
+/// [`MAX_PAYLOAD`]) and the CRC the payload must have.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    /// Kind.
+    pub kind: Kind,
+    /// Payload length.
+    pub len: usize,
+    /// CRC-32 of the payload.
+    pub crc: u32,
+}
+
+/// Reads one frame header, checking magic, version, kind and length.
+pub fn read_header(r: &mut impl Read) -> Result<Header, WireError> {
+    let mut h = [0u8; HEADER];
     r.read_exact(&mut h)?;
     let word = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
     let magic = word(0);
+    if h[0] == 0x15 && h[1] == 3 {
+        return Err(WireError::TlsMismatch(
+            "answered with a TLS alert: it requires TLS (use --tls-dir)",
+        ));
+    }
+    if h[0] == 0x16 && h[1] == 3 {
+        return Err(WireError::TlsMismatch(
+            "started a TLS handshake: it speaks TLS and this side does not (use --tls-dir)",
+        ));
+    }
     if magic != MAGIC {
         return Err(WireError::Magic(magic));
     }
@@ -148,28 +188,68 @@ pub fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>), WireError> {
     if len > MAX_PAYLOAD {
         return Err(WireError::TooLong(len));
     }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)?;
-    let want = word(12);
-    let got = crc32(&payload);
-    if got != want {
-        return Err(WireError::Crc { kind, got, want });
-    }
-    Ok((kind, payload))
+    Ok(Header {
+        kind,
+        len,
+        crc: word(12),
+    })
 }
+
+/// Checks a payload against its header's CRC.
+pub fn check_crc(h: &Header, payload: &[u8]) -> Result<(), WireError> {
+    let got = crc32(payload);
+    if got != h.crc {
+        return Err(WireError::Crc {
+            kind: h.kind,
+            got,
+            want: h.crc,
+        });
+    }
+    Ok(())
+}
+
+/// Reads one frame, checking magic, version, kind, length and CRC.
+pub fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>), WireError> {
+    let h = read_header(r)?;
+    let mut payload = vec![0u8; h.len];
+    r.read_exact(&mut payload)?;
+    check_crc(&h, &payload)?;
+    Ok((h.kind, payload))
+}
+
+/// Bytes before the data in a PAGES payload (region u32, offset u64).
+pub const PAGES_HEAD: usize = 12;
 
 /// Payload of a PAGES frame: region index, offset, then the bytes.
 pub fn pages_payload(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(12 + data.len());
+    let mut v = Vec::with_capacity(PAGES_HEAD + data.len());
     v.extend_from_slice(&region.to_le_bytes());
     v.extend_from_slice(&offset.to_le_bytes());
     v.extend_from_slice(data);
     v
 }
 
+/// A whole PAGES frame (header included), built with one copy of `data`.
+pub fn encode_pages(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER + PAGES_HEAD + data.len());
+    v.extend_from_slice(&[0u8; HEADER]);
+    v.extend_from_slice(&region.to_le_bytes());
+    v.extend_from_slice(&offset.to_le_bytes());
+    v.extend_from_slice(data);
+    let len = v.len() - HEADER;
+    debug_assert!(len <= MAX_PAYLOAD);
+    let crc = crc32(&v[HEADER..]);
+    v[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    v[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    v[6..8].copy_from_slice(&(Kind::Pages as u16).to_le_bytes());
+    v[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+    v[12..16].copy_from_slice(&crc.to_le_bytes());
+    v
+}
+
 /// Splits a PAGES payload.
 pub fn parse_pages(p: &[u8]) -> Result<(u32, u64, &[u8]), WireError> {
-    if p.len() < 12 {
+    if p.len() < PAGES_HEAD {
         return Err(WireError::Malformed(
             "PAGES frame shorter than its header".into(),
         ));
@@ -178,6 +258,53 @@ pub fn parse_pages(p: &[u8]) -> Result<(u32, u64, &[u8]), WireError> {
     let mut o = [0u8; 8];
     o.copy_from_slice(&p[4..12]);
     Ok((region, u64::from_le_bytes(o), &p[12..]))
+}
+
+/// Payload of a range marker (ZERO): region index, offset, length.
+pub fn range_payload(region: u32, offset: u64, len: u64) -> [u8; 20] {
+    let mut v = [0u8; 20];
+    v[0..4].copy_from_slice(&region.to_le_bytes());
+    v[4..12].copy_from_slice(&offset.to_le_bytes());
+    v[12..20].copy_from_slice(&len.to_le_bytes());
+    v
+}
+
+/// Splits a range marker payload.
+pub fn parse_range(p: &[u8]) -> Result<(u32, u64, u64), WireError> {
+    if p.len() != 20 {
+        return Err(WireError::Malformed(format!(
+            "range marker of {} bytes (20 expected)",
+            p.len()
+        )));
+    }
+    let mut o = [0u8; 8];
+    o.copy_from_slice(&p[4..12]);
+    let mut l = [0u8; 8];
+    l.copy_from_slice(&p[12..20]);
+    Ok((
+        u32::from_le_bytes([p[0], p[1], p[2], p[3]]),
+        u64::from_le_bytes(o),
+        u64::from_le_bytes(l),
+    ))
+}
+
+/// A REFUSE payload: the reason, cut to [`MAX_REASON`] bytes at a
+/// character boundary.
+pub fn refuse_payload(reason: &str) -> &[u8] {
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason.as_bytes()[..end]
+}
+
+/// The reason in a REFUSE payload (lossy UTF-8, control characters
+/// replaced, at most [`MAX_REASON`] bytes used).
+pub fn parse_reason(p: &[u8]) -> String {
+    String::from_utf8_lossy(&p[..p.len().min(MAX_REASON)])
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 #[cfg(test)]
@@ -230,5 +357,17 @@ mod tests {
             Err(WireError::Kind(99))
         ));
         assert!(parse_pages(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn markers_and_reasons_are_bounded() {
+        let p = range_payload(3, 8192, 1 << 20);
+        assert_eq!(parse_range(&p).unwrap(), (3, 8192, 1 << 20));
+        assert!(parse_range(&p[..19]).is_err());
+        let long = "é".repeat(MAX_REASON);
+        let r = refuse_payload(&long);
+        assert!(r.len() <= MAX_REASON && std::str::from_utf8(r).is_ok());
+        assert_eq!(parse_reason(b"no\nroom"), "no room");
+        assert_eq!(parse_reason(&[b'x'; 4 * MAX_REASON]).len(), MAX_REASON);
     }
 }

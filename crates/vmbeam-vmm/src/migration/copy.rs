@@ -19,8 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::host::memory::MemFile;
-use crate::nesting::nested::{NestedSlot, NestedVm};
-use crate::sync::RankedMutex;
+use crate::nesting::nested::{NestedRef, NestedSlot};
 
 /// Errors of copy-based migration.
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +164,7 @@ pub struct PrecopyStats {
 }
 
 /// Copies the pages of one round's dirty maps (per guest, per slot).
-fn copy_rounds(copies: &[(Arc<RankedMutex<NestedVm>>, GuestCopy)], maps: &[Vec<Vec<u64>>]) -> u64 {
+fn copy_rounds(copies: &[(NestedRef, GuestCopy)], maps: &[Vec<Vec<u64>>]) -> u64 {
     let mut n = 0;
     for ((_, gc), per) in copies.iter().zip(maps) {
         for (sc, bm) in gc.slots.iter().zip(per) {
@@ -181,7 +180,7 @@ pub const MAX_ROUNDS: u32 = 30;
 /// Runs the live phase of pre-copy for every guest in `vms` (the aged VM's
 /// nested VMs) while they keep running. Leaves dirty logging on.
 pub fn precopy_live(
-    vms: &[Arc<RankedMutex<NestedVm>>],
+    vms: &[NestedRef],
     budget: Duration,
 ) -> Result<(Vec<GuestCopy>, PrecopyStats), CopyError> {
     precopy_live_with(vms, budget, None)
@@ -190,7 +189,7 @@ pub fn precopy_live(
 /// [`precopy_live`] reporting each round to `progress` and stopping with
 /// [`CopyError::Cancelled`] between rounds once it is cancelled.
 pub fn precopy_live_with(
-    vms: &[Arc<RankedMutex<NestedVm>>],
+    vms: &[NestedRef],
     budget: Duration,
     progress: Option<&Arc<crate::progress::Progress>>,
 ) -> Result<(Vec<GuestCopy>, PrecopyStats), CopyError> {

@@ -267,7 +267,7 @@ impl Vmm {
                 _pad: 0,
                 seed: 0x5eed_0000 + i as u64,
                 param0: c.workload_param,
-                param1: 0,
+                param1: c.workload_param1,
             });
         }
         let spec = HostVmSpec {

@@ -21,7 +21,7 @@ use crate::host::hostvm::{HostVm, HostVmError, HostVmSpec, VmStatus};
 use crate::host::images::Images;
 use crate::host::memory::MemFile;
 use crate::migration::rejuvenate::{self, Mode, RejuvenateError, RejuvenateOptions, Report};
-use crate::nesting::nested::NestedVm;
+use crate::nesting::nested::NestedRef;
 use crate::shared::{KvmError, Shared};
 use crate::sync::{Rank, RankedMutex};
 
@@ -70,6 +70,14 @@ pub enum VmmError {
         /// Guest.
         guest: String,
         /// Why.
+        msg: String,
+    },
+    /// The range asked for is not (all) memory of the guest.
+    #[error("cannot inspect {guest}: {msg}")]
+    Unmapped {
+        /// Guest.
+        guest: String,
+        /// Which range.
         msg: String,
     },
     /// An inspect request is malformed (length, numbers).
@@ -148,6 +156,9 @@ pub struct NestedStatus {
     pub moves: u32,
     /// Console lines so far.
     pub console_lines: u64,
+    /// Console bytes dropped by the console's rate limit.
+    #[serde(default)]
+    pub console_dropped_bytes: u64,
     /// Generation of the guest hypervisor running it.
     pub generation: u32,
     /// Host VM line whose guest hypervisor runs it now.
@@ -185,6 +196,12 @@ pub struct HostVmStatus {
     /// Aging injector: pool pages L1 leaks per nested RUN (0 = off).
     #[serde(default)]
     pub age_leak_pages: u32,
+    /// Bytes of the guest hypervisor's own console dropped by its rate limit.
+    #[serde(default)]
+    pub console_dropped_bytes: u64,
+    /// Bounds its guest hypervisor hit, with how often (absent if none).
+    #[serde(default)]
+    pub limits: BTreeMap<String, u64>,
     /// Nested guests.
     pub nested: Vec<NestedStatus>,
     /// Earlier generations of this line, oldest first (at most [`HISTORY_LEN`]).
@@ -202,6 +219,20 @@ pub struct Status {
     pub policy: String,
     /// Host VMs.
     pub host_vms: Vec<HostVmStatus>,
+    /// Jobs running now (a rejuvenation or migration started through the API).
+    #[serde(default)]
+    pub jobs: Vec<crate::control::jobs::JobView>,
+}
+
+/// What [`Vmm::start_with`] changes from the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Boot this guest hypervisor ELF instead of the VMM's (tests).
+    pub hypervisor: Option<Vec<u8>>,
+    /// `BootInfo.flags` (test fault injection and modes; 0 normally).
+    pub flags: u64,
+    /// Nested guests to start instead of the configured number.
+    pub nested: Option<u32>,
 }
 
 /// The VMM.
@@ -213,10 +244,44 @@ pub struct Vmm {
     /// Configuration.
     pub config: VmmConfig,
     lines: RankedMutex<Vec<Arc<Line>>>,
-    busy: RankedMutex<()>,
+    busy: Arc<AtomicBool>,
+    /// Jobs started through the API (long operations and their progress).
+    pub jobs: crate::control::jobs::Jobs,
+    /// Counters behind `GET /api/v1/metrics`.
+    pub metrics: crate::control::metrics::Counters,
     rejuvenating: AtomicBool,
-    events: OnceLock<EventLog>,
+    events: OnceLock<Arc<EventLog>>,
     policy: RankedMutex<String>,
+}
+
+/// The right to run the one rejuvenation or migration that may run at a
+/// time ([`Vmm::exclusive`]); given back when dropped. It can move to the
+/// thread that runs the operation.
+#[derive(Debug)]
+pub struct Exclusive(Arc<AtomicBool>);
+
+impl Drop for Exclusive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit: every
+/// nested VM costs a few descriptors (KVM VM, vCPUs, console), and the
+/// per-host-VM bounds are sized against the hard limit, not a shell's
+/// default of 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Clears a flag when dropped.
@@ -238,6 +303,7 @@ impl Vmm {
         } else {
             ConsoleTarget::Terminal
         };
+        raise_fd_limit();
         let shared = Shared::new(target)?;
         let names: Vec<String> = (0..config.nested).map(|i| format!("l2-{i}")).collect();
         shared.set_bindings(Bindings::open(&config.devices, &names)?);
@@ -246,7 +312,9 @@ impl Vmm {
             images,
             config,
             lines: RankedMutex::new(Rank::Lines, Vec::new()),
-            busy: RankedMutex::new(Rank::Busy, ()),
+            busy: Arc::new(AtomicBool::new(false)),
+            jobs: Default::default(),
+            metrics: Default::default(),
             rejuvenating: AtomicBool::new(false),
             events: OnceLock::new(),
             policy: RankedMutex::new(Rank::Signal, "manual".into()),
@@ -255,9 +323,15 @@ impl Vmm {
 
     /// Boots host VM `name` with the configured nested guests.
     pub fn start(&self, name: &str) -> Result<Arc<HostVm>, VmmError> {
+        self.start_with(name, &StartOptions::default())
+    }
+
+    /// Boots host VM `name`, with `opts` changing what the configuration
+    /// says (tests run another guest hypervisor beside the real one).
+    pub fn start_with(&self, name: &str, opts: &StartOptions) -> Result<Arc<HostVm>, VmmError> {
         let c = &self.config;
         let mut nested = Vec::new();
-        for i in 0..c.nested {
+        for i in 0..opts.nested.unwrap_or(c.nested) {
             let w = c.workloads[i as usize % c.workloads.len()];
             let module = self.images.module_index(w.kind()).unwrap_or(0);
             nested.push(NestedSpec {
@@ -278,7 +352,7 @@ impl Vmm {
             pool: c.pool_size(),
             vcpus: c.vcpus,
             nested,
-            flags: 0,
+            flags: opts.flags,
             slice_us: c.slice_us,
             age_leak_pages: c.age_leak_pages,
         };
@@ -290,7 +364,9 @@ impl Vmm {
         let vm = HostVm::boot(
             self.shared.clone(),
             spec,
-            &self.images.hypervisor,
+            opts.hypervisor
+                .as_deref()
+                .unwrap_or(&self.images.hypervisor),
             &self.images.modules,
             channel,
             None,
@@ -353,7 +429,31 @@ impl Vmm {
         opts: &RejuvenateOptions,
         trigger: &Trigger,
     ) -> Result<Report, VmmError> {
+        let excl = self.exclusive()?;
+        self.rejuvenate_exclusive(excl, name, opts, trigger)
+    }
+
+    /// Takes the right to run a rejuvenation or migration, or fails with
+    /// [`VmmError::Busy`] if one runs.
+    pub fn exclusive(&self) -> Result<Exclusive, VmmError> {
+        self.busy
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .map_err(|_| VmmError::Busy)?;
+        Ok(Exclusive(self.busy.clone()))
+    }
+
+    /// [`Vmm::rejuvenate_because`] with the right to run already taken
+    /// (a job takes it when it is accepted, so a second one gets 409).
+    pub fn rejuvenate_exclusive(
+        &self,
+        excl: Exclusive,
+        name: Option<&str>,
+        opts: &RejuvenateOptions,
+        trigger: &Trigger,
+    ) -> Result<Report, VmmError> {
         let res = self.rejuvenate_inner(name, opts, trigger);
+        drop(excl);
+        self.metrics.rejuvenation(&res);
         let mut fields = serde_json::json!({
             "vm": name,
             "trigger": trigger.as_str(),
@@ -361,11 +461,21 @@ impl Vmm {
         });
         match &res {
             Ok(r) => {
+                tracing::info!(
+                    trigger = trigger.as_str(),
+                    "{} rejuvenated ({}): generation {} -> {} in {:.1} ms",
+                    r.vm,
+                    r.mode,
+                    r.from_generation,
+                    r.to_generation,
+                    r.total_ms
+                );
                 fields["vm"] = r.vm.clone().into();
                 fields["report"] = serde_json::to_value(r).unwrap_or_default();
                 self.event("rejuvenated", fields);
             }
             Err(e) => {
+                tracing::error!(trigger = trigger.as_str(), "{e}");
                 fields["error"] = e.to_string().into();
                 self.event("rejuvenate_failed", fields);
             }
@@ -379,7 +489,6 @@ impl Vmm {
         opts: &RejuvenateOptions,
         trigger: &Trigger,
     ) -> Result<Report, VmmError> {
-        let _guard = self.busy.try_lock().map_err(|_| VmmError::Busy)?;
         self.rejuvenating.store(true, Ordering::SeqCst);
         let _flag = FlagGuard(&self.rejuvenating);
         let line = self.line(name)?;
@@ -427,12 +536,15 @@ impl Vmm {
     /// Sends events (rejuvenation reports, failures, policy decisions) to
     /// `log` from now on; only the first call has an effect.
     pub fn set_event_log(&self, log: EventLog) {
-        let _ = self.events.set(log);
+        let log = Arc::new(log);
+        if self.events.set(log.clone()).is_ok() {
+            self.shared.set_event_sink(log);
+        }
     }
 
     /// The events file, if any.
     pub fn event_log(&self) -> Option<&EventLog> {
-        self.events.get()
+        self.events.get().map(|l| &**l)
     }
 
     /// Appends one event line (see [`EventLog::log`]) if an events file is
@@ -440,7 +552,7 @@ impl Vmm {
     pub fn event(&self, event: &str, fields: serde_json::Value) {
         if let Some(log) = self.events.get() {
             if let Err(e) = log.log(event, fields) {
-                eprintln!("vmbeam: {e}");
+                tracing::error!("{e}");
             }
         }
     }
@@ -475,7 +587,20 @@ impl Vmm {
         to: &str,
         opts: &crate::migration::remote::MigrateOptions,
     ) -> Result<Report, VmmError> {
-        let _guard = self.busy.try_lock().map_err(|_| VmmError::Busy)?;
+        let excl = self.exclusive()?;
+        self.migrate_exclusive(excl, name, to, opts)
+    }
+
+    /// [`Vmm::migrate_with`] with the right to run already taken (a job
+    /// takes it when it is accepted, so a second one gets 409).
+    pub fn migrate_exclusive(
+        &self,
+        excl: Exclusive,
+        name: Option<&str>,
+        to: &str,
+        opts: &crate::migration::remote::MigrateOptions,
+    ) -> Result<Report, VmmError> {
+        let _excl = excl;
         let line = self.line(name)?;
         let vm = line.current.lock().unwrap().clone();
         let with = guests_with_devices(&vm);
@@ -488,7 +613,18 @@ impl Vmm {
                 what: "host-to-host migration (their disks and TAPs are local to this host)".into(),
             });
         }
-        let report = crate::migration::remote::migrate_out_with(&vm, to, opts)?;
+        let res = crate::migration::remote::migrate_out_with(&vm, to, opts);
+        self.metrics.migration(&res);
+        match &res {
+            Ok(r) => tracing::info!(
+                "{} migrated to {to}: {} bytes sent, paused {:.1} ms",
+                r.vm,
+                r.bytes_copied,
+                r.handover_ms
+            ),
+            Err(e) => tracing::error!("migration of {} to {to} failed: {e}", line.name),
+        }
+        let report = res?;
         self.lines
             .lock()
             .unwrap()
@@ -527,9 +663,14 @@ impl Vmm {
     }
 
     /// The status tree.
+    ///
+    /// It never waits for a guest: nested VMs are read from the summary
+    /// each publishes when its lock is released (a RUN holds that lock for
+    /// a whole slice), and no lock is held across another host VM's.
     pub fn status(&self) -> Status {
+        let lines: Vec<Arc<Line>> = self.lines.lock().unwrap().clone();
         let mut host_vms = Vec::new();
-        for l in self.lines.lock().unwrap().iter() {
+        for l in lines {
             let vm = l.current.lock().unwrap().clone();
             let (health, health_reports) = {
                 let h = vm.health.lock().unwrap();
@@ -538,8 +679,8 @@ impl Vmm {
             let mut nested = Vec::new();
             let vms: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
             for n in vms {
-                let n = n.lock().unwrap();
-                let (moves, lines, host_vm, generation) = n
+                let n = n.summary();
+                let (moves, lines, dropped, host_vm, generation) = n
                     .record
                     .as_ref()
                     .map(|r| {
@@ -549,22 +690,29 @@ impl Vmm {
                         } else {
                             (vm.spec.line.clone(), vm.spec.generation)
                         };
-                        (info.moves, r.console.lines(), line, g)
+                        (
+                            info.moves,
+                            r.console.lines(),
+                            r.console.dropped_bytes(),
+                            line,
+                            g,
+                        )
                     })
-                    .unwrap_or((0, 0, vm.spec.line.clone(), vm.spec.generation));
+                    .unwrap_or((0, 0, 0, vm.spec.line.clone(), vm.spec.generation));
                 nested.push(NestedStatus {
                     name: n.name.clone(),
                     handle: n.handle,
-                    mem_bytes: n.mem_bytes(),
+                    mem_bytes: n.mem_bytes,
                     state: n.state.as_str().to_string(),
-                    vcpus: n.vcpu_count(),
+                    vcpus: n.vcpus,
                     runs: n.runs,
                     exits: n.exits,
                     moves,
                     console_lines: lines,
+                    console_dropped_bytes: dropped,
                     generation,
                     host_vm,
-                    devices: n.devices.status(),
+                    devices: n.devices.clone(),
                 });
             }
             host_vms.push(HostVmStatus {
@@ -582,6 +730,8 @@ impl Vmm {
                 health,
                 health_reports,
                 age_leak_pages: vm.spec.age_leak_pages,
+                console_dropped_bytes: vm.console().dropped_bytes(),
+                limits: vm.refusals.named(),
                 nested,
                 retired: l.retired.lock().unwrap().iter().cloned().collect(),
             });
@@ -590,13 +740,14 @@ impl Vmm {
             version: env!("CARGO_PKG_VERSION").to_string(),
             policy: self.policy.lock().unwrap().clone(),
             host_vms,
+            jobs: self.jobs.running().iter().map(|j| j.view()).collect(),
         }
     }
 
     /// The host VM and nested VM that run guest `name` now, found through
     /// the guest's record (its identity on this host), so the answer follows
     /// the guest across moves. `None` while it is bound to no VM.
-    fn locate(&self, name: &str) -> Option<(Arc<HostVm>, Arc<RankedMutex<NestedVm>>)> {
+    fn locate(&self, name: &str) -> Option<(Arc<HostVm>, NestedRef)> {
         let record = self.shared.find_record(name)?;
         let (bound, handle) = {
             let info = record.info.lock().unwrap();
@@ -653,10 +804,18 @@ impl Vmm {
                         continue;
                     }
                     let bytes = n.read(gpa, len).map_err(|s| {
-                        err(format!(
+                        let msg = format!(
                             "[{gpa:#x}, {:#x}) is not all mapped guest memory ({s:?})",
                             gpa + len
-                        ))
+                        );
+                        if s == vmbeam_abi::hypercall::Status::OutOfRange {
+                            VmmError::Unmapped {
+                                guest: guest.to_string(),
+                                msg,
+                            }
+                        } else {
+                            err(msg)
+                        }
                     })?;
                     let moves = n
                         .record
@@ -694,15 +853,25 @@ impl Vmm {
             guest: guest.to_string(),
             msg,
         };
-        for l in self.lines.lock().unwrap().iter() {
-            let vm = l.current.lock().unwrap().clone();
+        for (_, vm) in self.current_vms() {
             let vms: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
             for n in vms {
+                if n.summary().name != guest {
+                    continue;
+                }
                 let n = n.lock().unwrap();
                 if n.name == guest {
-                    return n
-                        .checksum_range(gpa, len)
-                        .map_err(|s| err(format!("range not readable ({s:?})")));
+                    return n.checksum_range(gpa, len).map_err(|s| {
+                        let msg = format!("range not readable ({s:?})");
+                        if s == vmbeam_abi::hypercall::Status::OutOfRange {
+                            VmmError::Unmapped {
+                                guest: guest.to_string(),
+                                msg,
+                            }
+                        } else {
+                            err(msg)
+                        }
+                    });
                 }
             }
         }

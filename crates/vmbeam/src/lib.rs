@@ -3,6 +3,8 @@
 
 pub mod cli;
 pub mod demo;
+pub mod follow;
+pub mod logging;
 pub mod run;
 
 use vmbeam_abi::boot::workload;
@@ -19,6 +21,14 @@ pub const TICKER_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ticker.e
 /// The bundled blkcheck workload ELF (virtio-blk).
 pub const BLKCHECK_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blkcheck.elf"));
 
+/// The `error` sentence of an API error body (or the body itself).
+pub fn error_of(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| body.to_string())
+}
+
 /// The embedded images, optionally with another guest hypervisor ELF.
 pub fn images(hypervisor: Option<Vec<u8>>) -> Result<Images, LoaderError> {
     let mut i = Images::new(
@@ -33,3 +43,9 @@ pub fn images(hypervisor: Option<Vec<u8>>) -> Result<Images, LoaderError> {
 /// A deliberately hostile guest hypervisor used by tests: it sends invalid
 /// hypercalls and checks that L0 refuses each one.
 pub const HOSTILE_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hostile.elf"));
+
+/// A test-only guest hypervisor that drives L0 to its bounds from every
+/// vCPU (modes in `vmbeam_abi::boot::stress`): name churn, VM_MAP and
+/// VM_CREATE races, console floods, never-exiting nested guests, interrupt
+/// injection.
+pub const STRESS_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/stress.elf"));

@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 use vmbeam_abi::hypercall::{GrantRange, Status};
 use vmbeam_abi::layout;
 
-use crate::nesting::nested::{GuestRecord, NestedVm};
-use crate::sync::RankedMutex;
+use crate::nesting::nested::{GuestRecord, NestedRef};
 
 /// Phase of a handover. Transitions (each one a method of [`Handover`]):
 ///
@@ -104,7 +103,7 @@ pub enum BatchStep {
 #[derive(Clone)]
 pub struct Batch {
     /// The nested VM (shared by both tables until it moves).
-    pub vm: Arc<RankedMutex<NestedVm>>,
+    pub vm: NestedRef,
     /// The aged L1's address of its `GuestLive` (0: L0 offered it, no state).
     pub live_aged: u64,
     /// The successor's address of its `GuestLive`.

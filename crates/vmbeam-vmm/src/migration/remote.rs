@@ -44,6 +44,14 @@ pub enum RemoteError {
     /// The destination address is not `tcp://HOST:PORT` or `HOST:PORT`.
     #[error("bad destination '{0}': use tcp://HOST:PORT")]
     Address(String),
+    /// The destination's host name does not resolve.
+    #[error("cannot resolve the destination host '{host}': {msg}")]
+    Resolve {
+        /// Host name.
+        host: String,
+        /// Resolver's answer.
+        msg: String,
+    },
     /// The stream failed.
     #[error(transparent)]
     Wire(#[from] WireError),
@@ -249,7 +257,7 @@ impl Dirty {
 fn collect_dirty(
     vm: &HostVm,
     regions: &[Region],
-    nested: &[Arc<crate::sync::RankedMutex<NestedVm>>],
+    nested: &[crate::nesting::nested::NestedRef],
 ) -> Dirty {
     let mut d = Dirty::new(regions);
     for (i, r) in regions.iter().enumerate() {
@@ -444,13 +452,29 @@ fn refusal_or(link: &Link, e: WireError) -> RemoteError {
 /// Parses `tcp://HOST:PORT` or `HOST:PORT`.
 pub fn parse_addr(to: &str) -> Result<String, RemoteError> {
     let a = to.strip_prefix("tcp://").unwrap_or(to);
-    if a.to_socket_addrs()
-        .map(|mut i| i.next().is_some())
-        .unwrap_or(false)
-    {
-        Ok(a.to_string())
-    } else {
-        Err(RemoteError::Address(to.to_string()))
+    let bad = || RemoteError::Address(to.escape_debug().to_string());
+    let (host, port) = a.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && (host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            || (host.starts_with('[') && host.ends_with(']')));
+    if !host_ok || port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    port.parse::<u16>().map_err(|_| bad())?;
+    // A well-formed address whose name does not resolve is a DNS failure,
+    // and says so.
+    match a.to_socket_addrs().map(|mut i| i.next()) {
+        Ok(Some(_)) => Ok(a.to_string()),
+        Ok(None) => Err(RemoteError::Resolve {
+            host: host.to_string(),
+            msg: "no address found".into(),
+        }),
+        Err(e) => Err(RemoteError::Resolve {
+            host: host.to_string(),
+            msg: e.to_string(),
+        }),
     }
 }
 
@@ -1199,14 +1223,12 @@ fn build(
                 d.name
             )));
         }
-        if let Some(r) = shared.records.lock().unwrap().get(&d.name) {
-            if r.info.lock().unwrap().bound_vm != 0 {
-                return Err(RemoteError::Invalid(format!(
-                    "a nested guest named {} already runs here",
-                    d.name
-                )));
+        let rec = shared.claim_record(&d.name).map_err(|e| match e {
+            crate::shared::ClaimError::Taken(_) => {
+                RemoteError::Invalid(format!("a nested guest named {} already runs here", d.name))
             }
-        }
+            e => local(e.to_string()),
+        })?;
         let mut n =
             NestedVm::new(&shared.kvm, d.handle, &d.name).map_err(|s| local(format!("{s:?}")))?;
         for &(l1, l2, len) in &d.slots {
@@ -1237,7 +1259,6 @@ fn build(
         if d.crashed {
             n.state = NestedState::Crashed;
         }
-        let rec = shared.record(&d.name).map_err(|e| local(e.to_string()))?;
         {
             let mut info = rec.info.lock().unwrap();
             info.bound_vm = hv.id;
@@ -1249,13 +1270,9 @@ fn build(
         }
         n.record = Some(rec);
         table.next_handle = table.next_handle.max(d.handle);
-        table.vms.insert(
-            d.handle,
-            Arc::new(crate::sync::RankedMutex::new(
-                crate::sync::Rank::NestedVm,
-                n,
-            )),
-        );
+        table.add(d.handle, n).map_err(|s| {
+            RemoteError::Invalid(format!("{}: slots overlap another guest's ({s:?})", d.name))
+        })?;
     }
     drop(table);
     Ok((hv, fds))

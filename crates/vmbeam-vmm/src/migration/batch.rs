@@ -328,7 +328,7 @@ pub fn run_gate(vm: &HostVm, handle: u32) -> Result<Gate, Status> {
             };
             let b = m.batch.as_mut().expect("batch move");
             match b.step {
-                BatchStep::Moved => Err(Status::Moved),
+                BatchStep::Moved | BatchStep::Switching => Err(Status::Moved),
                 BatchStep::Taken if moving && i == head => {
                     b.step = BatchStep::LastRun;
                     Ok(gate)
@@ -352,7 +352,13 @@ pub fn run_gate(vm: &HostVm, handle: u32) -> Result<Gate, Status> {
             step = arrived(h);
             !matches!(
                 step,
-                Some((BatchStep::Taken | BatchStep::LastRun | BatchStep::Taking, _))
+                Some((
+                    BatchStep::Taken
+                        | BatchStep::LastRun
+                        | BatchStep::Taking
+                        | BatchStep::Switching,
+                    _
+                ))
             )
         });
         match step {
@@ -375,6 +381,19 @@ pub fn run_gate(vm: &HostVm, handle: u32) -> Result<Gate, Status> {
 /// RUN of it proceeds. Nothing of the guest's memory is touched.
 pub fn complete_move(s: &Session, i: usize) -> Result<(), String> {
     let succ = s.successor().ok_or("no successor")?;
+    // Claim the move: exactly one thread switches a guest over.
+    let claimed = s.with(|h| {
+        let b = h.moves.get_mut(i)?.batch.as_mut()?;
+        if matches!(b.step, BatchStep::Taken | BatchStep::LastRun) {
+            b.step = BatchStep::Switching;
+            Some(())
+        } else {
+            None
+        }
+    });
+    if claimed.is_none() {
+        return Ok(());
+    }
     let (nvm, live_aged, live_succ, aged_handle, side, record, ranges) = s
         .with(|h| {
             let m = &h.moves[i];

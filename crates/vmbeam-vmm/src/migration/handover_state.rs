@@ -93,6 +93,9 @@ pub enum BatchStep {
     /// Its last run under the aged L1 is under way or done; the move
     /// completes at the aged L1's next hypercall (its exit is handled).
     LastRun,
+    /// Being moved right now by one thread (the aged L1's hook or the
+    /// orchestrator): nobody else moves it, and neither L1 runs it.
+    Switching,
     /// Moved: it belongs to the successor.
     Moved,
     /// The move failed; it stays with the aged L1.

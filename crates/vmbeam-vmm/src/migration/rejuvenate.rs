@@ -596,10 +596,10 @@ impl<'a> Rejuvenation<'a> {
             if stuck || self.aged_dead().is_some() || Instant::now() >= deadline {
                 // The aged L1 did not get to this guest (or died): L0 moves
                 // it itself (its exits were all handled long ago).
+                // (A no-op if the aged L1 is switching it over right now.)
                 if let Err(e) = batch::complete_move(&self.session, head) {
                     batch::fail_move(&self.session, head, &e);
                 }
-                continue;
             }
             self.session.wait_change(Duration::from_millis(2));
         }

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmbeam_vmm::control::api::ApiServer;
@@ -382,7 +382,8 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
 
     let deadline = args
         .duration
-        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+        .and_then(|d| d.limit())
+        .and_then(|d| Instant::now().checked_add(d));
     let result = loop {
         if let Err(e) = em.run_with_timeout(50) {
             break Err(RunError::Events(format!("{e:?}")));

@@ -247,3 +247,88 @@ fn the_api_answers_when_l0_is_out_of_descriptors() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The memory slots (file, offset, length) of nested guest `name` of the
+/// host VM serving line `line` now.
+fn slots_of(
+    v: &vmbeam_vmm::vmm::Vmm,
+    line: &str,
+    name: &str,
+) -> Vec<(Arc<vmbeam_vmm::host::memory::MemFile>, u64, u64)> {
+    let vm = v.current(Some(line)).unwrap();
+    let vms: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
+    for n in vms {
+        let n = n.lock().unwrap();
+        if n.name == name {
+            return n
+                .slots
+                .iter()
+                .map(|s| (s.file.clone(), s.file_offset, s.len))
+                .collect();
+        }
+    }
+    Vec::new()
+}
+
+fn data_bytes(slots: &[(Arc<vmbeam_vmm::host::memory::MemFile>, u64, u64)]) -> u64 {
+    slots
+        .iter()
+        .flat_map(|(f, off, len)| f.extents(*off, *len))
+        .filter(|e| e.2)
+        .map(|e| e.1)
+        .sum()
+}
+
+#[test]
+fn a_destroyed_guest_returns_its_pages_after_moves() {
+    if !common::kvm_or_skip("a_destroyed_guest_returns_its_pages_after_moves") {
+        return;
+    }
+    let dir = common::temp_dir("bounds-punch");
+    // l2-0 memtouch (forever: its rounds are many), l2-1 ticker that
+    // faults after 250 ticks (about 5 s), so its guest hypervisor destroys
+    // it after two moves.
+    let config = VmmConfig {
+        nested: 2,
+        workload_param: 250,
+        ..Default::default()
+    };
+    let v = common::vmm(&dir, config);
+    v.start("hv0").unwrap();
+    assert!(v.wait_healthy(Duration::from_secs(60)));
+    for gen in 2..=3 {
+        let r = v.rejuvenate(None, &Default::default()).unwrap();
+        assert_eq!(r.to_generation, gen);
+    }
+    let slots = slots_of(&v, "hv0", "l2-1");
+    assert!(!slots.is_empty(), "l2-1 was destroyed before its moves");
+    // Its pages live in generation 1's pool, mapped into generation 3.
+    assert!(
+        slots.iter().all(|(f, _, _)| f.name.contains("g1-pool")),
+        "{:?}",
+        slots.iter().map(|s| &s.0.name).collect::<Vec<_>>()
+    );
+    let before = data_bytes(&slots);
+    assert!(before > 0);
+    let siblings = slots_of(&v, "hv0", "l2-0");
+    let sibling_before = data_bytes(&siblings);
+    common::wait_console(&dir, "hv0-g3", Duration::from_secs(60), |t| {
+        t.contains("nested guest l2-1 crashed")
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !slots_of(&v, "hv0", "l2-1").is_empty() {
+        assert!(Instant::now() < deadline, "l2-1 was not destroyed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = data_bytes(&slots);
+    println!("l2-1: {before} bytes of pages before, {after} after; sibling {sibling_before}");
+    assert_eq!(
+        after, 0,
+        "the destroyed guest's pages stay in generation 1's pool"
+    );
+    // The sibling from the same memfd is untouched and keeps running.
+    assert!(data_bytes(&siblings) >= sibling_before);
+    let base = common::progress(&dir, 1);
+    common::wait_beyond(&dir, 0, base[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -30,6 +30,12 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     if t.is_empty() {
         return Err(bad());
     }
+    // `MiB`, `GiB`, … and `MB`, `GB` mean the same as `M`, `G` (binary).
+    let unit = |r: &str| r.ends_with(|c: char| "kKmMgGtT".contains(c));
+    let t = ["iB", "ib", "B", "b"]
+        .iter()
+        .find_map(|suf| t.strip_suffix(suf).filter(|r| unit(r)))
+        .unwrap_or(t);
     let (num, mult) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let m: u64 = match c.to_ascii_uppercase() {
@@ -246,6 +252,11 @@ mod tests {
         assert_eq!(parse_size("64M"), Ok(64 << 20));
         assert_eq!(parse_size("4g"), Ok(4 << 30));
         assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("16KB"), Ok(16 << 10));
+        assert!(parse_size("16iB").is_err());
+        assert!(parse_size("MiB").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("-1M").is_err());

@@ -22,6 +22,7 @@ use crate::host::loader::FlatImage;
 use crate::host::memory::Region;
 use crate::migration::handover::{self, GuestMove, Phase, Session};
 use crate::nesting::nested::NestedState;
+use crate::progress::{Phase as JobPhase, Progress};
 use crate::shared::Shared;
 
 /// Where a rejuvenation reports its phases: `(event, fields)`, the hook
@@ -68,6 +69,10 @@ pub struct RejuvenateOptions {
     /// successor instead of the VMM's image (`None`, the default, boots the
     /// VMM's own). Not settable through the HTTP API.
     pub successor_image: Option<Vec<u8>>,
+    /// Progress to report to and the cancel flag to obey (API jobs). A
+    /// cancel is honoured at every point before commit: the handover rolls
+    /// back.
+    pub progress: Option<Arc<Progress>>,
 }
 
 impl Default for RejuvenateOptions {
@@ -79,6 +84,7 @@ impl Default for RejuvenateOptions {
             timeout: Duration::from_secs(60),
             downtime_budget: Duration::from_millis(300),
             successor_image: None,
+            progress: None,
         }
     }
 }
@@ -259,13 +265,18 @@ pub fn rejuvenate(
     }
     let mut r = Rejuvenation::new(shared, hypervisor, modules, aged, opts, events);
     r.boot_successor()?;
+    r.check_cancel()?;
     r.precopy()?;
+    r.check_cancel()?;
     match r.hand_over() {
         Ok(()) => {}
         Err(Failure::AgedDied(m)) => r.rescue(m)?,
         Err(Failure::Other(m)) => return Err(r.rollback(m)),
     }
     r.verify().map_err(|m| r.rollback(m))?;
+    // The last point where a cancel rolls back.
+    r.check_cancel()?;
+    r.progress(JobPhase::Committing);
     let revoked = r.revoke();
     Ok(r.commit(revoked))
 }
@@ -323,6 +334,13 @@ impl<'a> Rejuvenation<'a> {
         let rss_before = rss_bytes();
         let cpu0 = cpu_ms();
         let session = Self::new_session(aged, opts);
+        if let Some(p) = &opts.progress {
+            let vms: Vec<_> = aged.nested.lock().unwrap().vms.values().cloned().collect();
+            p.set_guests_total(vms.len() as u64);
+            if opts.mode != Mode::ZeroCopy {
+                p.set_bytes_total(vms.iter().map(|v| v.lock().unwrap().mem_bytes()).sum());
+            }
+        }
         Rejuvenation {
             shared,
             hypervisor,
@@ -356,7 +374,30 @@ impl<'a> Rejuvenation<'a> {
         session
     }
 
+    /// Moves the job's progress (if any) to `phase`.
+    fn progress(&self, phase: JobPhase) {
+        if let Some(p) = &self.opts.progress {
+            p.set_phase(phase);
+        }
+    }
+
+    /// Why to stop now, if the job was cancelled.
+    fn cancelled(&self) -> Option<String> {
+        crate::progress::check(self.opts.progress.as_ref())
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    /// Rolls back if the job was cancelled (between phases, before commit).
+    fn check_cancel(&mut self) -> Result<(), RejuvenateError> {
+        match self.cancelled() {
+            Some(m) => Err(self.rollback(m)),
+            None => Ok(()),
+        }
+    }
+
     fn event(&self, phase: &str, mut fields: serde_json::Value) {
+        tracing::info!(vm = %self.line, generation = self.generation, "rejuvenation phase: {phase}");
         fields["vm"] = self.line.clone().into();
         fields["phase"] = phase.into();
         fields["generation"] = self.generation.into();
@@ -388,6 +429,7 @@ impl<'a> Rejuvenation<'a> {
     /// held. A boot error detaches the session (nothing was frozen).
     fn boot_with(&mut self, fault: u64, image: &[u8]) -> Result<(), RejuvenateError> {
         self.event("booting", serde_json::json!({}));
+        self.progress(JobPhase::Booting);
         let mut spec = self.aged.spec.clone();
         spec.generation += 1;
         spec.role = ROLE_SUCCESSOR;
@@ -418,7 +460,7 @@ impl<'a> Rejuvenation<'a> {
         let boot_wait = self.session.wait_phase(
             self.opts.timeout.min(Duration::from_secs(30)),
             |p| *p == Phase::Ready,
-            || self.succ_dead(),
+            || self.succ_dead().or_else(|| self.cancelled()),
         );
         if let Err(m) = boot_wait {
             return Err(self.rollback(format!("the successor did not become ready: {m}")));
@@ -455,7 +497,12 @@ impl<'a> Rejuvenation<'a> {
             .values()
             .cloned()
             .collect();
-        match crate::migration::copy::precopy_live(&vms, self.opts.downtime_budget) {
+        self.progress(JobPhase::Precopy);
+        match crate::migration::copy::precopy_live_with(
+            &vms,
+            self.opts.downtime_budget,
+            self.opts.progress.as_ref(),
+        ) {
             Ok((copies, stats)) => {
                 self.session.with(|h| h.bytes_copied += stats.live_bytes);
                 *self.session.precopied.lock().unwrap() = copies;
@@ -483,6 +530,7 @@ impl<'a> Rejuvenation<'a> {
             )));
         }
         self.event("handing_over", serde_json::json!({}));
+        self.progress(JobPhase::HandingOver);
         let f = self.opts.fault;
         self.aged
             .set_control(if f & fault::AGED_CRASH_AFTER_FIRST != 0 {
@@ -500,7 +548,11 @@ impl<'a> Rejuvenation<'a> {
             self.session.wait_phase(
                 self.opts.timeout,
                 |p| matches!(p, Phase::AgedDone | Phase::Aborted(_)),
-                || self.succ_dead().or_else(|| self.aged_dead()),
+                || {
+                    self.succ_dead()
+                        .or_else(|| self.aged_dead())
+                        .or_else(|| self.cancelled())
+                },
             )
         };
         match done {
@@ -620,6 +672,7 @@ impl<'a> Rejuvenation<'a> {
         if !self.opts.verify {
             return Ok(());
         }
+        self.progress(JobPhase::Verifying);
         let moves: Vec<GuestMove> = self.session.with(|h| h.moves.clone());
         if self.opts.fault & fault::FLIP_BYTE_BEFORE_VERIFY != 0 {
             flip_first_granted(&moves, self.succ());
@@ -829,6 +882,12 @@ impl<'a> Rejuvenation<'a> {
             transfer: None,
         };
         *self.session.successor.lock().unwrap() = None;
+        if let Some(p) = &self.opts.progress {
+            p.set_guests_done(report.guests.iter().filter(|g| g.running_after).count() as u64);
+            if self.opts.mode == Mode::Copy {
+                p.add_bytes(report.bytes_copied);
+            }
+        }
         self.event(
             "committed",
             serde_json::json!({"to_generation": succ.spec.generation, "guests": moves.len(),
@@ -844,6 +903,7 @@ impl<'a> Rejuvenation<'a> {
     /// detaches the session from both sides. Invariant: every guest runs
     /// under the aged guest hypervisor; nothing of the successor is left.
     fn rollback(&mut self, msg: String) -> RejuvenateError {
+        self.progress(JobPhase::RollingBack);
         self.session.with(|h| h.begin_abort(&msg));
         handover::give_back(&self.session, self.aged);
         if self.opts.mode == Mode::Precopy {

@@ -44,6 +44,14 @@ pub enum RemoteError {
     /// The destination address is not `tcp://HOST:PORT` or `HOST:PORT`.
     #[error("bad destination '{0}': use tcp://HOST:PORT")]
     Address(String),
+    /// The destination's host name does not resolve.
+    #[error("cannot resolve the destination host '{host}': {msg}")]
+    Resolve {
+        /// Host name.
+        host: String,
+        /// Resolver's answer.
+        msg: String,
+    },
     /// The stream failed.
     #[error(transparent)]
     Wire(#[from] WireError),
@@ -444,13 +452,29 @@ fn refusal_or(link: &Link, e: WireError) -> RemoteError {
 /// Parses `tcp://HOST:PORT` or `HOST:PORT`.
 pub fn parse_addr(to: &str) -> Result<String, RemoteError> {
     let a = to.strip_prefix("tcp://").unwrap_or(to);
-    if a.to_socket_addrs()
-        .map(|mut i| i.next().is_some())
-        .unwrap_or(false)
-    {
-        Ok(a.to_string())
-    } else {
-        Err(RemoteError::Address(to.to_string()))
+    let bad = || RemoteError::Address(to.escape_debug().to_string());
+    let (host, port) = a.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && (host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            || (host.starts_with('[') && host.ends_with(']')));
+    if !host_ok || port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    port.parse::<u16>().map_err(|_| bad())?;
+    // A well-formed address whose name does not resolve is a DNS failure,
+    // and says so.
+    match a.to_socket_addrs().map(|mut i| i.next()) {
+        Ok(Some(_)) => Ok(a.to_string()),
+        Ok(None) => Err(RemoteError::Resolve {
+            host: host.to_string(),
+            msg: "no address found".into(),
+        }),
+        Err(e) => Err(RemoteError::Resolve {
+            host: host.to_string(),
+            msg: e.to_string(),
+        }),
     }
 }
 

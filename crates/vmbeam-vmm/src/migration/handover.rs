@@ -322,6 +322,8 @@ fn hold(s: &Session, n: &NestedRef, asked: Option<Instant>) -> Result<Held, Stat
         (Some(e), None) => e,
         (None, a) => a.unwrap_or_else(Instant::now),
     };
+    // Its devices stop writing its memory too, until it runs again.
+    n.devices.pause();
     let t = Instant::now();
     let checksum = s.verify.then(|| n.checksum_all());
     let hashing = if s.verify {

@@ -654,6 +654,9 @@ impl NestedVm {
             return Err(Status::BadState);
         }
         let slice = slice.clamp(SLICE_BOUNDS.0, SLICE_BOUNDS.1);
+        // The guest runs again (after a move or a rollback): so do its
+        // devices.
+        self.devices.resume();
         // Check the index before counting: a refused RUN must leave `runs`
         // alone (`runs == 0` marks the first entry after a move).
         self.vcpu(idx)?;

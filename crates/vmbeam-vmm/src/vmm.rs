@@ -329,6 +329,7 @@ impl Vmm {
     /// Boots host VM `name`, with `opts` changing what the configuration
     /// says (tests run another guest hypervisor beside the real one).
     pub fn start_with(&self, name: &str, opts: &StartOptions) -> Result<Arc<HostVm>, VmmError> {
+        crate::config::check_line_name(name)?;
         let c = &self.config;
         let mut nested = Vec::new();
         for i in 0..opts.nested.unwrap_or(c.nested) {

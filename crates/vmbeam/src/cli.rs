@@ -200,11 +200,11 @@ pub struct RunArgs {
     /// Control API socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
-    /// Exit cleanly after this many seconds.
-    #[arg(long)]
-    pub duration: Option<f64>,
-    /// Name of the host VM.
-    #[arg(long, default_value = "hv0")]
+    /// Exit cleanly after this many seconds (`inf`: run until stopped).
+    #[arg(long, value_name = "SECONDS", value_parser = run_duration)]
+    pub duration: Option<RunLimit>,
+    /// Name of the host VM: 1 to 16 of `[A-Za-z0-9_-]`.
+    #[arg(long, default_value = "hv0", value_parser = line_name)]
     pub name: String,
     /// Receive host VMs migrated from another vmbeam on this TCP address
     /// (HOST:PORT) instead of booting one.
@@ -361,6 +361,36 @@ impl SockArg {
     }
 }
 
+/// What `--duration` asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunLimit {
+    /// Stop after this long.
+    For(Duration),
+    /// Run until stopped (`inf`, or a limit too large to represent).
+    Forever,
+}
+
+impl RunLimit {
+    /// The limit, if there is one.
+    pub fn limit(&self) -> Option<Duration> {
+        match self {
+            RunLimit::For(d) => Some(*d),
+            RunLimit::Forever => None,
+        }
+    }
+}
+
+fn run_duration(s: &str) -> Result<RunLimit, ConfigError> {
+    Ok(match vmbeam_vmm::config::parse_run_duration(s)? {
+        Some(d) => RunLimit::For(d),
+        None => RunLimit::Forever,
+    })
+}
+
+fn line_name(s: &str) -> Result<String, ConfigError> {
+    vmbeam_vmm::config::check_line_name(s).map(|()| s.to_string())
+}
+
 fn size(s: &str) -> Result<u64, ConfigError> {
     parse_size(s)
 }
@@ -379,4 +409,39 @@ fn number(s: &str) -> Result<u64, InspectError> {
 
 fn workload(s: &str) -> Result<Workload, ConfigError> {
     s.parse()
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn run(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut v = vec!["vmbeam", "run"];
+        v.extend_from_slice(args);
+        match Cli::try_parse_from(v)?.command {
+            Command::Run(r) => Ok(r),
+            _ => unreachable!("run parses as run"),
+        }
+    }
+
+    #[test]
+    fn run_duration_and_name_are_checked_up_front() {
+        let d = |a: &str| run(&["--duration", a]).unwrap().duration;
+        assert_eq!(d("inf"), Some(RunLimit::Forever));
+        assert_eq!(d("1e300"), Some(RunLimit::Forever));
+        assert_eq!(d("1.5"), Some(RunLimit::For(Duration::from_millis(1500))));
+        assert_eq!(run(&[]).unwrap().duration, None);
+        for bad in ["-3", "NaN", "later"] {
+            let arg = format!("--duration={bad}");
+            let e = run(&[&arg]).unwrap_err().to_string();
+            assert!(e.contains("invalid duration"), "{e}");
+        }
+        assert_eq!(run(&["--name", "edge-1"]).unwrap().name, "edge-1");
+        // The migration receiver refuses these, so `run` does too.
+        for bad in ["a.b", "has space", "seventeen-chars-x", ""] {
+            let arg = format!("--name={bad}");
+            let e = run(&[&arg]).unwrap_err().to_string();
+            assert!(e.contains("bad host VM name"), "{bad:?}: {e}");
+        }
+    }
 }

@@ -388,7 +388,8 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
 
     let deadline = args
         .duration
-        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+        .and_then(|d| d.limit())
+        .and_then(|d| Instant::now().checked_add(d));
     let result = loop {
         if let Err(e) = em.run_with_timeout(50) {
             break Err(RunError::Events(format!("{e:?}")));

@@ -222,6 +222,11 @@ pub struct ApiServer {
     pub shutdown: AtomicBool,
     /// Connections being served now.
     active: AtomicUsize,
+    /// A descriptor held in reserve: when the process is out of
+    /// descriptors, it is freed to accept the waiting connection and answer
+    /// 503, so the listener drains instead of staying readable (which would
+    /// spin the event loop) and clients get an answer.
+    spare: std::sync::Mutex<Option<std::fs::File>>,
     /// Connections over the cap being answered 503 now.
     refusing: AtomicUsize,
 }
@@ -361,6 +366,7 @@ impl ApiServer {
             path: path.to_path_buf(),
             shutdown: AtomicBool::new(false),
             active: AtomicUsize::new(0),
+            spare: std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()),
             refusing: AtomicUsize::new(0),
         })
     }
@@ -368,6 +374,37 @@ impl ApiServer {
     /// The listening socket (for the event loop).
     pub fn listener(&self) -> &UnixListener {
         &self.listener
+    }
+
+    /// The next pending connection, if any. Out of descriptors (EMFILE,
+    /// ENFILE), it answers waiting clients 503 with the spare descriptor
+    /// and goes on; without a spare it backs off for a moment instead of
+    /// returning to a listener that is still readable.
+    fn next_connection(&self) -> Option<UnixStream> {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => return Some(s),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+                    if spare.take().is_none() {
+                        *spare = std::fs::File::open("/dev/null").ok();
+                        drop(spare);
+                        std::thread::sleep(Duration::from_millis(10));
+                        return None;
+                    }
+                    if let Ok((s, _)) = self.listener.accept() {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+                        let msg = "vmbeam is out of file descriptors; try again";
+                        let _ =
+                            http::write_response(&s, &Response::json(503, err_json(msg)), false);
+                        tracing::warn!("API request answered 503: {msg}");
+                    }
+                    *spare = std::fs::File::open("/dev/null").ok();
+                }
+                Err(_) => return None,
+            }
+        }
     }
 
     /// The socket's path.
@@ -384,7 +421,7 @@ impl ApiServer {
     /// request (a synchronous rejuvenation) does not hold up `status`, and
     /// a concurrent rejuvenation gets its 409.
     pub fn accept_all_threaded(self: &Arc<Self>, vmm: &Arc<Vmm>) {
-        while let Ok((stream, _)) = self.listener.accept() {
+        while let Some(stream) = self.next_connection() {
             let over = self.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS;
             if over {
                 self.active.fetch_sub(1, Ordering::SeqCst);

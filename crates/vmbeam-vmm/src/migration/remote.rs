@@ -856,14 +856,8 @@ mod erased {
 
 fn check_hello(h: &Hello) -> Result<(), RemoteError> {
     let bad = |m: String| Err(RemoteError::Invalid(m));
-    if h.line.is_empty()
-        || h.line.len() > 32
-        || !h
-            .line
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return bad(format!("bad host VM name '{}'", h.line));
+    if let Err(e) = crate::config::check_line_name(&h.line) {
+        return bad(e.to_string());
     }
     if h.ram < layout::MIN_RAM || h.ram > layout::MAX_RAM || h.pool > layout::MAX_POOL {
         return bad("memory sizes out of range".into());

@@ -129,6 +129,16 @@ fn a_rejuvenation_job_reports_progress_and_a_cancel_rolls_it_back() {
     let st = status(&sock);
     assert_eq!(st.jobs.len(), 1, "{st:?}");
     assert_eq!(st.jobs[0].id, j.id);
+    let out = bin()
+        .args(["status", "--api-sock"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("running: job {} (rejuvenate hv0): booting", j.id)),
+        "{text}"
+    );
     let (code, body) = call(&sock, "POST", "/api/v1/rejuvenate", Some("{}"));
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("already running"), "{body}");

@@ -245,6 +245,9 @@ pub struct DemoArgs {
     /// How many rejuvenations in a row.
     #[arg(long, default_value_t = 1)]
     pub rejuvenations: u32,
+    /// Batch handover: each guest moves on its own (zero-copy only).
+    #[arg(long)]
+    pub batch: bool,
     /// Print the full report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -271,6 +274,9 @@ pub struct RejuvenateArgs {
     /// Skip hashing guests before and after.
     #[arg(long)]
     pub no_verify: bool,
+    /// Batch handover: each guest moves on its own (zero-copy only).
+    #[arg(long)]
+    pub batch: bool,
     /// Pre-copy: downtime budget in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,

@@ -103,6 +103,25 @@ pub fn print_status(s: &Status) {
                 n.exits,
                 n.console_lines,
             );
+            for d in &n.devices {
+                let c = &d.counters;
+                println!(
+                    "       {} at {:#x} irq {}: {}; requests {}  read {}  written {}  errors {}  resets needed {}{}",
+                    d.kind,
+                    d.mmio_base,
+                    d.irq,
+                    d.backend,
+                    c.requests,
+                    mib(c.bytes_in),
+                    mib(c.bytes_out),
+                    c.errors,
+                    c.resets_needed,
+                    d.last_error
+                        .as_ref()
+                        .map(|e| format!(" (last: {e})"))
+                        .unwrap_or_default()
+                );
+            }
         }
     }
     for j in &s.jobs {
@@ -293,6 +312,7 @@ pub fn demo(args: &DemoArgs) -> Result<bool, RunError> {
     }
     let opts = RejuvenateOptions {
         mode: args.mode.into(),
+        batch: args.batch,
         ..Default::default()
     };
     let mut reports = Vec::new();

@@ -178,6 +178,7 @@ fn main() -> ExitCode {
                 "vm": a.vm,
                 "mode": Mode::from(a.mode),
                 "verify": !a.no_verify,
+                "batch": a.batch,
                 "downtime_ms": a.downtime_ms,
             });
             let mut body = body;

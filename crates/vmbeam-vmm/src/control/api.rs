@@ -116,6 +116,8 @@ pub struct RejuvenateRequest {
     pub mode: Option<Mode>,
     /// Hash guests before/after (default true).
     pub verify: Option<bool>,
+    /// Batch handover: each guest moves on its own (default false).
+    pub batch: Option<bool>,
     /// Fault to inject into the successor (tests): reject-first,
     /// crash-before-adopt, crash-after-first, hang-at-boot,
     /// aged-crash-after-first; `null` is refused.
@@ -705,6 +707,7 @@ fn rejuvenate_options(body: &str) -> Result<(Option<String>, RejuvenateOptions),
     let mut opts = RejuvenateOptions {
         mode: req.mode.unwrap_or(Mode::ZeroCopy),
         verify: req.verify.unwrap_or(true),
+        batch: req.batch.unwrap_or(false),
         ..Default::default()
     };
     if let Some(d) = req.downtime_ms {

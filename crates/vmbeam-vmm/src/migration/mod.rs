@@ -2,6 +2,7 @@
 //! hypervisors on one host, its orchestration and rescue, copy and pre-copy
 //! modes, and host-to-host migration over TCP.
 
+pub mod batch;
 pub mod copy;
 pub mod handover;
 pub mod handover_state;
@@ -10,4 +11,5 @@ pub mod rejuvenate;
 pub mod remote;
 pub mod rescue;
 pub mod tls;
+pub mod verify;
 pub mod wire;

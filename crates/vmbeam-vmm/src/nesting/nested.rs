@@ -563,6 +563,14 @@ impl NestedVm {
         }
     }
 
+    /// Completes a pending port or MMIO read of vCPU 0 with `answer` (the
+    /// guest hypervisor that owed it is no longer there to give it).
+    pub fn answer_pending(&mut self, answer: u64) {
+        if let Some(v) = self.vcpus.first_mut() {
+            complete_pending(v, answer);
+        }
+    }
+
     /// Adds a vCPU; returns its index.
     pub fn create_vcpu(&mut self, cpuid: &CpuId) -> Result<u32, Status> {
         if self.vcpus.len() >= MAX_VCPUS {

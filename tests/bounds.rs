@@ -290,8 +290,8 @@ fn data_bytes(slots: &[(Arc<vmbeam_vmm::host::memory::MemFile>, u64, u64)]) -> u
 }
 
 #[test]
-fn a_destroyed_guest_returns_its_pages_after_moves() {
-    if !common::kvm_or_skip("a_destroyed_guest_returns_its_pages_after_moves") {
+fn a_moved_guest_counts_as_used_and_returns_its_pages_when_destroyed() {
+    if !common::kvm_or_skip("a_moved_guest_counts_as_used_and_returns_its_pages_when_destroyed") {
         return;
     }
     let dir = common::temp_dir("bounds-punch");
@@ -310,6 +310,28 @@ fn a_destroyed_guest_returns_its_pages_after_moves() {
         let r = v.rejuvenate(None, &Default::default()).unwrap();
         assert_eq!(r.to_generation, gen);
     }
+    // The successor counts the memory of the guests it adopted (in its
+    // grant window, not its pool) as used.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let used = loop {
+        let st = v.status();
+        let hv = line(&st, "hv0");
+        if hv.generation == 3 && hv.health_reports > 0 {
+            break hv.health["pool_used_bytes"];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "generation 3 never reported health"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let aboard: u64 = line(&v.status(), "hv0")
+        .nested
+        .iter()
+        .map(|n| n.mem_bytes)
+        .sum();
+    println!("generation 3 reports {used} bytes used with {aboard} bytes of guests aboard");
+    assert!(aboard > 0 && used >= aboard, "{used} used, {aboard} aboard");
     let slots = slots_of(&v, "hv0", "l2-1");
     assert!(!slots.is_empty(), "l2-1 was destroyed before its moves");
     // Its pages live in generation 1's pool, mapped into generation 3.

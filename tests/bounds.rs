@@ -181,10 +181,9 @@ fn fresh_names_leave_no_records_or_files_behind() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// One `GET /status` with a deadline on the answer: its status code.
-fn get_status(sock: &Path) -> std::io::Result<u16> {
+/// Sends `GET /status` on `s` and reads the status code, with a deadline.
+fn get_status_on(mut s: std::os::unix::net::UnixStream) -> std::io::Result<u16> {
     use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")?;
     let mut head = [0u8; 12];
@@ -199,14 +198,21 @@ fn get_status(sock: &Path) -> std::io::Result<u16> {
 /// The child half of the test below: runs with a descriptor limit of its
 /// own, so the rest of the test binary is not affected.
 fn out_of_descriptors_child(dir: &Path) {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let v = Arc::new(common::vmm(dir, VmmConfig::default()));
     let sock = dir.join("api.sock");
     let server = Arc::new(vmbeam_vmm::control::api::ApiServer::bind(&sock).unwrap());
-    let (s2, v2) = (server.clone(), v.clone());
+    let serving = Arc::new(AtomicBool::new(false));
+    let (s2, v2, on) = (server.clone(), v.clone(), serving.clone());
     std::thread::spawn(move || loop {
-        s2.accept_all_threaded(&v2);
+        if on.load(Ordering::SeqCst) {
+            s2.accept_all_threaded(&v2);
+        }
         std::thread::sleep(Duration::from_millis(5));
     });
+    // The client connects first (the connection waits in the backlog),
+    // then every descriptor is taken, then the server looks.
+    let client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     let open = footprint().fds as u64;
     let lim = libc::rlimit {
         rlim_cur: open + 16,
@@ -218,11 +224,10 @@ fn out_of_descriptors_child(dir: &Path) {
     while let Ok(f) = std::fs::File::open("/dev/null") {
         fill.push(f);
     }
-    // One descriptor for the client's socket; none for the server's side.
-    drop(fill.pop());
-    let first = get_status(&sock);
+    serving.store(true, Ordering::SeqCst);
+    let first = get_status_on(client);
     fill.truncate(fill.len().saturating_sub(8));
-    let then = get_status(&sock);
+    let then = std::os::unix::net::UnixStream::connect(&sock).and_then(get_status_on);
     println!("out of descriptors: {first:?}, then {then:?}");
     assert_eq!(first.unwrap(), 503);
     assert_eq!(then.unwrap(), 200);

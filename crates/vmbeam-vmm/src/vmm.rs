@@ -217,6 +217,7 @@ pub struct Vmm {
     rejuvenating: AtomicBool,
     events: OnceLock<EventLog>,
     policy: RankedMutex<String>,
+    reuse: OnceLock<Arc<crate::migration::reuse::ReuseCache>>,
 }
 
 /// Clears a flag when dropped.
@@ -250,6 +251,7 @@ impl Vmm {
             rejuvenating: AtomicBool::new(false),
             events: OnceLock::new(),
             policy: RankedMutex::new(Rank::Signal, "manual".into()),
+            reuse: OnceLock::new(),
         })
     }
 
@@ -488,12 +490,27 @@ impl Vmm {
                 what: "host-to-host migration (their disks and TAPs are local to this host)".into(),
             });
         }
-        let report = crate::migration::remote::migrate_out_with(&vm, to, opts)?;
+        let mut opts = opts.clone();
+        if opts.reuse.is_none() {
+            opts.reuse = self.reuse.get().cloned();
+        }
+        let report = crate::migration::remote::migrate_out_with(&vm, to, &opts)?;
         self.lines
             .lock()
             .unwrap()
             .retain(|l| !Arc::ptr_eq(l, &line));
         Ok(report)
+    }
+
+    /// Keeps the memory of host VMs that migrate away in `cache` (bounded
+    /// in time and size) so that their return sends only changed pages.
+    pub fn set_reuse(&self, cache: Arc<crate::migration::reuse::ReuseCache>) {
+        let _ = self.reuse.set(cache);
+    }
+
+    /// The cache of departed VMs' memory, if reuse is on.
+    pub fn reuse(&self) -> Option<Arc<crate::migration::reuse::ReuseCache>> {
+        self.reuse.get().cloned()
     }
 
     /// Takes over a host VM that arrived by migration.

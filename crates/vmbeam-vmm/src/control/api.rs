@@ -326,7 +326,7 @@ impl ApiServer {
                 let opts = MigrateOptions {
                     downtime: budget,
                     tls,
-                    progress: None,
+                    ..Default::default()
                 };
                 match vmm.migrate_with(req.vm.as_deref(), &req.to, &opts) {
                     Ok(r) => (200, to_json(&r)),

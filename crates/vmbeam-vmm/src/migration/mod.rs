@@ -9,5 +9,6 @@ pub mod link;
 pub mod rejuvenate;
 pub mod remote;
 pub mod rescue;
+pub mod reuse;
 pub mod tls;
 pub mod wire;

@@ -1,6 +1,7 @@
 //! Helpers shared by the benchmarks: the machine line, sizes from the
-//! environment, medians, and writing a generated section of
-//! `docs/benchmarks.md`.
+//! environment, medians, writing a generated section of
+//! `docs/benchmarks.md`, and (from the tests) the KVM check and the
+//! `/proc/self` evidence of a move.
 #![allow(dead_code)]
 
 use vmbeam_vmm::config::parse_size;
@@ -8,6 +9,10 @@ use vmbeam_vmm::config::parse_size;
 #[path = "../tests/common/kvm.rs"]
 mod kvm;
 pub use kvm::kvm_or_skip;
+#[path = "../tests/common/moves.rs"]
+pub mod moves;
+#[path = "../tests/common/procfs.rs"]
+pub mod procfs;
 
 /// Sizes from `VMBEAM_BENCH_SIZES` (e.g. `256M,1G`) or `default`, and
 /// repetitions from `VMBEAM_BENCH_REPS` or `reps`.

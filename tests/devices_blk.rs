@@ -59,12 +59,17 @@ fn qemu_img_compare(a: &Path, b: &Path) -> Option<(bool, String)> {
 }
 
 fn disk_vmm(dir: &Path, img: &Path) -> Vmm {
+    disk_vmm_with(dir, img, ROUNDS, 0)
+}
+
+fn disk_vmm_with(dir: &Path, img: &Path, rounds: u64, param1: u64) -> Vmm {
     vmm(
         dir,
         VmmConfig {
             nested: 1,
             workloads: vec![Workload::Blkcheck],
-            workload_param: ROUNDS,
+            workload_param: rounds,
+            workload_param1: param1,
             devices: vec![parse_disk(&format!("l2-0={}", img.display())).unwrap()],
             ..Default::default()
         },
@@ -141,6 +146,56 @@ fn blkcheck_survives_three_rejuvenations_and_the_image_is_exact() {
     b[4097] ^= 1;
     std::fs::write(&want, b).unwrap();
     assert!(!qemu_img_compare(&img, &want).unwrap().0);
+}
+
+/// `irqs=N` of the last line that has it.
+fn last_irqs(text: &str) -> Option<u64> {
+    text.lines().rev().find_map(|l| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix("irqs="))
+            .and_then(|n| n.parse().ok())
+    })
+}
+
+#[test]
+fn blkcheck_sleeps_on_its_disk_interrupt_across_a_rejuvenation() {
+    if !kvm_or_skip("blkcheck_sleeps_on_its_disk_interrupt_across_a_rejuvenation") {
+        return;
+    }
+    let dir = temp_dir("blkirq");
+    let img: PathBuf = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; (SECTORS * 512) as usize]).unwrap();
+    let rounds = 6;
+    // Bit 0 of param1: each request waits in `sti; hlt` for the interrupt,
+    // so the guest only gets anywhere if irqfd → in-kernel PIC → vCPU works.
+    let vmm = disk_vmm_with(&dir, &img, rounds, 1);
+    vmm.start("hv0").unwrap();
+    let t = wait_console(&dir, "l2-0", Duration::from_secs(120), |t| {
+        last_irqs(t).is_some()
+    });
+    let before = last_irqs(&t).unwrap();
+    assert!(before > 0, "{t}");
+    let r = vmm.rejuvenate(None, &RejuvenateOptions::default()).unwrap();
+    assert!(r.guests.iter().all(|g| g.running_after), "{r:?}");
+    let t = wait_console(&dir, "l2-0", Duration::from_secs(300), |t| {
+        t.contains("done")
+    });
+    let (round, _, bad, errors) = last_round(&t).unwrap();
+    assert_eq!((round, bad, errors), (rounds, 0, 0), "{t}");
+    let after = last_irqs(&t).unwrap();
+    // Every request waits for an interrupt: 8 sectors each, one pass of
+    // writes and one of reads in round 1, a write and two reads later.
+    let requests = SECTORS / 8 * (2 + 3 * (rounds - 1));
+    assert!(after > before, "interrupts after the rejuvenation: {t}");
+    assert!(
+        after >= requests / 2,
+        "{after} interrupts for {requests} requests: {t}"
+    );
+    let st = vmm.status();
+    let d = &st.host_vms[0].nested[0].devices[0];
+    assert_eq!(st.host_vms[0].generation, 2);
+    assert!(d.counters.interrupts >= after, "{d:?}");
+    vmm.shutdown();
 }
 
 #[test]

@@ -188,3 +188,53 @@ fn mutated_corpus_keeps_every_invariant() {
         }
     }
 }
+
+/// The bad-driver seeds of `virtio_queue` end the way docs/devices.md
+/// says: an error status for the one request, or DEVICE_NEEDS_RESET with
+/// the reason; good requests are served.
+#[test]
+fn virtio_queue_seeds_end_as_documented() {
+    let seeds = harness::seeds();
+    let run = |name: &str| {
+        let (_, _, bytes) = seeds
+            .iter()
+            .find(|(t, n, _)| *t == "virtio_queue" && *n == name)
+            .unwrap_or_else(|| panic!("no seed {name}"));
+        harness::virtio_queue_run(bytes).unwrap()
+    };
+    for ok in ["read-ok", "write-ok", "get-id", "flush"] {
+        let o = run(ok);
+        assert_eq!(
+            (o.requests, o.errors, &o.reset_reason),
+            (1, 0, &None),
+            "{ok}: {o:?}"
+        );
+    }
+    for err in ["write-read-only", "past-disk-end"] {
+        let o = run(err);
+        assert_eq!(
+            (o.requests, o.errors, &o.reset_reason),
+            (1, 1, &None),
+            "{err}: {o:?}"
+        );
+    }
+    for (seed, why) in [
+        ("loop", "does not end"),
+        ("next-past-table", "does not end"),
+        ("outside-memory", "outside guest memory"),
+        ("oversized", "too long"),
+        ("bad-size", "not a power of two"),
+        ("too-big-size", "not a power of two"),
+        ("avail-idx-jump", "avail ring index"),
+    ] {
+        let o = run(seed);
+        assert_eq!(o.requests, 0, "{seed}: {o:?}");
+        let r = o.reset_reason.unwrap_or_default();
+        assert!(
+            r.contains(why),
+            "{seed}: reset reason {r:?}, expected {why:?}"
+        );
+    }
+    let o = run("all-features");
+    assert!(o.status & 0x80 != 0 && o.requests == 0, "{o:?}");
+}

@@ -123,6 +123,7 @@ fn main() {
         "memtouch",
         "ticker",
         "hostile",
+        "stress",
         "blkcheck",
         "rt",
     ] {
@@ -165,7 +166,14 @@ fn main() {
         ));
     }
     let bin = target_dir.join("x86_64-unknown-none/release");
-    for g in ["hypervisor", "memtouch", "ticker", "hostile", "blkcheck"] {
+    for g in [
+        "hypervisor",
+        "memtouch",
+        "ticker",
+        "hostile",
+        "stress",
+        "blkcheck",
+    ] {
         std::fs::copy(bin.join(g), out.join(format!("{g}.elf")))
             .unwrap_or_else(|e| fail(format!("guest {g} was not built ({e})")));
     }

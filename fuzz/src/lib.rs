@@ -14,6 +14,7 @@
 //! | `vm_map_sequence` | a sequence of VM_MAP / FILL_PATTERN calls against a model guest hypervisor with three nested VMs, built from the same checks; after each call the isolation invariants must hold |
 //! | `guest_msg` | `from_bytes::<GuestMsg>` + `GuestMsg::validate`, compared with an oracle |
 //! | `api_request` | `vmbeam_vmm::control::api::parse_request`, then the JSON bodies the API accepts |
+//! | `virtio_queue` | a virtio-blk device (`vmbeam_vmm::devices`) programmed by a driver from the input: queue size, ring addresses and the contents of guest memory (descriptor table, rings, requests), then notified; bad sizes, descriptors outside memory, loops and oversized chains must end in an error status or DEVICE_NEEDS_RESET, never a panic, and the disk never grows |
 //! | `wire_frame` | `vmbeam_vmm::migration::wire::read_frame` on a stream of migration frames (what `run --listen` reads from the network), then `parse_pages` |
 
 use vmbeam_abi::handover::{kind, GuestMsg, MsgError, MsgHeader, UartState, MAX_GUEST_RANGES};
@@ -38,6 +39,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("guest_msg", guest_msg),
     ("api_request", api_request),
     ("wire_frame", wire_frame),
+    ("virtio_queue", virtio_queue),
 ];
 
 /// Most slots of a nested VM (as `vmbeam_vmm::nesting::nested::MAX_SLOTS`).
@@ -771,5 +773,239 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     out.push((wf, "too-long", long));
     out.push((wf, "short-pages", frame(Kind::Pages, &[1, 2, 3])));
     out.push((wf, "truncated", stream[..stream.len() - 5].to_vec()));
+    virtio_queue_seeds(&mut out);
     out
+}
+
+/// Guest memory of the `virtio_queue` harness: two RAM ranges with a gap.
+const VQ_RAM: [(u64, usize); 2] = [(0x1000, 0x4000), (0x10000, 0x1000)];
+/// Disk size of the `virtio_queue` harness.
+const VQ_DISK: u64 = 64 * 512;
+/// Bytes before the guest memory image in a `virtio_queue` input.
+const VQ_HEADER: usize = 28;
+
+/// The harness's disk: one temporary file per process.
+fn vq_disk() -> std::sync::Arc<std::fs::File> {
+    static DISK: std::sync::OnceLock<std::sync::Arc<std::fs::File>> = std::sync::OnceLock::new();
+    DISK.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("vmbeam-fuzz-disk-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(VQ_DISK).unwrap();
+        let _ = std::fs::remove_file(&p);
+        std::sync::Arc::new(f)
+    })
+    .clone()
+}
+
+/// Input layout: queue size (u16), flags (bit 0 read-only disk, bit 1
+/// driver asks for every feature bit), notifications (1 + n % 4),
+/// descriptor table, avail ring and used ring addresses (u64 each; below
+/// 2^63 they are folded into the harness's address range, else taken as
+/// they are), then the image of guest memory (first range, then second).
+pub fn virtio_queue(data: &[u8]) {
+    let _ = virtio_queue_run(data);
+}
+
+/// What a `virtio_queue` input did: device status, requests served,
+/// requests answered with an error, the reason of a needed reset.
+#[derive(Debug)]
+pub struct VqOutcome {
+    /// Driver status register after the notifications.
+    pub status: u32,
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests answered with an error status.
+    pub errors: u64,
+    /// Why the device needs a reset, if it does.
+    pub reset_reason: Option<String>,
+}
+
+/// Runs one `virtio_queue` input, checks the invariants, and says what
+/// happened (`None` for an input too short to program a queue).
+pub fn virtio_queue_run(data: &[u8]) -> Option<VqOutcome> {
+    use vmbeam_vmm::devices::blk::Blk;
+    use vmbeam_vmm::devices::mmio::MmioDevice;
+    use vmbeam_vmm::devices::queue::DeviceMemory;
+    if data.len() < VQ_HEADER {
+        return None;
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(data[i..i + 8].try_into().unwrap());
+    let size = u16::from_le_bytes([data[0], data[1]]);
+    let flags = data[2];
+    let notifies = 1 + data[3] % 4;
+    let addr = |raw: u64| {
+        if raw >> 63 != 0 {
+            raw
+        } else {
+            0x1000 + raw % 0x11000
+        }
+    };
+    let (desc, avail, used) = (addr(u64_at(4)), addr(u64_at(12)), addr(u64_at(20)));
+    let mem = DeviceMemory::anonymous(&VQ_RAM).unwrap();
+    let img = &data[VQ_HEADER..];
+    let (a, b) = img.split_at(img.len().min(VQ_RAM[0].1));
+    assert!(mem.write(VQ_RAM[0].0, a));
+    assert!(mem.write(VQ_RAM[1].0, &b[..b.len().min(VQ_RAM[1].1)]));
+    let disk = vq_disk();
+    let blk = Blk::new(disk.clone(), "fuzz", flags & 1 != 0, VQ_DISK, "fuzz");
+    let irq = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    let mut d = MmioDevice::new(0xd000_0000, 5, Box::new(blk), irq);
+    let m = Some(&mem.mem);
+    let w = |d: &mut MmioDevice, off: u64, v: u32| {
+        d.write(off, &v.to_le_bytes(), m);
+    };
+    let r = |d: &mut MmioDevice, off: u64| {
+        let mut b = [0u8; 4];
+        d.read(off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    assert_eq!(r(&mut d, 0), 0x7472_6976, "magic");
+    w(&mut d, 0x70, 1);
+    w(&mut d, 0x70, 3);
+    for sel in 0..2u32 {
+        w(&mut d, 0x14, sel);
+        let f = if flags & 2 != 0 {
+            u32::MAX
+        } else {
+            r(&mut d, 0x10)
+        };
+        w(&mut d, 0x24, sel);
+        w(&mut d, 0x20, f);
+    }
+    w(&mut d, 0x70, 0xb);
+    w(&mut d, 0x30, 0);
+    w(&mut d, 0x38, size as u32);
+    for (off, a) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
+        w(&mut d, off, a as u32);
+        w(&mut d, off + 4, (a >> 32) as u32);
+    }
+    w(&mut d, 0x44, 1);
+    w(&mut d, 0x70, 0xf);
+    let bad_size = size == 0 || !size.is_power_of_two() || size > 128;
+    for _ in 0..notifies {
+        if d.write(0x50, &0u32.to_le_bytes(), m) {
+            d.process(&mem.mem);
+        }
+    }
+    let st = d.status();
+    const NEEDS_RESET: u32 = 0x40;
+    if bad_size {
+        assert!(st & NEEDS_RESET != 0, "bad queue size {size} accepted");
+    }
+    if st & NEEDS_RESET != 0 {
+        assert!(d.last_error.is_some());
+    }
+    if flags & 2 != 0 {
+        // Feature bits the device does not offer: FEATURES_OK refused, so
+        // DRIVER_OK fails and nothing is served.
+        assert_eq!(st & 0x8, 0);
+        assert_eq!(d.counters.requests + d.counters.errors, 0);
+    }
+    assert_eq!(disk.metadata().unwrap().len(), VQ_DISK, "the disk grew");
+    let outcome = VqOutcome {
+        status: st,
+        requests: d.counters.requests,
+        errors: d.counters.errors,
+        reset_reason: (st & NEEDS_RESET != 0)
+            .then(|| d.last_error.as_ref().map(|e| e.to_string()))
+            .flatten(),
+    };
+    // A driver reset always brings the device back to a clean state.
+    w(&mut d, 0x70, 0);
+    assert_eq!(r(&mut d, 0x70), 0);
+    assert_eq!(r(&mut d, 0x44), 0);
+    Some(outcome)
+}
+
+fn virtio_queue_seeds(out: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
+    // Guest memory image (first range at 0x1000): descriptor table at
+    // 0x1000, avail ring at 0x1100, used ring at 0x1200, request header
+    // at 0x1400, data at 0x1600, status byte at 0x1800.
+    let desc = |img: &mut [u8], i: usize, addr: u64, len: u32, fl: u16, next: u16| {
+        let o = i * 16;
+        img[o..o + 8].copy_from_slice(&addr.to_le_bytes());
+        img[o + 8..o + 12].copy_from_slice(&len.to_le_bytes());
+        img[o + 12..o + 14].copy_from_slice(&fl.to_le_bytes());
+        img[o + 14..o + 16].copy_from_slice(&next.to_le_bytes());
+    };
+    let input = |size: u16, flags: u8, kind: u32, f: &dyn Fn(&mut [u8])| {
+        let mut img = vec![0u8; 0x900];
+        desc(&mut img, 0, 0x1400, 16, 1, 1);
+        desc(&mut img, 1, 0x1600, 512, 1 | 2, 2);
+        desc(&mut img, 2, 0x1800, 1, 2, 0);
+        img[0x102..0x104].copy_from_slice(&1u16.to_le_bytes()); // avail idx
+        img[0x400..0x404].copy_from_slice(&kind.to_le_bytes());
+        img[0x408..0x410].copy_from_slice(&3u64.to_le_bytes()); // sector
+        f(&mut img);
+        let mut v = Vec::new();
+        v.extend_from_slice(&size.to_le_bytes());
+        v.push(flags);
+        v.push(0);
+        for a in [0u64, 0x100, 0x200] {
+            v.extend_from_slice(&a.to_le_bytes());
+        }
+        v.extend_from_slice(&img);
+        v
+    };
+    let vq = "virtio_queue";
+    out.push((vq, "read-ok", input(16, 0, 0, &|_| {})));
+    out.push((
+        vq,
+        "write-ok",
+        input(16, 0, 1, &|i| desc(i, 1, 0x1600, 512, 1, 2)),
+    ));
+    out.push((
+        vq,
+        "write-read-only",
+        input(16, 1, 1, &|i| desc(i, 1, 0x1600, 512, 1, 2)),
+    ));
+    out.push((vq, "get-id", input(16, 0, 8, &|_| {})));
+    out.push((
+        vq,
+        "flush",
+        input(16, 0, 4, &|i| desc(i, 0, 0x1400, 16, 1, 2)),
+    ));
+    out.push((
+        vq,
+        "loop",
+        input(16, 0, 0, &|i| desc(i, 2, 0x1800, 1, 1 | 2, 1)),
+    ));
+    out.push((
+        vq,
+        "outside-memory",
+        input(16, 0, 0, &|i| desc(i, 1, 0x8000, 512, 1 | 2, 2)),
+    ));
+    out.push((
+        vq,
+        "oversized",
+        input(16, 0, 0, &|i| desc(i, 1, 0x1600, 2 << 20, 1 | 2, 2)),
+    ));
+    out.push((
+        vq,
+        "next-past-table",
+        input(16, 0, 0, &|i| desc(i, 1, 0x1600, 512, 1 | 2, 99)),
+    ));
+    out.push((vq, "bad-size", input(3, 0, 0, &|_| {})));
+    out.push((vq, "too-big-size", input(256, 0, 0, &|_| {})));
+    out.push((
+        vq,
+        "avail-idx-jump",
+        input(16, 0, 0, &|i| {
+            i[0x102..0x104].copy_from_slice(&200u16.to_le_bytes())
+        }),
+    ));
+    out.push((
+        vq,
+        "past-disk-end",
+        input(16, 0, 0, &|i| {
+            i[0x408..0x410].copy_from_slice(&64u64.to_le_bytes())
+        }),
+    ));
+    out.push((vq, "all-features", input(16, 2, 0, &|_| {})));
 }

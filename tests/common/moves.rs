@@ -91,6 +91,14 @@ pub fn guest_pages(vm: &HostVm, sums: bool) -> BTreeMap<String, GuestPages> {
 /// through the successor's own mappings matches. Returns the backing of
 /// every grant mapping.
 pub fn check_same_pages(succ: &HostVm, before: &BTreeMap<String, GuestPages>) -> Vec<Backing> {
+    same_pages(succ, before).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`check_same_pages`] that says what differs instead of panicking.
+pub fn same_pages(
+    succ: &HostVm,
+    before: &BTreeMap<String, GuestPages>,
+) -> Result<Vec<Backing>, String> {
     let grants = succ.grant_mappings();
     let mut all = Vec::new();
     for (name, pages) in before {
@@ -98,30 +106,29 @@ pub fn check_same_pages(succ: &HostVm, before: &BTreeMap<String, GuestPages>) ->
             .iter()
             .filter(|g| g.guest.as_deref() == Some(name.as_str()))
             .collect();
-        assert_eq!(
-            mine.len(),
-            pages.slots.len(),
-            "{name}: one grant mapping per slot: {mine:?}"
-        );
+        if mine.len() != pages.slots.len() {
+            return Err(format!(
+                "{name}: {} grant mappings for {} slots: {mine:?}",
+                mine.len(),
+                pages.slots.len()
+            ));
+        }
         let mut by_l2 = Vec::new();
         for g in &mine {
-            let b = procfs::backing(g.host_addr, g.len).unwrap();
-            assert_eq!(
-                procfs::fd_inode(g.fd),
-                b.inode,
-                "{name}: the mapping is not of the file L0 names"
-            );
-            let slot = pages
-                .slots
-                .iter()
-                .find(|s| s.backing == b)
-                .unwrap_or_else(|| {
-                    panic!(
-                        "{name}: the successor's mapping at {:#x} is backed by {b:?}, \
-                         which is none of the guest's pages before the move: {:?}",
-                        g.host_addr, pages.slots
-                    )
-                });
+            let b = procfs::backing(g.host_addr, g.len)?;
+            if procfs::fd_inode(g.fd) != b.inode {
+                return Err(format!(
+                    "{name}: the mapping at {:#x} is not of the file L0 names",
+                    g.host_addr
+                ));
+            }
+            let slot = pages.slots.iter().find(|s| s.backing == b).ok_or_else(|| {
+                format!(
+                    "{name}: the successor's mapping at {:#x} is backed by {b:?}, \
+                     which is none of the guest's pages before the move: {:?}",
+                    g.host_addr, pages.slots
+                )
+            })?;
             all.push(b);
             by_l2.push((slot.l2_gpa, g.host_addr, g.len));
         }
@@ -130,15 +137,17 @@ pub fn check_same_pages(succ: &HostVm, before: &BTreeMap<String, GuestPages>) ->
             by_l2.sort();
             let mut sum = vmbeam_abi::checksum::CHECKSUM_INIT;
             for (_, addr, len) in by_l2 {
-                sum = procfs::fold_bytes(sum, &procfs::read_mem(addr, len).unwrap());
+                sum = procfs::fold_bytes(sum, &procfs::read_mem(addr, len)?);
             }
-            assert_eq!(
-                sum, before_sum,
-                "{name}: memory read through the successor's mapping differs from before the move"
-            );
+            if sum != before_sum {
+                return Err(format!(
+                    "{name}: memory read through the successor's mapping differs from \
+                     before the move ({sum:016x}, was {before_sum:016x})"
+                ));
+            }
         }
     }
-    all
+    Ok(all)
 }
 
 /// Data extents `(offset, len)` of the memfd with inode `inode` open in
@@ -266,10 +275,18 @@ pub fn channel_mailboxes(line: &str) -> Mailboxes {
 /// in `vm` holds the pattern L0 filled it with from `seed`: memtouch only
 /// samples it, and nothing writes it after the fill.
 pub fn check_bulk(vm: &HostVm, name: &str, seed: u64) {
+    if let Err(e) = bulk_intact(vm, name, seed) {
+        panic!("{e}");
+    }
+}
+
+/// [`check_bulk`] that says what differs instead of panicking; returns
+/// the number of words checked.
+pub fn bulk_intact(vm: &HostVm, name: &str, seed: u64) -> Result<u64, String> {
     let (_, slots) = slots_of(vm)
         .into_iter()
         .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("no guest {name}"));
+        .ok_or_else(|| format!("no guest {name}"))?;
     let mut words = 0u64;
     for s in &slots {
         let start = s.l2_gpa.max(vmbeam_abi::l2::BULK_BASE);
@@ -277,14 +294,45 @@ pub fn check_bulk(vm: &HostVm, name: &str, seed: u64) {
         if start >= end {
             continue;
         }
-        let bytes = procfs::read_mem(s.hva + (start - s.l2_gpa) as usize, end - start).unwrap();
+        let bytes = procfs::read_mem(s.hva + (start - s.l2_gpa) as usize, end - start)?;
         for (i, w) in bytes.chunks_exact(8).enumerate() {
             let addr = start + i as u64 * 8;
             let want = vmbeam_abi::checksum::pattern_word(seed, addr);
             let got = u64::from_le_bytes(w.try_into().unwrap());
-            assert_eq!(got, want, "{name}: bulk word at {addr:#x}");
+            if got != want {
+                return Err(format!(
+                    "{name}: bulk word at {addr:#x} is {got:#018x}, not {want:#018x}"
+                ));
+            }
             words += 1;
         }
     }
-    assert!(words > 0, "{name} has no bulk area");
+    if words == 0 {
+        return Err(format!("{name} has no bulk area"));
+    }
+    Ok(words)
+}
+
+/// After a copying move: every grant mapping of `succ` is backed by a
+/// memfd that was not open before the move (`before`, from
+/// `procfs::memfds`).
+pub fn in_new_files(
+    succ: &HostVm,
+    before: &BTreeMap<u64, procfs::Memfd>,
+) -> Result<Vec<Backing>, String> {
+    let grants = succ.grant_mappings();
+    if grants.is_empty() {
+        return Err("the successor maps no granted pages".into());
+    }
+    grants
+        .iter()
+        .map(|g| {
+            let b = procfs::backing(g.host_addr, g.len)?;
+            if before.contains_key(&b.inode) {
+                Err(format!("{g:?} is backed by a file that existed before"))
+            } else {
+                Ok(b)
+            }
+        })
+        .collect()
 }

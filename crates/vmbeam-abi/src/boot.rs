@@ -65,6 +65,25 @@ pub mod fault {
     pub const SPAM_MAP: u64 = 1 << 10;
 }
 
+/// Modes of the test-only stress guest hypervisor (`guests/stress`), in
+/// `BootInfo.flags` above the fault bits; several may be combined.
+pub mod stress {
+    /// vCPU 0 fills the nested-VM bound, then cycles fresh names through
+    /// VM_CREATE/VM_DESTROY (10 000, then on forever).
+    pub const CHURN: u64 = 1 << 32;
+    /// Every vCPU races VM_MAP of one range and VM_CREATE of one name
+    /// against the others, round after round.
+    pub const RACE: u64 = 1 << 33;
+    /// vCPU 1 floods a nested guest's console with CONSOLE_WRITE.
+    pub const FLOOD: u64 = 1 << 34;
+    /// vCPUs 2 and 3 (every vCPU if alone) RUN nested guests that never
+    /// exit, with the longest slice.
+    pub const SPIN: u64 = 1 << 35;
+    /// vCPU 0 runs a nested guest with an IDT that counts interrupts, and
+    /// injects them with INJECT_IRQ, with interrupts enabled and disabled.
+    pub const IRQ: u64 = 1 << 36;
+}
+
 /// Kinds of workload images.
 pub mod workload {
     /// Fills and verifies memory, prints counter and checksum.
@@ -118,8 +137,9 @@ pub struct NestedSpec {
 
 /// Most modules.
 pub const MAX_MODULES: usize = 4;
-/// Most nested guests per guest hypervisor.
-pub const MAX_NESTED: usize = 16;
+/// Most nested guests per guest hypervisor: the one limit L0 enforces
+/// (VM_CREATE, an incoming migration) and L1 sizes its tables by.
+pub const MAX_NESTED: usize = 64;
 
 /// The boot-information page.
 #[repr(C)]
@@ -225,8 +245,8 @@ unsafe impl Pod for Module {}
 unsafe impl Pod for NestedSpec {}
 
 const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 1200);
-const _: () = assert!(core::mem::offset_of!(BootInfo, age_leak_pages) == 1192);
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 3888);
+const _: () = assert!(core::mem::offset_of!(BootInfo, age_leak_pages) == 3880);
 const _: () = assert!(core::mem::size_of::<NestedSpec>() == 56);
 const _: () = assert!(core::mem::size_of::<Module>() == 40);
 

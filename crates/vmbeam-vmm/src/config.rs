@@ -126,6 +126,8 @@ pub struct VmmConfig {
     /// Aging injector: pool pages each guest hypervisor leaks per nested
     /// RUN (0 = off). Successors get the same setting.
     pub age_leak_pages: u32,
+    /// Second workload parameter (blkcheck: bit 0 = wait for interrupts).
+    pub workload_param1: u64,
     /// Device backends bound to nested guest names (`--disk`, `--net`).
     pub devices: Vec<crate::devices::binding::Binding>,
 }
@@ -147,6 +149,7 @@ impl Default for VmmConfig {
             workload_param: 0,
             slice_us: 10_000,
             age_leak_pages: 0,
+            workload_param1: 0,
             devices: Vec::new(),
         }
     }

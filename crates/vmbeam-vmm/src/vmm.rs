@@ -21,7 +21,7 @@ use crate::host::hostvm::{HostVm, HostVmError, HostVmSpec, VmStatus};
 use crate::host::images::Images;
 use crate::host::memory::MemFile;
 use crate::migration::rejuvenate::{self, Mode, RejuvenateError, RejuvenateOptions, Report};
-use crate::nesting::nested::NestedVm;
+use crate::nesting::nested::NestedRef;
 use crate::shared::{KvmError, Shared};
 use crate::sync::{Rank, RankedMutex};
 
@@ -148,6 +148,9 @@ pub struct NestedStatus {
     pub moves: u32,
     /// Console lines so far.
     pub console_lines: u64,
+    /// Console bytes dropped by the console's rate limit.
+    #[serde(default)]
+    pub console_dropped_bytes: u64,
     /// Generation of the guest hypervisor running it.
     pub generation: u32,
     /// Host VM line whose guest hypervisor runs it now.
@@ -185,6 +188,12 @@ pub struct HostVmStatus {
     /// Aging injector: pool pages L1 leaks per nested RUN (0 = off).
     #[serde(default)]
     pub age_leak_pages: u32,
+    /// Bytes of the guest hypervisor's own console dropped by its rate limit.
+    #[serde(default)]
+    pub console_dropped_bytes: u64,
+    /// Bounds its guest hypervisor hit, with how often (absent if none).
+    #[serde(default)]
+    pub limits: BTreeMap<String, u64>,
     /// Nested guests.
     pub nested: Vec<NestedStatus>,
     /// Earlier generations of this line, oldest first (at most [`HISTORY_LEN`]).
@@ -204,6 +213,17 @@ pub struct Status {
     pub host_vms: Vec<HostVmStatus>,
 }
 
+/// What [`Vmm::start_with`] changes from the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Boot this guest hypervisor ELF instead of the VMM's (tests).
+    pub hypervisor: Option<Vec<u8>>,
+    /// `BootInfo.flags` (test fault injection and modes; 0 normally).
+    pub flags: u64,
+    /// Nested guests to start instead of the configured number.
+    pub nested: Option<u32>,
+}
+
 /// The VMM.
 pub struct Vmm {
     /// Host-wide services.
@@ -215,9 +235,27 @@ pub struct Vmm {
     lines: RankedMutex<Vec<Arc<Line>>>,
     busy: RankedMutex<()>,
     rejuvenating: AtomicBool,
-    events: OnceLock<EventLog>,
+    events: OnceLock<Arc<EventLog>>,
     policy: RankedMutex<String>,
     reuse: OnceLock<Arc<crate::migration::reuse::ReuseCache>>,
+}
+
+/// Raises this process's soft limit on open files to its hard limit: every
+/// nested VM costs a few descriptors (KVM VM, vCPUs, console), and the
+/// per-host-VM bounds are sized against the hard limit, not a shell's
+/// default of 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Clears a flag when dropped.
@@ -239,6 +277,7 @@ impl Vmm {
         } else {
             ConsoleTarget::Terminal
         };
+        raise_fd_limit();
         let shared = Shared::new(target)?;
         let names: Vec<String> = (0..config.nested).map(|i| format!("l2-{i}")).collect();
         shared.set_bindings(Bindings::open(&config.devices, &names)?);
@@ -257,9 +296,15 @@ impl Vmm {
 
     /// Boots host VM `name` with the configured nested guests.
     pub fn start(&self, name: &str) -> Result<Arc<HostVm>, VmmError> {
+        self.start_with(name, &StartOptions::default())
+    }
+
+    /// Boots host VM `name`, with `opts` changing what the configuration
+    /// says (tests run another guest hypervisor beside the real one).
+    pub fn start_with(&self, name: &str, opts: &StartOptions) -> Result<Arc<HostVm>, VmmError> {
         let c = &self.config;
         let mut nested = Vec::new();
-        for i in 0..c.nested {
+        for i in 0..opts.nested.unwrap_or(c.nested) {
             let w = c.workloads[i as usize % c.workloads.len()];
             let module = self.images.module_index(w.kind()).unwrap_or(0);
             nested.push(NestedSpec {
@@ -269,7 +314,7 @@ impl Vmm {
                 _pad: 0,
                 seed: 0x5eed_0000 + i as u64,
                 param0: c.workload_param,
-                param1: 0,
+                param1: c.workload_param1,
             });
         }
         let spec = HostVmSpec {
@@ -280,7 +325,7 @@ impl Vmm {
             pool: c.pool_size(),
             vcpus: c.vcpus,
             nested,
-            flags: 0,
+            flags: opts.flags,
             slice_us: c.slice_us,
             age_leak_pages: c.age_leak_pages,
         };
@@ -292,7 +337,9 @@ impl Vmm {
         let vm = HostVm::boot(
             self.shared.clone(),
             spec,
-            &self.images.hypervisor,
+            opts.hypervisor
+                .as_deref()
+                .unwrap_or(&self.images.hypervisor),
             &self.images.modules,
             channel,
             None,
@@ -429,12 +476,15 @@ impl Vmm {
     /// Sends events (rejuvenation reports, failures, policy decisions) to
     /// `log` from now on; only the first call has an effect.
     pub fn set_event_log(&self, log: EventLog) {
-        let _ = self.events.set(log);
+        let log = Arc::new(log);
+        if self.events.set(log.clone()).is_ok() {
+            self.shared.set_event_sink(log);
+        }
     }
 
     /// The events file, if any.
     pub fn event_log(&self) -> Option<&EventLog> {
-        self.events.get()
+        self.events.get().map(|l| &**l)
     }
 
     /// Appends one event line (see [`EventLog::log`]) if an events file is
@@ -544,9 +594,14 @@ impl Vmm {
     }
 
     /// The status tree.
+    ///
+    /// It never waits for a guest: nested VMs are read from the summary
+    /// each publishes when its lock is released (a RUN holds that lock for
+    /// a whole slice), and no lock is held across another host VM's.
     pub fn status(&self) -> Status {
+        let lines: Vec<Arc<Line>> = self.lines.lock().unwrap().clone();
         let mut host_vms = Vec::new();
-        for l in self.lines.lock().unwrap().iter() {
+        for l in lines {
             let vm = l.current.lock().unwrap().clone();
             let (health, health_reports) = {
                 let h = vm.health.lock().unwrap();
@@ -555,8 +610,8 @@ impl Vmm {
             let mut nested = Vec::new();
             let vms: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
             for n in vms {
-                let n = n.lock().unwrap();
-                let (moves, lines, host_vm, generation) = n
+                let n = n.summary();
+                let (moves, lines, dropped, host_vm, generation) = n
                     .record
                     .as_ref()
                     .map(|r| {
@@ -566,22 +621,29 @@ impl Vmm {
                         } else {
                             (vm.spec.line.clone(), vm.spec.generation)
                         };
-                        (info.moves, r.console.lines(), line, g)
+                        (
+                            info.moves,
+                            r.console.lines(),
+                            r.console.dropped_bytes(),
+                            line,
+                            g,
+                        )
                     })
-                    .unwrap_or((0, 0, vm.spec.line.clone(), vm.spec.generation));
+                    .unwrap_or((0, 0, 0, vm.spec.line.clone(), vm.spec.generation));
                 nested.push(NestedStatus {
                     name: n.name.clone(),
                     handle: n.handle,
-                    mem_bytes: n.mem_bytes(),
+                    mem_bytes: n.mem_bytes,
                     state: n.state.as_str().to_string(),
-                    vcpus: n.vcpu_count(),
+                    vcpus: n.vcpus,
                     runs: n.runs,
                     exits: n.exits,
                     moves,
                     console_lines: lines,
+                    console_dropped_bytes: dropped,
                     generation,
                     host_vm,
-                    devices: n.devices.status(),
+                    devices: n.devices.clone(),
                 });
             }
             host_vms.push(HostVmStatus {
@@ -599,6 +661,8 @@ impl Vmm {
                 health,
                 health_reports,
                 age_leak_pages: vm.spec.age_leak_pages,
+                console_dropped_bytes: vm.console().dropped_bytes(),
+                limits: vm.refusals.named(),
                 nested,
                 retired: l.retired.lock().unwrap().iter().cloned().collect(),
             });
@@ -613,7 +677,7 @@ impl Vmm {
     /// The host VM and nested VM that run guest `name` now, found through
     /// the guest's record (its identity on this host), so the answer follows
     /// the guest across moves. `None` while it is bound to no VM.
-    fn locate(&self, name: &str) -> Option<(Arc<HostVm>, Arc<RankedMutex<NestedVm>>)> {
+    fn locate(&self, name: &str) -> Option<(Arc<HostVm>, NestedRef)> {
         let record = self.shared.find_record(name)?;
         let (bound, handle) = {
             let info = record.info.lock().unwrap();
@@ -711,10 +775,12 @@ impl Vmm {
             guest: guest.to_string(),
             msg,
         };
-        for l in self.lines.lock().unwrap().iter() {
-            let vm = l.current.lock().unwrap().clone();
+        for (_, vm) in self.current_vms() {
             let vms: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
             for n in vms {
+                if n.summary().name != guest {
+                    continue;
+                }
                 let n = n.lock().unwrap();
                 if n.name == guest {
                     return n

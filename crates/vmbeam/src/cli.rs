@@ -68,9 +68,12 @@ pub struct VmArgs {
     /// Nested workloads, assigned round-robin (memtouch, ticker, blkcheck, netecho).
     #[arg(long, default_value = "memtouch,ticker", value_delimiter = ',', value_parser = workload)]
     pub workload: Vec<Workload>,
-    /// memtouch: rounds before it halts (0 = forever); ticker: ticks before it faults on purpose (0 = never; with bit 63 set the fault is an AVX instruction).
+    /// memtouch, blkcheck: rounds before it halts (0 = forever); ticker: ticks before it faults on purpose (0 = never; with bit 63 set the fault is an AVX instruction).
     #[arg(long, default_value_t = 0)]
     pub workload_param: u64,
+    /// Second workload parameter: blkcheck waits for its disk's interrupts (in hlt) instead of polling when bit 0 is set.
+    #[arg(long, default_value_t = 0)]
+    pub workload_param1: u64,
     /// Write each console to DIR/<name>.log instead of the terminal.
     #[arg(long)]
     pub console_dir: Option<PathBuf>,
@@ -113,6 +116,7 @@ impl VmArgs {
             console_dir: self.console_dir.clone(),
             quiet,
             workload_param: self.workload_param,
+            workload_param1: self.workload_param1,
             slice_us: self.slice_us,
             age_leak_pages: self.age_leak,
             devices: self.disks.iter().chain(&self.nets).cloned().collect(),

@@ -33,3 +33,9 @@ pub fn images(hypervisor: Option<Vec<u8>>) -> Result<Images, LoaderError> {
 /// A deliberately hostile guest hypervisor used by tests: it sends invalid
 /// hypercalls and checks that L0 refuses each one.
 pub const HOSTILE_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hostile.elf"));
+
+/// A test-only guest hypervisor that drives L0 to its bounds from every
+/// vCPU (modes in `vmbeam_abi::boot::stress`): name churn, VM_MAP and
+/// VM_CREATE races, console floods, never-exiting nested guests, interrupt
+/// injection.
+pub const STRESS_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/stress.elf"));

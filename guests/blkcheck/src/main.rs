@@ -6,14 +6,16 @@
 //! flushes, reads everything back and verifies it, then prints
 //! `round=r ok=… bad=…` (sectors verified so far, and mismatches).
 //! With `param0` = N it stops after round N and prints `done`, so a host
-//! can compare the image with the expected one.
+//! can compare the image with the expected one. With bit 0 of `param1`
+//! set it waits for each request's interrupt in `hlt` instead of polling
+//! the used ring, and each line also reports `irqs=`.
 #![no_std]
 #![no_main]
 
 use core::fmt::Write;
 use core::ptr::NonNull;
 use guest_rt::Serial;
-use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
+use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk, SECTOR_SIZE};
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
 use virtio_drivers::transport::{DeviceType, Transport};
 use vmbeam_abi::checksum::pattern_word;
@@ -23,6 +25,7 @@ use vmbeam_abi::l2::{
 };
 
 mod hal;
+mod irq;
 
 /// Sectors per request.
 const CHUNK: usize = 8;
@@ -58,9 +61,46 @@ fn count_bad(buf: &[u8], seed: u64, r: u64, first: u64) -> u64 {
     bad
 }
 
+type Disk = VirtIOBlk<hal::BumpHal, MmioTransport<'static>>;
+
+/// Reads `buf` at sector `first`, polling or sleeping on interrupts.
+fn read(disk: &mut Disk, irqs: bool, first: u64, buf: &mut [u8]) -> bool {
+    if !irqs {
+        return disk.read_blocks(first as usize, buf).is_ok();
+    }
+    let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
+    // SAFETY: `req`, `buf` and `resp` are not touched until the request
+    // completes, and are passed again to complete it.
+    let Ok(token) = (unsafe { disk.read_blocks_nb(first as usize, &mut req, buf, &mut resp) })
+    else {
+        return false;
+    };
+    irq::wait(|| disk.peek_used() == Some(token));
+    disk.ack_interrupt();
+    // SAFETY: the same buffers as above.
+    unsafe { disk.complete_read_blocks(token, &req, buf, &mut resp) }.is_ok()
+}
+
+/// Writes `buf` at sector `first`, polling or sleeping on interrupts.
+fn write(disk: &mut Disk, irqs: bool, first: u64, buf: &[u8]) -> bool {
+    if !irqs {
+        return disk.write_blocks(first as usize, buf).is_ok();
+    }
+    let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
+    // SAFETY: as in `read`.
+    let Ok(token) = (unsafe { disk.write_blocks_nb(first as usize, &mut req, buf, &mut resp) })
+    else {
+        return false;
+    };
+    irq::wait(|| disk.peek_used() == Some(token));
+    disk.ack_interrupt();
+    // SAFETY: as in `read`.
+    unsafe { disk.complete_write_blocks(token, &req, buf, &mut resp) }.is_ok()
+}
+
 /// Finds the first virtio block device among the windows the guest
 /// hypervisor may have placed.
-fn find_disk() -> Option<MmioTransport<'static>> {
+fn find_disk() -> Option<(MmioTransport<'static>, u64)> {
     for i in 0..MAX_DEVICES as u64 {
         let base = VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE;
         // SAFETY: the window is mapped by L1's page tables; an unplaced
@@ -74,7 +114,7 @@ fn find_disk() -> Option<MmioTransport<'static>> {
         };
         if let Ok(t) = t {
             if t.device_type() == DeviceType::Block {
-                return Some(t);
+                return Some((t, i));
             }
         }
     }
@@ -93,7 +133,7 @@ pub extern "C" fn _start() -> ! {
     }
     let name = vmbeam_abi::name_from_bytes(&p.name).unwrap_or("?");
     let seed = p.seed;
-    let Some(t) = find_disk() else {
+    let Some((t, window)) = find_disk() else {
         let _ = writeln!(out, "blkcheck {name} no disk");
         guest_rt::halt_forever();
     };
@@ -104,6 +144,11 @@ pub extern "C" fn _start() -> ! {
             guest_rt::halt_forever();
         }
     };
+    let irqs = p.param1 & 1 != 0;
+    if irqs {
+        // The bundled guest hypervisor gives window i line 5 + i.
+        irq::init((vmbeam_abi::l2::VIRTIO_IRQ_BASE as u64 + window) as u8);
+    }
     let sectors = disk.capacity();
     let mut id = [0u8; 20];
     let idn = disk.device_id(&mut id).unwrap_or(0);
@@ -123,7 +168,7 @@ pub extern "C" fn _start() -> ! {
         if r > 1 {
             for c in 0..chunks {
                 let first = c * CHUNK as u64;
-                if disk.read_blocks(first as usize, &mut buf).is_err() {
+                if !read(&mut disk, irqs, first, &mut buf) {
                     errors += 1;
                     continue;
                 }
@@ -136,7 +181,7 @@ pub extern "C" fn _start() -> ! {
         for c in 0..chunks {
             let first = c * CHUNK as u64;
             fill(&mut buf, seed, r, first);
-            if disk.write_blocks(first as usize, &buf).is_err() {
+            if !write(&mut disk, irqs, first, &buf) {
                 errors += 1;
             }
         }
@@ -146,7 +191,7 @@ pub extern "C" fn _start() -> ! {
         // (3) Read it back.
         for c in 0..chunks {
             let first = c * CHUNK as u64;
-            if disk.read_blocks(first as usize, &mut buf).is_err() {
+            if !read(&mut disk, irqs, first, &mut buf) {
                 errors += 1;
                 continue;
             }
@@ -154,10 +199,14 @@ pub extern "C" fn _start() -> ! {
             bad += b;
             ok += CHUNK as u64 - b;
         }
-        let _ = writeln!(
+        let _ = write!(
             out,
             "blkcheck {name} round={r} ok={ok} bad={bad} errors={errors}"
         );
+        if irqs {
+            let _ = write!(out, " irqs={}", irq::count());
+        }
+        let _ = writeln!(out);
         if p.param0 != 0 && r == p.param0 {
             let _ = writeln!(
                 out,

@@ -99,6 +99,14 @@ impl EventLog {
     }
 }
 
+impl crate::shared::EventSink for EventLog {
+    fn event(&self, event: &str, fields: serde_json::Value) {
+        if let Err(e) = self.log(event, fields) {
+            eprintln!("vmbeam: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

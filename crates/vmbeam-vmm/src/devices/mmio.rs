@@ -9,9 +9,8 @@
 //! sets DEVICE_NEEDS_RESET and stops the device until the driver resets it.
 
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -351,24 +350,23 @@ impl MmioDevice {
     }
 
     fn set_status(&mut self, v: u32) {
-        let added = v & !self.status;
         if v & self.status != self.status {
             // Drivers may only add bits (clearing needs a reset).
             return;
         }
+        let added = v & !self.status;
+        let mut v = v;
         if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             let ok = self.driver_features & !self.device_features() == 0
                 && self.driver_features & (1u64 << VIRTIO_F_VERSION_1) != 0;
             if !ok {
-                self.status = v & !VIRTIO_CONFIG_S_FEATURES_OK;
-                return;
+                // Refused: the driver reads FEATURES_OK back as clear.
+                v &= !VIRTIO_CONFIG_S_FEATURES_OK;
             }
         }
-        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && v & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
-            self.status = v & !VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED;
-            return;
+        if v & VIRTIO_CONFIG_S_DRIVER_OK != 0 && v & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            v = (v & !VIRTIO_CONFIG_S_DRIVER_OK) | VIRTIO_CONFIG_S_FAILED;
         }
-        let _ = (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER);
         self.status = v;
     }
 

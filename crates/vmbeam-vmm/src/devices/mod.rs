@@ -368,3 +368,96 @@ fn worker(
         d.process(&m.mem);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk() -> Backend {
+        let p = std::env::temp_dir().join(format!("vmbeam-place-{}", std::process::id()));
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let _ = std::fs::remove_file(&p);
+        Backend::Disk {
+            file: Arc::new(file),
+            path: "test".into(),
+            ro: false,
+            size: 4096,
+        }
+    }
+
+    /// A guest hypervisor placing devices over RAM, over each other, over
+    /// the irqchip, misaligned, on a bad line or too late gets one error
+    /// each, and the devices already placed keep working.
+    #[test]
+    fn bad_placements_are_refused() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            println!("SKIP bad_placements_are_refused: /dev/kvm not available");
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        let ram = [(0u64, 16u64 << 20)];
+        let b = disk();
+        let mut set = DeviceSet::default();
+        let place = |set: &mut DeviceSet, i, base, gsi, vcpus| {
+            set.place(&vm, i, base, gsi, &b, "l2-0", &ram, vcpus)
+        };
+        assert_eq!(
+            place(&mut set, 0, 0x10_0000, 5, 0),
+            Err(DeviceError::Overlap(0x10_0000, "guest RAM"))
+        );
+        assert_eq!(
+            place(&mut set, 0, 0xd000_0800, 5, 0),
+            Err(DeviceError::Misaligned(0xd000_0800))
+        );
+        assert_eq!(
+            place(&mut set, 0, !0xfffu64, 5, 0),
+            Err(DeviceError::OutOfRange(!0xfffu64))
+        );
+        assert_eq!(
+            place(&mut set, 0, 0xfec0_0000, 5, 0),
+            Err(DeviceError::Overlap(
+                0xfec0_0000,
+                "the interrupt controller"
+            ))
+        );
+        for bad in [0, 2, 24, u32::MAX] {
+            assert_eq!(
+                place(&mut set, 0, 0xd000_0000, bad, 0),
+                Err(DeviceError::BadIrq(bad))
+            );
+        }
+        assert_eq!(
+            place(&mut set, 0, 0xd000_0000, 5, 1),
+            Err(DeviceError::TooLate),
+            "no irqchip can be added once vCPUs exist"
+        );
+        assert_eq!(place(&mut set, 0, 0xd000_0000, 5, 0), Ok(2));
+        assert!(set.has_irqchip());
+        assert_eq!(
+            place(&mut set, 0, 0xd000_1000, 6, 0),
+            Err(DeviceError::AlreadyPlaced(0))
+        );
+        assert_eq!(
+            place(&mut set, 1, 0xd000_0000, 6, 0),
+            Err(DeviceError::Overlap(0xd000_0000, "another device"))
+        );
+        assert_eq!(
+            place(&mut set, 1, 0xd000_1000, 5, 0),
+            Err(DeviceError::BadIrq(5))
+        );
+        // With the irqchip in place, later devices may come after vCPUs.
+        assert_eq!(place(&mut set, 1, 0xd000_1000, 6, 1), Ok(2));
+        assert_eq!(set.len(), 2);
+        assert!(set.overlaps(0xd000_0fff, 2));
+        // The first device still answers its registers.
+        let mut m = [0u8; 4];
+        assert!(set.mmio_read(0xd000_0000, &mut m));
+        assert_eq!(u32::from_le_bytes(m), mmio::MAGIC);
+        assert!(!set.mmio_read(0xd000_2000, &mut m));
+    }
+}

@@ -201,6 +201,30 @@ impl DeviceMemory {
     }
 }
 
+impl DeviceMemory {
+    /// Anonymous memory at the given (nested address, length) ranges, for
+    /// tests and fuzzing of the device model without a KVM VM.
+    pub fn anonymous(ranges: &[(u64, usize)]) -> Option<DeviceMemory> {
+        let mut views = Vec::new();
+        for &(gpa, len) in ranges {
+            let map = Arc::new(MmapRegion::new(len).ok()?);
+            views.push((gpa, map.as_ptr() as usize, len, map));
+        }
+        DeviceMemory::new(&views)
+    }
+
+    /// Writes `data` at nested address `gpa`; false if not all of it is
+    /// guest memory.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> bool {
+        self.mem.write_slice(data, GuestAddress(gpa)).is_ok()
+    }
+
+    /// Reads `out.len()` bytes at nested address `gpa`.
+    pub fn read(&self, gpa: u64, out: &mut [u8]) -> bool {
+        self.mem.read_slice(out, GuestAddress(gpa)).is_ok()
+    }
+}
+
 /// Checks what the driver programmed before the queue goes live.
 pub fn check_queue(q: &Queue, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
     let size = q.size();

@@ -17,13 +17,15 @@ use vmbeam_abi::boot::{BootInfo, Module, NestedSpec, CONTROL_OFFSET};
 use vmbeam_abi::layout;
 
 use crate::host::arch;
+use crate::host::bounds::{Bound, Refusals};
 use crate::host::console::{Console, LineWriter};
 use crate::host::kick::{self, SliceTimer};
 use crate::host::loader::{self, FlatImage};
 use crate::host::memory::{GuestRam, MemFile, Region, RegionKind};
 use crate::migration::handover::Session;
 use crate::nesting::hypercall::{self, HcOutcome};
-use crate::nesting::nested::NestedVm;
+use crate::nesting::nested::NestedRef;
+use crate::nesting::table::NestedTable;
 use crate::shared::Shared;
 use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
@@ -196,15 +198,6 @@ impl Doorbell {
     }
 }
 
-/// Nested VMs of one host VM.
-#[derive(Default)]
-pub struct NestedTable {
-    /// Next handle to hand out.
-    pub next_handle: u32,
-    /// Live nested VMs by handle.
-    pub vms: BTreeMap<u32, Arc<RankedMutex<NestedVm>>>,
-}
-
 struct VcpuThread {
     idx: u32,
     thread: libc::pthread_t,
@@ -263,7 +256,14 @@ pub struct HostVm {
     serial: RankedMutex<HostSerial>,
     /// Hypercalls served.
     pub hypercalls: AtomicU64,
+    /// Bounds its guest hypervisor hit.
+    pub refusals: Refusals,
+    /// Clean KVM VMs of destroyed nested guests, for reuse.
+    spare_vms: RankedMutex<Vec<VmFd>>,
 }
+
+/// Most clean KVM VMs a host VM keeps for reuse.
+pub const MAX_SPARE_VMS: usize = 8;
 
 impl HostVm {
     /// Display name: `line/gN`.
@@ -504,6 +504,8 @@ impl HostVm {
             l0_writes: RankedMutex::new(Rank::VmLeaf, None),
             serial: RankedMutex::new(Rank::VmLeaf, Serial::new(NoIrq, LineWriter::new(console))),
             hypercalls: AtomicU64::new(0),
+            refusals: Refusals::default(),
+            spare_vms: RankedMutex::new(Rank::VmLeaf, Vec::new()),
         }))
     }
 
@@ -815,10 +817,8 @@ impl HostVm {
     }
 
     /// Destroys every nested VM (dropping their KVM VMs) and unbinds records.
-    pub fn drop_nested(&self) -> Vec<Arc<RankedMutex<NestedVm>>> {
-        let vms: Vec<_> = std::mem::take(&mut self.nested.lock().unwrap().vms)
-            .into_values()
-            .collect();
+    pub fn drop_nested(&self) -> Vec<NestedRef> {
+        let vms: Vec<_> = self.nested.lock().unwrap().take_all();
         for v in &vms {
             let v = v.lock().unwrap();
             if let Some(r) = &v.record {
@@ -851,7 +851,7 @@ impl HostVm {
     }
 
     /// Finds a nested VM.
-    pub fn nested_vm(&self, handle: u64) -> Option<Arc<RankedMutex<NestedVm>>> {
+    pub fn nested_vm(&self, handle: u64) -> Option<NestedRef> {
         let h = u32::try_from(handle).ok()?;
         self.nested.lock().unwrap().vms.get(&h).cloned()
     }
@@ -891,6 +891,30 @@ impl HostVm {
     /// The channel memfd mapped at `CHANNEL_BASE`.
     pub fn channel_file(&self) -> Arc<MemFile> {
         self.channel_file.clone()
+    }
+
+    /// A clean KVM VM for a new nested guest, if one was kept.
+    pub fn take_spare_vm(&self) -> Option<VmFd> {
+        self.spare_vms.lock().unwrap().pop()
+    }
+
+    /// Keeps a clean KVM VM for reuse (up to [`MAX_SPARE_VMS`]); returns it
+    /// if there is no room, for the caller to drop.
+    pub fn keep_spare_vm(&self, vm: VmFd) -> Option<VmFd> {
+        let mut s = self.spare_vms.lock().unwrap();
+        if s.len() >= MAX_SPARE_VMS {
+            return Some(vm);
+        }
+        s.push(vm);
+        None
+    }
+
+    /// Counts a hit of bound `b` by this VM's guest hypervisor, reports it
+    /// (a rate-limited `limit` event) and returns the status to answer.
+    pub fn refuse(&self, b: Bound, detail: &str) -> vmbeam_abi::hypercall::Status {
+        self.refusals.count(b);
+        self.shared.limit_hit(&self.name(), b.as_str(), detail);
+        b.status()
     }
 
     /// Console of the host VM line.

@@ -4,6 +4,7 @@
 //! policy or rejuvenation.
 
 pub mod arch;
+pub mod bounds;
 pub mod console;
 pub mod hostvm;
 pub mod images;

@@ -19,8 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::host::memory::MemFile;
-use crate::nesting::nested::{NestedSlot, NestedVm};
-use crate::sync::RankedMutex;
+use crate::nesting::nested::{NestedRef, NestedSlot};
 
 /// Errors of copy-based migration.
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +161,7 @@ pub struct PrecopyStats {
 }
 
 /// Copies the pages of one round's dirty maps (per guest, per slot).
-fn copy_rounds(copies: &[(Arc<RankedMutex<NestedVm>>, GuestCopy)], maps: &[Vec<Vec<u64>>]) -> u64 {
+fn copy_rounds(copies: &[(NestedRef, GuestCopy)], maps: &[Vec<Vec<u64>>]) -> u64 {
     let mut n = 0;
     for ((_, gc), per) in copies.iter().zip(maps) {
         for (sc, bm) in gc.slots.iter().zip(per) {
@@ -178,7 +177,7 @@ pub const MAX_ROUNDS: u32 = 30;
 /// Runs the live phase of pre-copy for every guest in `vms` (the aged VM's
 /// nested VMs) while they keep running. Leaves dirty logging on.
 pub fn precopy_live(
-    vms: &[Arc<RankedMutex<NestedVm>>],
+    vms: &[NestedRef],
     budget: Duration,
 ) -> Result<(Vec<GuestCopy>, PrecopyStats), CopyError> {
     let mut copies = Vec::new();

@@ -27,7 +27,7 @@ use crate::migration::copy::{GuestCopy, SlotCopy};
 pub use crate::migration::handover_state::{GuestMove, Handover, Phase, SuccSide};
 use crate::migration::rejuvenate::Mode;
 use crate::nesting::hypercall::{HcOutcome, HcResult};
-use crate::nesting::nested::{NestedState, NestedVm};
+use crate::nesting::nested::{NestedRef, NestedState, NestedVm};
 use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
 /// How long after the handover's deadline an aged L1 waiting inside
@@ -306,11 +306,7 @@ pub(crate) fn grant_guest(
 
 /// Freezes nested VM `n` for a grant and takes what the grant needs, under
 /// the VM's own lock only.
-fn hold(
-    s: &Session,
-    n: &Arc<RankedMutex<NestedVm>>,
-    asked: Option<Instant>,
-) -> Result<Held, Status> {
+fn hold(s: &Session, n: &NestedRef, asked: Option<Instant>) -> Result<Held, Status> {
     let mut n = n.lock().unwrap();
     let record = n.record.clone().ok_or(Status::BadState)?;
     if n.state == NestedState::Crashed || n.frozen {
@@ -395,12 +391,7 @@ fn hold(
 /// Called when the successor maps granted pages of `guest` into its nested
 /// VM `handle` that it built itself (copy modes, or a granted guest no
 /// longer in the aged table): binds the guest's record to it and freezes it.
-pub fn bind_granted(
-    vm: &HostVm,
-    handle: u32,
-    n: &Arc<RankedMutex<NestedVm>>,
-    guest: &str,
-) -> Result<(), Status> {
+pub fn bind_granted(vm: &HostVm, handle: u32, n: &NestedRef, guest: &str) -> Result<(), Status> {
     let s = successor_session(vm).ok_or(Status::NotPermitted)?;
     let (record, bound) = s
         .with(|h| {
@@ -445,7 +436,7 @@ pub fn bind_granted(
 /// the aged guest hypervisor's nested VM itself (KVM VM, vCPUs, slots)
 /// moves to the successor's table under `handle` instead of a new one being
 /// built. The VM stays frozen.
-pub fn try_adopt(vm: &HostVm, name: &str, handle: u32) -> Option<Arc<RankedMutex<NestedVm>>> {
+pub fn try_adopt(vm: &HostVm, name: &str, handle: u32) -> Option<NestedRef> {
     let s = successor_session(vm)?;
     if s.mode != Mode::ZeroCopy {
         return None;
@@ -499,7 +490,7 @@ pub fn is_adoption(vm: &HostVm, handle: u32) -> bool {
 pub fn confirm_slot(
     vm: &HostVm,
     handle: u32,
-    n: &Arc<RankedMutex<NestedVm>>,
+    n: &NestedRef,
     backing: &(RegionKind, Arc<MemFile>, u64),
     range: (u64, u64, u64),
 ) -> Result<(), Status> {

@@ -21,7 +21,7 @@ use crate::host::hostvm::{HostVm, VmStatus};
 use crate::host::loader::FlatImage;
 use crate::host::memory::Region;
 use crate::migration::handover::{self, GuestMove, Phase, Session};
-use crate::nesting::nested::{NestedState, NestedVm};
+use crate::nesting::nested::NestedState;
 use crate::shared::Shared;
 
 /// Where a rejuvenation reports its phases: `(event, fields)`, the hook
@@ -281,7 +281,7 @@ enum Failure {
 /// What revocation leaves for the commit: things to drop off the critical
 /// path, and the memory it gave back.
 struct Revoked {
-    nested: Vec<Arc<crate::sync::RankedMutex<NestedVm>>>,
+    nested: Vec<crate::nesting::nested::NestedRef>,
     regions: Vec<Region>,
     released: u64,
 }

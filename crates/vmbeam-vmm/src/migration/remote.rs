@@ -287,7 +287,7 @@ impl Dirty {
 fn collect_dirty(
     vm: &HostVm,
     regions: &[Region],
-    nested: &[Arc<crate::sync::RankedMutex<NestedVm>>],
+    nested: &[crate::nesting::nested::NestedRef],
 ) -> Dirty {
     let mut d = Dirty::new(regions);
     for (i, r) in regions.iter().enumerate() {
@@ -1467,14 +1467,12 @@ fn build(
                 d.name
             )));
         }
-        if let Some(r) = shared.records.lock().unwrap().get(&d.name) {
-            if r.info.lock().unwrap().bound_vm != 0 {
-                return Err(RemoteError::Invalid(format!(
-                    "a nested guest named {} already runs here",
-                    d.name
-                )));
+        let rec = shared.claim_record(&d.name).map_err(|e| match e {
+            crate::shared::ClaimError::Taken(_) => {
+                RemoteError::Invalid(format!("a nested guest named {} already runs here", d.name))
             }
-        }
+            e => local(e.to_string()),
+        })?;
         let mut n =
             NestedVm::new(&shared.kvm, d.handle, &d.name).map_err(|s| local(format!("{s:?}")))?;
         for &(l1, l2, len) in &d.slots {
@@ -1505,7 +1503,6 @@ fn build(
         if d.crashed {
             n.state = NestedState::Crashed;
         }
-        let rec = shared.record(&d.name).map_err(|e| local(e.to_string()))?;
         {
             let mut info = rec.info.lock().unwrap();
             info.bound_vm = hv.id;
@@ -1517,13 +1514,9 @@ fn build(
         }
         n.record = Some(rec);
         table.next_handle = table.next_handle.max(d.handle);
-        table.vms.insert(
-            d.handle,
-            Arc::new(crate::sync::RankedMutex::new(
-                crate::sync::Rank::NestedVm,
-                n,
-            )),
-        );
+        table.add(d.handle, n).map_err(|s| {
+            RemoteError::Invalid(format!("{}: slots overlap another guest's ({s:?})", d.name))
+        })?;
     }
     drop(table);
     Ok((hv, fds))

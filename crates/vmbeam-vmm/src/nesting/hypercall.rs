@@ -6,18 +6,18 @@
 //! input, and an error leaves L0's state as it was.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use vmbeam_abi::hypercall::*;
 use vmbeam_abi::layout::{self, EXTENT_SIZE};
 
+use crate::host::bounds::{Bound, MAX_NESTED_VMS};
 use crate::host::hostvm::HostVm;
 use crate::host::kick::SliceTimer;
 use crate::host::memory::RegionKind;
 use crate::migration::handover;
-use crate::nesting::nested::{NestedSlot, NestedVm};
-use crate::sync::{Rank, RankedMutex};
+use crate::nesting::nested::{NestedCell, NestedRef, NestedSlot, NestedVm};
+use crate::shared::ClaimError;
 
 /// What the vCPU loop does after a hypercall.
 #[derive(Debug, PartialEq, Eq)]
@@ -67,7 +67,7 @@ fn name_arg(page: &HypercallPage) -> Result<String, Status> {
     check_name(&b).map(str::to_string)
 }
 
-fn nested(vm: &HostVm, handle: u64) -> Result<Arc<RankedMutex<NestedVm>>, Status> {
+fn nested(vm: &HostVm, handle: u64) -> Result<NestedRef, Status> {
     vm.nested_vm(handle).ok_or(Status::NoSuchHandle)
 }
 
@@ -81,13 +81,16 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
         }
         OP_CONSOLE_WRITE => {
             let line = &p.data[..console_len(a[1])?];
-            if a[0] == CONSOLE_SELF {
-                vm.console().write_line(line);
+            let console = if a[0] == CONSOLE_SELF {
+                vm.console()
             } else {
+                // From the published summary: never waits for the guest's RUN.
                 let n = nested(vm, a[0])?;
-                let n = n.lock().unwrap();
-                let rec = n.record.as_ref().ok_or(Status::BadState)?;
-                rec.console.write_line(line);
+                let rec = n.summary().record.ok_or(Status::BadState)?;
+                rec.console.clone()
+            };
+            if !console.write_line(line) {
+                return Err(vm.refuse(Bound::ConsoleRate, "console line dropped"));
             }
             OK
         }
@@ -109,22 +112,18 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
         OP_VM_DESTROY => {
             let h = u32::try_from(a[0]).map_err(|_| Status::NoSuchHandle)?;
             if let Some(r) = handover::unadopt(vm, h) {
+                // An adoption goes back to the aged guest hypervisor; the
+                // successor's claims on its pages go with it.
+                vm.nested.lock().unwrap().release_handle(h);
                 return r.map(|_| HcOutcome::Continue);
             }
-            let n = vm
-                .nested
-                .lock()
-                .unwrap()
-                .vms
-                .remove(&h)
-                .ok_or(Status::NoSuchHandle)?;
-            let n = n.lock().unwrap();
-            if let Some(r) = &n.record {
-                let mut info = r.info.lock().unwrap();
-                if info.bound_vm == vm.id {
-                    info.bound_vm = 0;
-                }
-            }
+            let n = {
+                let mut t = vm.nested.lock().unwrap();
+                let n = t.vms.remove(&h).ok_or(Status::NoSuchHandle)?;
+                t.release_handle(h);
+                n
+            };
+            destroy(vm, n);
             OK
         }
         OP_VM_MAP => vm_map(vm, a[0], a[1], a[2], a[3]),
@@ -132,7 +131,15 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
             let n = nested(vm, a[0])?;
             let idx = match handover::confirm_vcpu(vm, a[0] as u32) {
                 Some(r) => r?,
-                None => n.lock().unwrap().create_vcpu(&vm.shared.cpuid)?,
+                None => n
+                    .lock()
+                    .unwrap()
+                    .create_vcpu(&vm.shared.cpuid)
+                    .map_err(|s| match s {
+                        Status::TooMany => vm.refuse(Bound::Vcpus, "nested vCPUs"),
+                        Status::NoResources => vm.refuse(Bound::KvmObjects, "KVM_CREATE_VCPU"),
+                        s => s,
+                    })?,
             };
             p.ret[0] = idx as u64;
             OK
@@ -254,47 +261,97 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
     }
 }
 
+/// The end of a nested guest its guest hypervisor destroyed: its record
+/// is unbound (and goes with the last holder), its pages are returned to
+/// the host in whichever memfd holds them (its own guest hypervisor's
+/// pool, or the pool of the generation it was created in, after moves),
+/// and a KVM VM that never had a vCPU is kept for reuse.
+fn destroy(vm: &HostVm, n: NestedRef) {
+    let punch = {
+        let n = n.lock().unwrap();
+        if let Some(r) = &n.record {
+            let mut info = r.info.lock().unwrap();
+            if info.bound_vm == vm.id {
+                info.bound_vm = 0;
+            }
+        }
+        // A frozen guest's pages are on their way to a successor: not ours
+        // to release.
+        if n.frozen {
+            Vec::new()
+        } else {
+            n.slots
+                .iter()
+                .map(|s| (s.file.clone(), s.file_offset, s.len))
+                .collect()
+        }
+    };
+    for (file, offset, len) in punch {
+        let _ = file.punch_hole(offset, len);
+    }
+    if let Some(kvm_vm) = NestedCell::into_vm(n).and_then(NestedVm::into_clean_vm) {
+        drop(vm.keep_spare_vm(kvm_vm));
+    }
+}
+
 fn vm_create(vm: &HostVm, p: &mut HypercallPage) -> HcResult {
     let name = name_arg(p)?;
-    let mut table = vm.nested.lock().unwrap();
-    if table.vms.len() >= vmbeam_abi::boot::MAX_NESTED {
-        return Err(Status::TooMany);
-    }
-    if table.vms.values().any(|n| n.lock().unwrap().name == name) {
-        return Err(Status::BadArg);
-    }
     let successor = handover::is_successor_in_handover(vm);
+    // Reserve the name and a handle under the table lock; build outside it.
+    let handle = {
+        let mut t = vm.nested.lock().unwrap();
+        if t.count() >= MAX_NESTED_VMS {
+            drop(t);
+            return Err(vm.refuse(Bound::NestedVms, &format!("{MAX_NESTED_VMS} nested VMs")));
+        }
+        if t.has_name(&name) {
+            return Err(Status::BadArg);
+        }
+        let h = t.alloc_handle();
+        t.creating.push((name.clone(), h));
+        h
+    };
+    let built = build_nested(vm, &name, handle, successor);
+    let mut t = vm.nested.lock().unwrap();
+    t.creating.retain(|(_, h)| *h != handle);
+    let cell = built?;
+    t.vms.insert(handle, cell);
+    p.ret[0] = handle as u64;
+    OK
+}
+
+/// The nested VM a VM_CREATE makes: in a successor during a handover, the
+/// granted guest of that name itself (adopted); otherwise a new KVM VM
+/// bound to a new record.
+fn build_nested(
+    vm: &HostVm,
+    name: &str,
+    handle: u32,
+    successor: bool,
+) -> Result<NestedRef, Status> {
+    if successor {
+        if let Some(adopted) = handover::try_adopt(vm, name, handle) {
+            return Ok(adopted);
+        }
+    }
     let record = if successor {
         None
     } else {
-        let r = vm.shared.record(&name).map_err(|_| Status::Internal)?;
-        {
-            let info = r.info.lock().unwrap();
-            if info.bound_vm != 0 && info.bound_vm != vm.id {
-                // Another host VM runs a guest of this name.
-                return Err(Status::NotPermitted);
+        // A live guest of this name anywhere on the host (another host
+        // VM's, or one being moved) keeps its name and console.
+        match vm.shared.claim_record(name) {
+            Ok(r) => Some(r),
+            Err(ClaimError::Taken(_)) => return Err(Status::NotPermitted),
+            Err(ClaimError::Console(e)) => {
+                return Err(vm.refuse(Bound::Consoles, &e.to_string()));
             }
         }
-        Some(r)
     };
-    table.next_handle = table.next_handle.wrapping_add(1).max(1);
-    while table.vms.contains_key(&table.next_handle) {
-        table.next_handle = table.next_handle.wrapping_add(1).max(1);
-    }
-    let handle = table.next_handle;
-    if successor {
-        drop(table);
-        if let Some(adopted) = handover::try_adopt(vm, &name, handle) {
-            vm.nested.lock().unwrap().vms.insert(handle, adopted);
-            p.ret[0] = handle as u64;
-            return OK;
-        }
-        table = vm.nested.lock().unwrap();
-        if table.vms.contains_key(&handle) {
-            return Err(Status::Internal);
-        }
-    }
-    let mut n = NestedVm::new(&vm.shared.kvm, handle, &name)?;
+    let mut n = match vm.take_spare_vm() {
+        Some(kvm_vm) => NestedVm::with_vm(kvm_vm, handle, name),
+        None => NestedVm::new(&vm.shared.kvm, handle, name)
+            .map_err(|_| vm.refuse(Bound::KvmObjects, "KVM_CREATE_VM"))?,
+    };
     if let Some(r) = record {
         let mut info = r.info.lock().unwrap();
         info.bound_vm = vm.id;
@@ -305,16 +362,13 @@ fn vm_create(vm: &HostVm, p: &mut HypercallPage) -> HcResult {
         drop(info);
         n.record = Some(r);
     }
-    table
-        .vms
-        .insert(handle, Arc::new(RankedMutex::new(Rank::NestedVm, n)));
-    p.ret[0] = handle as u64;
-    OK
+    Ok(NestedCell::new(n))
 }
 
 fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcResult {
     let l1_end = check_map_args(l1_gpa, l2_gpa, len)?;
     let n = nested(vm, handle)?;
+    let h = u32::try_from(handle).map_err(|_| Status::NoSuchHandle)?;
     let (region_kind, file, offset, hva, map) = {
         let mem = vm.mem.read().unwrap();
         let spans = mem.regions.iter().map(|r| (r.gpa, r.size, &r.kind));
@@ -327,39 +381,56 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
             r.map.clone(),
         )
     };
-    let h = u32::try_from(handle).map_err(|_| Status::NoSuchHandle)?;
-    if handover::is_adoption(vm, h) {
+    // No two nested VMs of this guest hypervisor may share memory: the L1
+    // range is claimed in the table first (one lock decides, so two vCPUs
+    // cannot both win), then mapped; a failed map gives the claim back.
+    {
+        let mut t = vm.nested.lock().unwrap();
+        if !t.vms.contains_key(&h) {
+            return Err(Status::NoSuchHandle);
+        }
+        t.claim(h, l1_gpa, l1_end)?;
+    }
+    let res = if handover::is_adoption(vm, h) {
         // Adopting the aged guest hypervisor's VM: confirm, don't remap.
         let backing = (region_kind, file, offset);
-        return handover::confirm_slot(vm, h, &n, &backing, (l1_gpa, l2_gpa, len))
-            .map(|_| HcOutcome::Continue);
+        handover::confirm_slot(vm, h, &n, &backing, (l1_gpa, l2_gpa, len))
+            .map(|_| HcOutcome::Continue)
+    } else {
+        map_claimed(
+            vm,
+            h,
+            &n,
+            (l1_gpa, l2_gpa, len),
+            region_kind,
+            file,
+            offset,
+            hva,
+            map,
+        )
+    };
+    if res.is_err() {
+        vm.nested.lock().unwrap().release_claim(h, l1_gpa);
     }
-    // No two nested VMs of this guest hypervisor may share memory.
-    {
-        let table = vm.nested.lock().unwrap();
-        for (other_h, other) in table.vms.iter() {
-            if *other_h as u64 == handle {
-                continue;
-            }
-            let o = other.lock().unwrap();
-            if o.slots
-                .iter()
-                .any(|s| ranges_overlap(l1_gpa, l1_end, s.l1_gpa, s.l1_gpa + s.len))
-            {
-                return Err(Status::Overlap);
-            }
-        }
-    }
+    res
+}
+
+#[allow(clippy::too_many_arguments)]
+fn map_claimed(
+    vm: &HostVm,
+    h: u32,
+    n: &NestedRef,
+    (l1_gpa, l2_gpa, len): (u64, u64, u64),
+    region_kind: RegionKind,
+    file: std::sync::Arc<crate::host::memory::MemFile>,
+    offset: u64,
+    hva: usize,
+    map: std::sync::Arc<vm_memory::MmapRegion>,
+) -> HcResult {
     if let RegionKind::Grant { guest } = &region_kind {
-        handover::bind_granted(vm, h, &n, guest)?;
+        handover::bind_granted(vm, h, n, guest)?;
     }
     let mut n = n.lock().unwrap();
-    if n.slots
-        .iter()
-        .any(|s| ranges_overlap(l1_gpa, l1_end, s.l1_gpa, s.l1_gpa + s.len))
-    {
-        return Err(Status::Overlap);
-    }
     n.map(NestedSlot {
         l2_gpa,
         l1_gpa,
@@ -368,6 +439,10 @@ fn vm_map(vm: &HostVm, handle: u64, l1_gpa: u64, l2_gpa: u64, len: u64) -> HcRes
         file,
         file_offset: offset,
         map,
+    })
+    .map_err(|s| match s {
+        Status::TooMany => vm.refuse(Bound::Slots, "nested memory slots"),
+        s => s,
     })?;
     if let Some(r) = &n.record {
         r.info.lock().unwrap().mem_bytes = n.mem_bytes();

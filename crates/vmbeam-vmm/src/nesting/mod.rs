@@ -3,3 +3,4 @@
 
 pub mod hypercall;
 pub mod nested;
+pub mod table;

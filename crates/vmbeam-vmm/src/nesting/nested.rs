@@ -8,8 +8,9 @@
 //! A [`GuestRecord`] is the nested guest's identity on this host; it follows
 //! the guest across moves between guest hypervisors.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::AtomicU8;
-use std::sync::Arc;
+use std::sync::{Arc, LockResult, PoisonError};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_userspace_memory_region, CpuId};
@@ -26,7 +27,7 @@ use crate::host::arch;
 use crate::host::console::Console;
 use crate::host::kick::SliceTimer;
 use crate::host::memory::MemFile;
-use crate::sync::RankedMutex;
+use crate::sync::{Rank, RankedGuard, RankedMutex};
 
 /// Most memory slots per nested VM.
 pub const MAX_SLOTS: usize = vmbeam_abi::handover::MAX_GUEST_RANGES;
@@ -103,12 +104,55 @@ struct NestedVcpu {
     fd: VcpuFd,
     pending: Pending,
     exits_since_state: bool,
+    /// An interrupt L1 injected that the guest has not been able to take
+    /// yet (see [`NestedVm::inject`]).
+    irq: Option<u8>,
+}
+
+/// While an interrupt waits for the guest to enable interrupts, RUN looks
+/// again this often (this KVM gives no interrupt-window exits; see
+/// docs/kvm-notes.md).
+const IRQ_POLL: Duration = Duration::from_millis(1);
+
+/// If an interrupt waits and the guest can take it now (RFLAGS.IF set, no
+/// STI/MOV SS shadow), hands it to KVM; true while it still waits.
+fn offer_irq(v: &mut NestedVcpu) -> bool {
+    let Some(vector) = v.irq else {
+        return false;
+    };
+    let open = v.fd.get_regs().is_ok_and(|r| r.rflags & (1 << 9) != 0)
+        && v.fd
+            .get_vcpu_events()
+            .is_ok_and(|e| e.interrupt.shadow == 0);
+    if open && kvm_interrupt(&v.fd, vector).is_ok() {
+        v.irq = None;
+        return false;
+    }
+    true
+}
+
+/// `KVM_INTERRUPT`: queues an external interrupt on a vCPU without an
+/// in-kernel irqchip (kvm-ioctls has no wrapper for it).
+const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86;
+
+fn kvm_interrupt(fd: &VcpuFd, vector: u8) -> Result<(), Status> {
+    use std::os::fd::AsRawFd;
+    let irq = kvm_bindings::kvm_interrupt { irq: vector as u32 };
+    // SAFETY: KVM_INTERRUPT reads one `kvm_interrupt` from a valid pointer
+    // on a vCPU fd we own.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_INTERRUPT as _, &irq) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Status::BadState)
+    }
 }
 
 /// Lifecycle of a nested VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NestedState {
     /// Created, not run yet.
+    #[default]
     Created,
     /// Has run.
     Running,
@@ -160,6 +204,133 @@ pub struct NestedVm {
     pub devices: DeviceSet,
 }
 
+/// What others read of a nested VM without taking its lock (which a RUN
+/// holds for a whole slice): published every time the lock is released.
+#[derive(Debug, Clone, Default)]
+pub struct NestedSummary {
+    /// Handle L1 uses.
+    pub handle: u32,
+    /// Name.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: NestedState,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Mapped bytes.
+    pub mem_bytes: u64,
+    /// RUN calls.
+    pub runs: u64,
+    /// Exits returned to L1.
+    pub exits: u64,
+    /// Frozen (granted away, or adopted but not committed).
+    pub frozen: bool,
+    /// Identity, once bound.
+    pub record: Option<Arc<GuestRecord>>,
+    /// Its virtio devices.
+    pub devices: Vec<crate::devices::DeviceStatus>,
+}
+
+/// A nested VM shared between the L1 vCPUs that drive it, with its
+/// published [`NestedSummary`].
+pub struct NestedCell {
+    vm: RankedMutex<NestedVm>,
+    summary: RankedMutex<NestedSummary>,
+}
+
+/// How host VMs and handovers hold a nested VM.
+pub type NestedRef = Arc<NestedCell>;
+
+impl NestedCell {
+    /// Shares `vm`.
+    pub fn new(vm: NestedVm) -> NestedRef {
+        let cell = Arc::new(NestedCell {
+            summary: RankedMutex::new(Rank::NestedInfo, NestedSummary::default()),
+            vm: RankedMutex::new(Rank::NestedVm, vm),
+        });
+        drop(cell.lock());
+        cell
+    }
+
+    /// Takes the nested VM (blocks while another vCPU runs it, at most a
+    /// slice).
+    pub fn lock(&self) -> LockResult<NestedGuard<'_>> {
+        match self.vm.lock() {
+            Ok(g) => Ok(NestedGuard { g, cell: self }),
+            Err(p) => Err(PoisonError::new(NestedGuard {
+                g: p.into_inner(),
+                cell: self,
+            })),
+        }
+    }
+
+    /// The nested VM itself, if `cell` is its only holder.
+    pub fn into_vm(cell: NestedRef) -> Option<NestedVm> {
+        Arc::try_unwrap(cell).ok()?.vm.into_inner().ok()
+    }
+
+    /// What was published when the lock was last released; never waits
+    /// for a RUN.
+    pub fn summary(&self) -> NestedSummary {
+        self.summary
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn publish(&self, n: &NestedVm) {
+        let devices = if n.devices.is_empty() {
+            Vec::new()
+        } else {
+            n.devices.status()
+        };
+        let mut s = self.summary.lock().unwrap_or_else(PoisonError::into_inner);
+        s.handle = n.handle;
+        if s.name != n.name {
+            s.name = n.name.clone();
+        }
+        s.state = n.state;
+        s.vcpus = n.vcpus.len();
+        s.mem_bytes = n.mem_bytes();
+        s.runs = n.runs;
+        s.exits = n.exits;
+        s.frozen = n.frozen;
+        let same = match (&s.record, &n.record) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            s.record = n.record.clone();
+        }
+        s.devices = devices;
+    }
+}
+
+/// Holds a nested VM; publishes its summary when released.
+pub struct NestedGuard<'a> {
+    g: RankedGuard<'a, NestedVm>,
+    cell: &'a NestedCell,
+}
+
+impl Deref for NestedGuard<'_> {
+    type Target = NestedVm;
+    fn deref(&self) -> &NestedVm {
+        &self.g
+    }
+}
+
+impl DerefMut for NestedGuard<'_> {
+    fn deref_mut(&mut self) -> &mut NestedVm {
+        &mut self.g
+    }
+}
+
+impl Drop for NestedGuard<'_> {
+    fn drop(&mut self) {
+        self.cell.publish(&self.g);
+    }
+}
+
 fn kvm_err(_: kvm_ioctls::Error) -> Status {
     Status::NoResources
 }
@@ -170,7 +341,13 @@ impl NestedVm {
         let vm = kvm.create_vm().map_err(kvm_err)?;
         // Needed on Intel hosts without unrestricted guest; harmless elsewhere.
         let _ = vm.set_tss_address(0xfffb_d000);
-        Ok(NestedVm {
+        Ok(NestedVm::with_vm(vm, handle, name))
+    }
+
+    /// A nested guest on a clean KVM VM given back by
+    /// [`NestedVm::into_clean_vm`] (no vCPU, no memory slot).
+    pub fn with_vm(vm: VmFd, handle: u32, name: &str) -> NestedVm {
+        NestedVm {
             handle,
             name: name.to_string(),
             vm,
@@ -183,7 +360,30 @@ impl NestedVm {
             exits: 0,
             last_exit: None,
             devices: DeviceSet::default(),
-        })
+        }
+    }
+
+    /// The KVM VM of a destroyed nested guest, for reuse, if it never had
+    /// a vCPU (KVM cannot remove one): its memory slots are deleted first,
+    /// so it is as clean as a new one. Destroying a KVM VM costs
+    /// milliseconds (KVM waits for readers of its memory map), creating one
+    /// much less; a guest hypervisor that churns names is served from here.
+    pub fn into_clean_vm(self) -> Option<VmFd> {
+        if !self.vcpus.is_empty() {
+            return None;
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: i as u32,
+                flags: 0,
+                guest_phys_addr: s.l2_gpa,
+                memory_size: 0,
+                userspace_addr: 0,
+            };
+            // SAFETY: size 0 deletes the slot; no memory is handed to KVM.
+            unsafe { self.vm.set_user_memory_region(region) }.ok()?;
+        }
+        Some(self.vm)
     }
 
     /// Total mapped bytes.
@@ -339,6 +539,7 @@ impl NestedVm {
             fd,
             pending: Pending::None,
             exits_since_state: false,
+            irq: None,
         });
         Ok(idx)
     }
@@ -410,9 +611,19 @@ impl NestedVm {
         arch::set_state(&v.fd, st).map_err(|_| Status::BadArg)
     }
 
-    /// Queues an external interrupt. A frozen VM (granted away, or adopted
-    /// but not committed) refuses it: the interrupt would be delivered
-    /// under whichever guest hypervisor ends up running the guest.
+    /// Queues external interrupt `vector` the way a local APIC would: it
+    /// is delivered only when the guest can take it (RFLAGS.IF set, no
+    /// interrupt shadow). At every entry of a RUN, L0 checks the guest's
+    /// flag: if it is open the interrupt goes to KVM (`KVM_INTERRUPT`),
+    /// otherwise L0 requests an interrupt window (`request_interrupt_window`,
+    /// injecting at the `IrqWindowOpen` exit) and, because this host's KVM
+    /// gives no such exit and delivers `KVM_INTERRUPT` regardless of IF,
+    /// also looks again every [`IRQ_POLL`] within the slice. One interrupt
+    /// can wait per vCPU; a second is `BadState`.
+    ///
+    /// A frozen VM (granted away, or adopted but not committed) refuses
+    /// it: the interrupt would be delivered under whichever guest
+    /// hypervisor ends up running the guest.
     pub fn inject(&mut self, idx: u64, vector: u64) -> Result<(), Status> {
         if !(32..=255).contains(&vector) {
             return Err(Status::BadArg);
@@ -421,14 +632,11 @@ impl NestedVm {
             return Err(Status::NotPermitted);
         }
         let v = self.vcpu(idx)?;
-        let mut ev = v.fd.get_vcpu_events().map_err(|_| Status::Internal)?;
-        if ev.interrupt.injected != 0 {
+        if v.irq.is_some() {
             return Err(Status::BadState);
         }
-        ev.interrupt.injected = 1;
-        ev.interrupt.nr = vector as u8;
-        ev.interrupt.soft = 0;
-        v.fd.set_vcpu_events(&ev).map_err(|_| Status::BadState)
+        v.irq = Some(vector as u8);
+        Ok(())
     }
 
     /// Runs vCPU `idx` for at most `slice`.
@@ -456,15 +664,38 @@ impl NestedVm {
             .ok_or(Status::NoSuchHandle)?;
         complete_pending(v, answer);
         let ie = &mut v.fd.get_kvm_run().immediate_exit as *mut u8 as *const AtomicU8;
-        // SAFETY: the kvm_run mapping of `v.fd` lives until `v` is dropped,
-        // which cannot happen before `disarm` below (we hold `&mut self`).
-        let gen = unsafe { timer.arm(slice, ie) };
         let t0 = Instant::now();
+        let deadline = t0 + slice;
+        let mut gen;
         let mut out = NestedExit::default();
         let mut internal = false;
         let devices = &self.devices;
         loop {
+            let waiting = offer_irq(v);
+            v.fd.get_kvm_run().request_interrupt_window = waiting as u8;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let chunk = if waiting { left.min(IRQ_POLL) } else { left };
+            // SAFETY: the kvm_run mapping of `v.fd` lives until `v` is
+            // dropped, which cannot happen before `disarm` below (we hold
+            // `&mut self`).
+            gen = unsafe { timer.arm(chunk.max(Duration::from_micros(1)), ie) };
             match v.fd.run() {
+                Ok(VcpuExit::IrqWindowOpen) => {
+                    // The guest can take the waiting interrupt: next entry.
+                    timer.disarm(gen);
+                    v.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                Err(e)
+                    if (e.errno() == libc::EINTR || e.errno() == libc::EAGAIN)
+                        && waiting
+                        && Instant::now() < deadline =>
+                {
+                    // A poll tick while an interrupt waits: look again.
+                    timer.disarm(gen);
+                    v.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
                 // Device registers are served here, at host speed, and the
                 // guest continues: the guest hypervisor never sees them.
                 Ok(VcpuExit::MmioRead(addr, data)) if devices.owns(addr) => {
@@ -533,6 +764,7 @@ impl NestedVm {
             }
             break;
         }
+        v.fd.get_kvm_run().request_interrupt_window = 0;
         timer.disarm(gen);
         v.fd.set_kvm_immediate_exit(0);
         let mut rip_gpa = None;

@@ -223,7 +223,7 @@ pub struct Transfer {
     pub destination_verify_ms: f64,
     /// Building the VM on the destination, ms.
     pub destination_build_ms: f64,
-    /// Pause → COMMIT handed to the kernel, ms (the downtime ends later,
+    /// Pause → COMMIT queued for sending, ms (the downtime ends later,
     /// when the destination's STARTED arrives).
     pub pause_to_commit_ms: f64,
     /// Guest memory covered (pages and zero markers) per second of the
@@ -875,10 +875,11 @@ pub fn migrate_out_with(
                 return Err(resume_err(vm, fds, e));
             }
         }
-        let committed = out
-            .send(Kind::Commit, &[])
-            .and_then(|_| link.flush(ANSWER).map_err(RemoteError::Wire));
-        if let Err(e) = committed {
+        // Only a COMMIT that was never queued lets this side resume: once it
+        // is queued it may reach the destination, which then runs the VM (so
+        // no flush here: the destination may answer STARTED and close before
+        // the I/O thread reports the flush).
+        if let Err(e) = out.send(Kind::Commit, &[]) {
             return Err(resume_err(vm, fds, e));
         }
         phase(Phase::Committing);

@@ -456,7 +456,7 @@ fn status_and_inspect_follow_guests_across_moves() {
     assert_eq!(code, 404);
     assert!(body.contains("no nested guest named 'nope'"), "{body}");
     let (code, body) = call(r#"{"guest":"l2-0","gpa":"0x100000000","len":8}"#);
-    assert_eq!(code, 400);
+    assert_eq!(code, 404);
     assert!(body.contains("not all mapped guest memory"), "{body}");
     let (code, body) = call(r#"{"guest":"l2-0","gpa":"0xZZ","len":8}"#);
     assert_eq!(code, 400);

@@ -10,10 +10,13 @@
 mod common;
 mod stresskit;
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stresskit::*;
 use vmbeam_abi::boot::stress;
+use vmbeam_vmm::config::VmmConfig;
 
 #[test]
 fn status_never_waits_behind_a_nested_run() {
@@ -165,5 +168,167 @@ fn fresh_names_leave_no_records_or_files_behind() {
         hv.limits
     );
     assert!(limit_event(&dir, "nested_vms"), "{:?}", events(&dir));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One `GET /status` with a deadline on the answer: its status code.
+fn get_status(sock: &Path) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    let text = String::from_utf8_lossy(&head).to_string();
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(text))
+}
+
+/// The child half of the test below: runs with a descriptor limit of its
+/// own, so the rest of the test binary is not affected.
+fn out_of_descriptors_child(dir: &Path) {
+    let v = Arc::new(common::vmm(dir, VmmConfig::default()));
+    let sock = dir.join("api.sock");
+    let server = Arc::new(vmbeam_vmm::control::api::ApiServer::bind(&sock).unwrap());
+    let (s2, v2) = (server.clone(), v.clone());
+    std::thread::spawn(move || loop {
+        s2.accept_all_threaded(&v2);
+        std::thread::sleep(Duration::from_millis(5));
+    });
+    let open = footprint().fds as u64;
+    let lim = libc::rlimit {
+        rlim_cur: open + 16,
+        rlim_max: open + 16,
+    };
+    // SAFETY: setrlimit with a valid pointer to a local rlimit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    let mut fill = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        fill.push(f);
+    }
+    // One descriptor for the client's socket; none for the server's side.
+    drop(fill.pop());
+    let first = get_status(&sock);
+    fill.truncate(fill.len().saturating_sub(8));
+    let then = get_status(&sock);
+    println!("out of descriptors: {first:?}, then {then:?}");
+    assert_eq!(first.unwrap(), 503);
+    assert_eq!(then.unwrap(), 200);
+}
+
+#[test]
+fn the_api_answers_when_l0_is_out_of_descriptors() {
+    if !common::kvm_or_skip("the_api_answers_when_l0_is_out_of_descriptors") {
+        return;
+    }
+    if let Some(dir) = std::env::var_os("VMBEAM_FD_CHILD") {
+        out_of_descriptors_child(Path::new(&dir));
+        return;
+    }
+    let dir = common::temp_dir("bounds-fds");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "the_api_answers_when_l0_is_out_of_descriptors",
+            "--nocapture",
+        ])
+        .env("VMBEAM_FD_CHILD", &dir)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("out of descriptors: Ok(503), then Ok(200)"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The memory slots (file, offset, length) of nested guest `name` of the
+/// host VM serving line `line` now.
+fn slots_of(
+    v: &vmbeam_vmm::vmm::Vmm,
+    line: &str,
+    name: &str,
+) -> Vec<(Arc<vmbeam_vmm::host::memory::MemFile>, u64, u64)> {
+    let vm = v.current(Some(line)).unwrap();
+    let vms: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
+    for n in vms {
+        let n = n.lock().unwrap();
+        if n.name == name {
+            return n
+                .slots
+                .iter()
+                .map(|s| (s.file.clone(), s.file_offset, s.len))
+                .collect();
+        }
+    }
+    Vec::new()
+}
+
+fn data_bytes(slots: &[(Arc<vmbeam_vmm::host::memory::MemFile>, u64, u64)]) -> u64 {
+    slots
+        .iter()
+        .flat_map(|(f, off, len)| f.extents(*off, *len))
+        .filter(|e| e.2)
+        .map(|e| e.1)
+        .sum()
+}
+
+#[test]
+fn a_destroyed_guest_returns_its_pages_after_moves() {
+    if !common::kvm_or_skip("a_destroyed_guest_returns_its_pages_after_moves") {
+        return;
+    }
+    let dir = common::temp_dir("bounds-punch");
+    // l2-0 memtouch (forever: its rounds are many), l2-1 ticker that
+    // faults after 250 ticks (about 5 s), so its guest hypervisor destroys
+    // it after two moves.
+    let config = VmmConfig {
+        nested: 2,
+        workload_param: 250,
+        ..Default::default()
+    };
+    let v = common::vmm(&dir, config);
+    v.start("hv0").unwrap();
+    assert!(v.wait_healthy(Duration::from_secs(60)));
+    for gen in 2..=3 {
+        let r = v.rejuvenate(None, &Default::default()).unwrap();
+        assert_eq!(r.to_generation, gen);
+    }
+    let slots = slots_of(&v, "hv0", "l2-1");
+    assert!(!slots.is_empty(), "l2-1 was destroyed before its moves");
+    // Its pages live in generation 1's pool, mapped into generation 3.
+    assert!(
+        slots.iter().all(|(f, _, _)| f.name.contains("g1-pool")),
+        "{:?}",
+        slots.iter().map(|s| &s.0.name).collect::<Vec<_>>()
+    );
+    let before = data_bytes(&slots);
+    assert!(before > 0);
+    let siblings = slots_of(&v, "hv0", "l2-0");
+    let sibling_before = data_bytes(&siblings);
+    common::wait_console(&dir, "hv0-g3", Duration::from_secs(60), |t| {
+        t.contains("nested guest l2-1 crashed")
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !slots_of(&v, "hv0", "l2-1").is_empty() {
+        assert!(Instant::now() < deadline, "l2-1 was not destroyed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = data_bytes(&slots);
+    println!("l2-1: {before} bytes of pages before, {after} after; sibling {sibling_before}");
+    assert_eq!(
+        after, 0,
+        "the destroyed guest's pages stay in generation 1's pool"
+    );
+    // The sibling from the same memfd is untouched and keeps running.
+    assert!(data_bytes(&siblings) >= sibling_before);
+    let base = common::progress(&dir, 1);
+    common::wait_beyond(&dir, 0, base[0]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,7 +20,11 @@ fn cli_parsing_errors_are_clear() {
     let e = parse(&["vmbeam", "run", "--workload", "memtouch,bogus"]).unwrap_err();
     assert!(e.contains("unknown workload 'bogus'"), "{e}");
     let e = parse(&["vmbeam", "rejuvenate", "--mode", "teleport"]).unwrap_err();
-    assert!(e.contains("unknown mode 'teleport'"), "{e}");
+    assert!(e.contains("invalid value 'teleport'"), "{e}");
+    assert!(
+        e.contains("possible values: zero-copy, copy, precopy"),
+        "{e}"
+    );
     let e = parse(&["vmbeam", "run", "--vcpus", "many"]).unwrap_err();
     assert!(e.contains("--vcpus"), "{e}");
     assert!(parse(&["vmbeam", "frobnicate"]).is_err());

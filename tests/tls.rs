@@ -140,10 +140,11 @@ fn only_a_sender_with_a_certificate_from_the_ca_gets_in() {
     let t = r.transfer.as_ref().unwrap();
     assert!(t.tls);
     for g in &r.guests {
-        assert_eq!(g.checksum_before, g.checksum_after, "{g:?}");
         assert!(g.running_after && g.moves == 1, "{g:?}");
     }
     assert_eq!(dst.status().host_vms.len(), 1);
+    // Every word of memtouch's bulk arrived, read from outside L0.
+    moves::check_bulk(&dst.current(Some("hv0")).unwrap(), "l2-0", 0x5eed_0000);
     assert!(src.status().host_vms.is_empty());
 }
 

@@ -514,7 +514,8 @@ pub fn api_request(data: &[u8]) {
             assert!(!r.method.is_empty() && !r.path.is_empty());
             assert!(!r.method.contains(char::is_whitespace));
             assert!(!r.path.contains(char::is_whitespace));
-            assert!(r.method.len() < api::MAX_LINE && r.path.len() < api::MAX_LINE);
+            assert!(r.method.len() < api::MAX_HEAD && r.path.len() < api::MAX_HEAD);
+            assert!(!r.path.contains('?'));
             // The bodies the routes accept.
             if let Ok(q) = serde_json::from_str::<api::RejuvenateRequest>(&r.body) {
                 if let Some(f) = q.fault {

@@ -33,6 +33,18 @@ pub mod control {
     /// Test only: like HANDOVER, but the aged L1 calls HANDOVER_DONE again
     /// and again while the successor adopts.
     pub const HANDOVER_SPAM_DONE: u32 = 6;
+    /// Hand every nested guest over in a batch: offer each one to L0
+    /// (OP_OFFER), then keep scheduling; L0 moves each guest on its own
+    /// right after one of its exits, and RUN of a moved guest answers
+    /// `Status::Moved`.
+    pub const HANDOVER_BATCH: u32 = 7;
+}
+
+/// Protocol flags (`BootInfo::flags`, above the fault-injection bits).
+pub mod protocol {
+    /// Successor: adopt guests with OP_ADOPT (batch handover) instead of
+    /// the channel protocol.
+    pub const BATCH: u64 = 1 << 32;
 }
 
 /// Fault-injection flags for tests (`BootInfo::flags`); zero in production.
@@ -246,6 +258,10 @@ unsafe impl Pod for NestedSpec {}
 
 const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
 const _: () = assert!(core::mem::size_of::<BootInfo>() == 3888);
+const _: () = assert!(
+    crate::layout::BOOT_INFO_ADDR + core::mem::size_of::<BootInfo>() as u64
+        <= crate::layout::HYPERCALL_PAGE_BASE
+);
 const _: () = assert!(core::mem::offset_of!(BootInfo, age_leak_pages) == 3880);
 const _: () = assert!(core::mem::size_of::<NestedSpec>() == 56);
 const _: () = assert!(core::mem::size_of::<Module>() == 40);

@@ -124,6 +124,34 @@ impl Default for UartState {
     }
 }
 
+/// What a guest hypervisor knows about one nested guest that KVM does not
+/// hold: its UART model, the answer it owes to a pending read, and its
+/// bookkeeping. In a batch handover each L1 keeps one per guest at an
+/// address it tells L0 (OP_OFFER, OP_ADOPT), and L0 copies it from the aged
+/// L1 to the successor at host speed when it moves the guest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestLive {
+    /// Console model.
+    pub uart: UartState,
+    /// Answer owed to the guest's pending port or MMIO read.
+    pub pending_in: u64,
+    /// 1 if `pending_in` is owed.
+    pub pending_valid: u32,
+    /// Workload kind (informational).
+    pub workload: u32,
+    /// Pattern seed (informational).
+    pub seed: u64,
+    /// Exits handled so far.
+    pub exits: u64,
+    /// Times moved.
+    pub moves: u64,
+}
+
+// SAFETY: `#[repr(C)]`, integers and a Pod array only, no padding holes
+// that matter for reading (any bit pattern is valid).
+unsafe impl crate::Pod for GuestLive {}
+
 /// Most memory ranges of one nested guest.
 pub const MAX_GUEST_RANGES: usize = 16;
 /// Most vCPUs of one nested guest.

@@ -58,6 +58,22 @@ pub const OP_NOTIFY: u32 = 22;
 pub const OP_HANDOVER_DONE: u32 = 23;
 /// Aged L1 only: the handover failed (`args[0]` = reason code); L0 drops the successor.
 pub const OP_HANDOVER_ABORT: u32 = 24;
+/// Aged L1 only, batch handover: offers nested VM `args[0]` to the
+/// successor. `args[1]` is the L1 address of the guest's
+/// [`crate::handover::GuestLive`], which L0 reads when it moves the guest.
+/// The guest keeps running until then.
+pub const OP_OFFER: u32 = 25;
+/// Aged L1 only, batch handover: every live guest was offered (`args[0]` =
+/// count).
+pub const OP_OFFER_END: u32 = 26;
+/// Successor only, batch handover: takes the next offered guest. `args[0]`
+/// is the L1 address where L0 writes its [`crate::handover::GuestLive`]
+/// (now, and again when the guest arrives). Returns `ret[0]` = handle,
+/// `ret[1]` = memory bytes, `ret[2]` = range count, `data` = name
+/// (16 bytes) then the [`GrantRange`]s. `Again`: nothing offered yet, call
+/// again; `NoSuchHandle`: every guest was taken. RUN of a taken guest
+/// waits in L0 until the guest has arrived.
+pub const OP_ADOPT: u32 = 27;
 
 /// Value XORed into the ping argument so a ping proves L0 read it.
 pub const PING_XOR: u64 = 0x7662_6561_6d21_2121;
@@ -104,6 +120,11 @@ pub enum Status {
     NotPermitted = -10,
     /// The handover was aborted by L0.
     Aborted = -12,
+    /// Nothing yet: call again (OP_ADOPT before the next offer).
+    Again = -15,
+    /// The nested guest moved to the successor: forget it (RUN in a batch
+    /// handover).
+    Moved = -16,
     /// L0 failed internally; the caller's state is unchanged.
     Internal = -14,
 }
@@ -124,6 +145,8 @@ impl Status {
             -9 => Status::NoResources,
             -10 => Status::NotPermitted,
             -12 => Status::Aborted,
+            -15 => Status::Again,
+            -16 => Status::Moved,
             -14 => Status::Internal,
             _ => return None,
         })

@@ -18,7 +18,7 @@ pub mod layout;
 pub mod state;
 
 /// Version of the whole ABI. L0 refuses a guest hypervisor that reports another.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Copies `src` into a fixed, NUL-padded name field, truncating if needed.
 pub fn name_to_bytes(src: &str) -> [u8; NAME_LEN] {

@@ -23,6 +23,47 @@ pub enum ConfigError {
     Range(String),
 }
 
+/// Checks a host VM line name: 1 to 16 bytes (it is written into the boot
+/// information's name field) of `[A-Za-z0-9_-]`. The one rule for
+/// `vmbeam run --name`, [`crate::vmm::Vmm::start`] and a host VM arriving
+/// by migration.
+pub fn check_line_name(name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || name.len() > vmbeam_abi::NAME_LEN
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ConfigError::Range(format!(
+            "bad host VM name '{}': use 1 to {} letters, digits, '-' or '_'",
+            name.escape_debug(),
+            vmbeam_abi::NAME_LEN
+        )));
+    }
+    Ok(())
+}
+
+/// Parses `--duration`: seconds (a non-negative number), or `inf` /
+/// `forever` for no limit (`None`). A limit too large to represent is no
+/// limit either.
+pub fn parse_run_duration(s: &str) -> Result<Option<std::time::Duration>, ConfigError> {
+    let t = s.trim();
+    if matches!(t, "inf" | "infinity" | "forever") {
+        return Ok(None);
+    }
+    let bad = || {
+        ConfigError::Range(format!(
+            "invalid duration '{}': give seconds (e.g. 30 or 2.5), or 'inf' to run until stopped",
+            s.escape_debug()
+        ))
+    };
+    let secs: f64 = t.parse().map_err(|_| bad())?;
+    if secs.is_nan() || secs < 0.0 {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::try_from_secs_f64(secs).ok())
+}
+
 /// Parses `64M`, `4G`, `512k`, `1048576`.
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     let t = s.trim();
@@ -30,6 +71,12 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     if t.is_empty() {
         return Err(bad());
     }
+    // `MiB`, `GiB`, … and `MB`, `GB` mean the same as `M`, `G` (binary).
+    let unit = |r: &str| r.ends_with(|c: char| "kKmMgGtT".contains(c));
+    let t = ["iB", "ib", "B", "b"]
+        .iter()
+        .find_map(|suf| t.strip_suffix(suf).filter(|r| unit(r)))
+        .unwrap_or(t);
     let (num, mult) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let m: u64 = match c.to_ascii_uppercase() {
@@ -242,10 +289,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn line_names_and_run_durations_are_checked() {
+        assert!(check_line_name("hv0").is_ok());
+        assert!(check_line_name("a-b_C9").is_ok());
+        assert!(check_line_name(&"x".repeat(16)).is_ok());
+        for bad in ["", "a b", "a/b", "a.b", "é", &"x".repeat(17)] {
+            assert!(check_line_name(bad).is_err(), "{bad:?}");
+        }
+        use std::time::Duration;
+        assert_eq!(
+            parse_run_duration("2.5"),
+            Ok(Some(Duration::from_millis(2500)))
+        );
+        assert_eq!(parse_run_duration("0"), Ok(Some(Duration::ZERO)));
+        assert_eq!(parse_run_duration("inf"), Ok(None));
+        assert_eq!(parse_run_duration("forever"), Ok(None));
+        assert_eq!(parse_run_duration("1e300"), Ok(None));
+        for bad in ["-1", "NaN", "soon", ""] {
+            assert!(parse_run_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn sizes_parse() {
         assert_eq!(parse_size("64M"), Ok(64 << 20));
         assert_eq!(parse_size("4g"), Ok(4 << 30));
         assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("16KB"), Ok(16 << 10));
+        assert!(parse_size("16iB").is_err());
+        assert!(parse_size("MiB").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("-1M").is_err());

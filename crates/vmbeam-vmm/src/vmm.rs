@@ -72,6 +72,14 @@ pub enum VmmError {
         /// Why.
         msg: String,
     },
+    /// The range asked for is not (all) memory of the guest.
+    #[error("cannot inspect {guest}: {msg}")]
+    Unmapped {
+        /// Guest.
+        guest: String,
+        /// Which range.
+        msg: String,
+    },
     /// An inspect request is malformed (length, numbers).
     #[error(transparent)]
     InspectRequest(#[from] InspectError),
@@ -211,6 +219,9 @@ pub struct Status {
     pub policy: String,
     /// Host VMs.
     pub host_vms: Vec<HostVmStatus>,
+    /// Jobs running now (a rejuvenation or migration started through the API).
+    #[serde(default)]
+    pub jobs: Vec<crate::control::jobs::JobView>,
 }
 
 /// What [`Vmm::start_with`] changes from the configuration.
@@ -233,11 +244,27 @@ pub struct Vmm {
     /// Configuration.
     pub config: VmmConfig,
     lines: RankedMutex<Vec<Arc<Line>>>,
-    busy: RankedMutex<()>,
+    busy: Arc<AtomicBool>,
+    /// Jobs started through the API (long operations and their progress).
+    pub jobs: crate::control::jobs::Jobs,
+    /// Counters behind `GET /api/v1/metrics`.
+    pub metrics: crate::control::metrics::Counters,
     rejuvenating: AtomicBool,
     events: OnceLock<Arc<EventLog>>,
     policy: RankedMutex<String>,
     reuse: OnceLock<Arc<crate::migration::reuse::ReuseCache>>,
+}
+
+/// The right to run the one rejuvenation or migration that may run at a
+/// time ([`Vmm::exclusive`]); given back when dropped. It can move to the
+/// thread that runs the operation.
+#[derive(Debug)]
+pub struct Exclusive(Arc<AtomicBool>);
+
+impl Drop for Exclusive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Raises this process's soft limit on open files to its hard limit: every
@@ -286,7 +313,9 @@ impl Vmm {
             images,
             config,
             lines: RankedMutex::new(Rank::Lines, Vec::new()),
-            busy: RankedMutex::new(Rank::Busy, ()),
+            busy: Arc::new(AtomicBool::new(false)),
+            jobs: Default::default(),
+            metrics: Default::default(),
             rejuvenating: AtomicBool::new(false),
             events: OnceLock::new(),
             policy: RankedMutex::new(Rank::Signal, "manual".into()),
@@ -302,6 +331,7 @@ impl Vmm {
     /// Boots host VM `name`, with `opts` changing what the configuration
     /// says (tests run another guest hypervisor beside the real one).
     pub fn start_with(&self, name: &str, opts: &StartOptions) -> Result<Arc<HostVm>, VmmError> {
+        crate::config::check_line_name(name)?;
         let c = &self.config;
         let mut nested = Vec::new();
         for i in 0..opts.nested.unwrap_or(c.nested) {
@@ -402,7 +432,31 @@ impl Vmm {
         opts: &RejuvenateOptions,
         trigger: &Trigger,
     ) -> Result<Report, VmmError> {
+        let excl = self.exclusive()?;
+        self.rejuvenate_exclusive(excl, name, opts, trigger)
+    }
+
+    /// Takes the right to run a rejuvenation or migration, or fails with
+    /// [`VmmError::Busy`] if one runs.
+    pub fn exclusive(&self) -> Result<Exclusive, VmmError> {
+        self.busy
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .map_err(|_| VmmError::Busy)?;
+        Ok(Exclusive(self.busy.clone()))
+    }
+
+    /// [`Vmm::rejuvenate_because`] with the right to run already taken
+    /// (a job takes it when it is accepted, so a second one gets 409).
+    pub fn rejuvenate_exclusive(
+        &self,
+        excl: Exclusive,
+        name: Option<&str>,
+        opts: &RejuvenateOptions,
+        trigger: &Trigger,
+    ) -> Result<Report, VmmError> {
         let res = self.rejuvenate_inner(name, opts, trigger);
+        drop(excl);
+        self.metrics.rejuvenation(&res);
         let mut fields = serde_json::json!({
             "vm": name,
             "trigger": trigger.as_str(),
@@ -410,11 +464,21 @@ impl Vmm {
         });
         match &res {
             Ok(r) => {
+                tracing::info!(
+                    trigger = trigger.as_str(),
+                    "{} rejuvenated ({}): generation {} -> {} in {:.1} ms",
+                    r.vm,
+                    r.mode,
+                    r.from_generation,
+                    r.to_generation,
+                    r.total_ms
+                );
                 fields["vm"] = r.vm.clone().into();
                 fields["report"] = serde_json::to_value(r).unwrap_or_default();
                 self.event("rejuvenated", fields);
             }
             Err(e) => {
+                tracing::error!(trigger = trigger.as_str(), "{e}");
                 fields["error"] = e.to_string().into();
                 self.event("rejuvenate_failed", fields);
             }
@@ -428,7 +492,6 @@ impl Vmm {
         opts: &RejuvenateOptions,
         trigger: &Trigger,
     ) -> Result<Report, VmmError> {
-        let _guard = self.busy.try_lock().map_err(|_| VmmError::Busy)?;
         self.rejuvenating.store(true, Ordering::SeqCst);
         let _flag = FlagGuard(&self.rejuvenating);
         let line = self.line(name)?;
@@ -492,7 +555,7 @@ impl Vmm {
     pub fn event(&self, event: &str, fields: serde_json::Value) {
         if let Some(log) = self.events.get() {
             if let Err(e) = log.log(event, fields) {
-                eprintln!("vmbeam: {e}");
+                tracing::error!("{e}");
             }
         }
     }
@@ -527,7 +590,20 @@ impl Vmm {
         to: &str,
         opts: &crate::migration::remote::MigrateOptions,
     ) -> Result<Report, VmmError> {
-        let _guard = self.busy.try_lock().map_err(|_| VmmError::Busy)?;
+        let excl = self.exclusive()?;
+        self.migrate_exclusive(excl, name, to, opts)
+    }
+
+    /// [`Vmm::migrate_with`] with the right to run already taken (a job
+    /// takes it when it is accepted, so a second one gets 409).
+    pub fn migrate_exclusive(
+        &self,
+        excl: Exclusive,
+        name: Option<&str>,
+        to: &str,
+        opts: &crate::migration::remote::MigrateOptions,
+    ) -> Result<Report, VmmError> {
+        let _excl = excl;
         let line = self.line(name)?;
         let vm = line.current.lock().unwrap().clone();
         let with = guests_with_devices(&vm);
@@ -544,7 +620,18 @@ impl Vmm {
         if opts.reuse.is_none() {
             opts.reuse = self.reuse.get().cloned();
         }
-        let report = crate::migration::remote::migrate_out_with(&vm, to, &opts)?;
+        let res = crate::migration::remote::migrate_out_with(&vm, to, &opts);
+        self.metrics.migration(&res);
+        match &res {
+            Ok(r) => tracing::info!(
+                "{} migrated to {to}: {} bytes sent, paused {:.1} ms",
+                r.vm,
+                r.bytes_copied,
+                r.handover_ms
+            ),
+            Err(e) => tracing::error!("migration of {} to {to} failed: {e}", line.name),
+        }
+        let report = res?;
         self.lines
             .lock()
             .unwrap()
@@ -671,6 +758,7 @@ impl Vmm {
             version: env!("CARGO_PKG_VERSION").to_string(),
             policy: self.policy.lock().unwrap().clone(),
             host_vms,
+            jobs: self.jobs.running().iter().map(|j| j.view()).collect(),
         }
     }
 
@@ -734,10 +822,18 @@ impl Vmm {
                         continue;
                     }
                     let bytes = n.read(gpa, len).map_err(|s| {
-                        err(format!(
+                        let msg = format!(
                             "[{gpa:#x}, {:#x}) is not all mapped guest memory ({s:?})",
                             gpa + len
-                        ))
+                        );
+                        if s == vmbeam_abi::hypercall::Status::OutOfRange {
+                            VmmError::Unmapped {
+                                guest: guest.to_string(),
+                                msg,
+                            }
+                        } else {
+                            err(msg)
+                        }
                     })?;
                     let moves = n
                         .record
@@ -783,9 +879,17 @@ impl Vmm {
                 }
                 let n = n.lock().unwrap();
                 if n.name == guest {
-                    return n
-                        .checksum_range(gpa, len)
-                        .map_err(|s| err(format!("range not readable ({s:?})")));
+                    return n.checksum_range(gpa, len).map_err(|s| {
+                        let msg = format!("range not readable ({s:?})");
+                        if s == vmbeam_abi::hypercall::Status::OutOfRange {
+                            VmmError::Unmapped {
+                                guest: guest.to_string(),
+                                msg,
+                            }
+                        } else {
+                            err(msg)
+                        }
+                    });
                 }
             }
         }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use vmbeam_vmm::config::{parse_size, ConfigError, VmmConfig, Workload};
 use vmbeam_vmm::control::inspect::{parse_number, InspectError};
 use vmbeam_vmm::control::policy::{parse_duration, Condition, PolicyError};
@@ -22,6 +22,9 @@ pub fn default_socket() -> PathBuf {
 #[derive(Debug, Parser)]
 #[command(name = "vmbeam", version, about)]
 pub struct Cli {
+    /// More log output on stderr (-v: debug, -vv: trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -43,8 +46,72 @@ pub enum Command {
     Status(StatusArgs),
     /// Read a nested guest's memory and registers without pausing it (client of the API).
     Inspect(InspectArgs),
-    /// Stop a running `vmbeam run` (client of the API).
+    /// Stop a running `vmbeam run` and wait until it has exited (client of the API).
     Shutdown(SockArg),
+    /// Show the jobs (rejuvenations, migrations) of a `vmbeam run`, or one of them.
+    Jobs(JobsArgs),
+    /// Cancel a running job: the rejuvenation or migration rolls back.
+    Cancel(CancelArgs),
+    /// Check that a `vmbeam run` answers: version, pid, features.
+    Ping(SockArg),
+    /// Print a shell completion script.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff).
+    Man,
+}
+
+/// How nested memory moves in a rejuvenation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Map the guests' pages into the successor; nothing is copied.
+    ZeroCopy,
+    /// Copy the guests' memory while they are paused.
+    Copy,
+    /// Copy while the guests run (dirty logging), then the rest paused.
+    Precopy,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::ZeroCopy => Mode::ZeroCopy,
+            ModeArg::Copy => Mode::Copy,
+            ModeArg::Precopy => Mode::Precopy,
+        }
+    }
+}
+
+/// `vmbeam jobs`.
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// API socket.
+    #[command(flatten)]
+    pub sock: SockArg,
+    /// Only this job.
+    pub id: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vmbeam cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// API socket.
+    #[command(flatten)]
+    pub sock: SockArg,
+    /// Job to cancel.
+    pub id: u64,
+    /// Return at once instead of waiting for the rollback.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// `vmbeam completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// Shell.
+    pub shell: clap_complete::Shell,
 }
 
 /// Options shared by `run` and `demo` that shape the VMs.
@@ -133,11 +200,11 @@ pub struct RunArgs {
     /// Control API socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
-    /// Exit cleanly after this many seconds.
-    #[arg(long)]
-    pub duration: Option<f64>,
-    /// Name of the host VM.
-    #[arg(long, default_value = "hv0")]
+    /// Exit cleanly after this many seconds (`inf`: run until stopped).
+    #[arg(long, value_name = "SECONDS", value_parser = run_duration)]
+    pub duration: Option<RunLimit>,
+    /// Name of the host VM: 1 to 16 of `[A-Za-z0-9_-]`.
+    #[arg(long, default_value = "hv0", value_parser = line_name)]
     pub name: String,
     /// Receive host VMs migrated from another vmbeam on this TCP address
     /// (HOST:PORT) instead of booting one.
@@ -166,6 +233,9 @@ pub struct RunArgs {
     /// Append rejuvenation reports, policy decisions and failures to PATH, one JSON object per line.
     #[arg(long, value_name = "PATH")]
     pub events: Option<PathBuf>,
+    /// Write the log to PATH (appending) instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
 }
 
 /// `vmbeam demo`.
@@ -174,12 +244,15 @@ pub struct DemoArgs {
     /// VM options.
     #[command(flatten)]
     pub vm: VmArgs,
-    /// Migration mode.
-    #[arg(long, default_value = "zero-copy", value_parser = mode)]
-    pub mode: Mode,
+    /// How nested memory moves.
+    #[arg(long, value_enum, default_value_t = ModeArg::ZeroCopy)]
+    pub mode: ModeArg,
     /// How many rejuvenations in a row.
     #[arg(long, default_value_t = 1)]
     pub rejuvenations: u32,
+    /// Batch handover: each guest moves on its own (zero-copy only).
+    #[arg(long)]
+    pub batch: bool,
     /// Print the full report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -194,15 +267,21 @@ pub struct RejuvenateArgs {
     /// Host VM to rejuvenate (default: the first).
     #[arg(long)]
     pub vm: Option<String>,
-    /// Migration mode.
-    #[arg(long, default_value = "zero-copy", value_parser = mode)]
-    pub mode: Mode,
+    /// How nested memory moves.
+    #[arg(long, value_enum, default_value_t = ModeArg::ZeroCopy)]
+    pub mode: ModeArg,
     /// Print the full report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Start the rejuvenation and return at once with its job number.
+    #[arg(long)]
+    pub detach: bool,
     /// Skip hashing guests before and after.
     #[arg(long)]
     pub no_verify: bool,
+    /// Batch handover: each guest moves on its own (zero-copy only).
+    #[arg(long)]
+    pub batch: bool,
     /// Pre-copy: downtime budget in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
@@ -233,6 +312,9 @@ pub struct MigrateArgs {
     /// Print the full report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Start the migration and return at once with its job number.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 /// `vmbeam status`.
@@ -290,6 +372,36 @@ impl SockArg {
     }
 }
 
+/// What `--duration` asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunLimit {
+    /// Stop after this long.
+    For(Duration),
+    /// Run until stopped (`inf`, or a limit too large to represent).
+    Forever,
+}
+
+impl RunLimit {
+    /// The limit, if there is one.
+    pub fn limit(&self) -> Option<Duration> {
+        match self {
+            RunLimit::For(d) => Some(*d),
+            RunLimit::Forever => None,
+        }
+    }
+}
+
+fn run_duration(s: &str) -> Result<RunLimit, ConfigError> {
+    Ok(match vmbeam_vmm::config::parse_run_duration(s)? {
+        Some(d) => RunLimit::For(d),
+        None => RunLimit::Forever,
+    })
+}
+
+fn line_name(s: &str) -> Result<String, ConfigError> {
+    vmbeam_vmm::config::check_line_name(s).map(|()| s.to_string())
+}
+
 fn size(s: &str) -> Result<u64, ConfigError> {
     parse_size(s)
 }
@@ -309,14 +421,38 @@ fn number(s: &str) -> Result<u64, InspectError> {
 fn workload(s: &str) -> Result<Workload, ConfigError> {
     s.parse()
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
 
-fn mode(s: &str) -> Result<Mode, String> {
-    match s {
-        "zero-copy" => Ok(Mode::ZeroCopy),
-        "copy" => Ok(Mode::Copy),
-        "precopy" => Ok(Mode::Precopy),
-        _ => Err(format!(
-            "unknown mode '{s}': choose zero-copy, copy or precopy"
-        )),
+    fn run(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut v = vec!["vmbeam", "run"];
+        v.extend_from_slice(args);
+        match Cli::try_parse_from(v)?.command {
+            Command::Run(r) => Ok(r),
+            _ => unreachable!("run parses as run"),
+        }
+    }
+
+    #[test]
+    fn run_duration_and_name_are_checked_up_front() {
+        let d = |a: &str| run(&["--duration", a]).unwrap().duration;
+        assert_eq!(d("inf"), Some(RunLimit::Forever));
+        assert_eq!(d("1e300"), Some(RunLimit::Forever));
+        assert_eq!(d("1.5"), Some(RunLimit::For(Duration::from_millis(1500))));
+        assert_eq!(run(&[]).unwrap().duration, None);
+        for bad in ["-3", "NaN", "later"] {
+            let arg = format!("--duration={bad}");
+            let e = run(&[&arg]).unwrap_err().to_string();
+            assert!(e.contains("invalid duration"), "{e}");
+        }
+        assert_eq!(run(&["--name", "edge-1"]).unwrap().name, "edge-1");
+        // The migration receiver refuses these, so `run` does too.
+        for bad in ["a.b", "has space", "seventeen-chars-x", ""] {
+            let arg = format!("--name={bad}");
+            let e = run(&[&arg]).unwrap_err().to_string();
+            assert!(e.contains("bad host VM name"), "{bad:?}: {e}");
+        }
     }
 }

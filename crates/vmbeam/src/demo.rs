@@ -12,12 +12,10 @@ use vmbeam_vmm::vmm::{Status, Vmm};
 use crate::cli::DemoArgs;
 use crate::run::{build_vmm, RunError};
 
+/// A size for people, always in MiB so that a report's sizes compare at
+/// a glance.
 fn mib(b: u64) -> String {
-    if b >= 1 << 30 {
-        format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
-    }
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
 }
 
 fn pct(part: u64, whole: u64) -> f64 {
@@ -105,7 +103,29 @@ pub fn print_status(s: &Status) {
                 n.exits,
                 n.console_lines,
             );
+            for d in &n.devices {
+                let c = &d.counters;
+                println!(
+                    "       {} at {:#x} irq {}: {}; requests {}  read {}  written {}  errors {}  resets needed {}{}",
+                    d.kind,
+                    d.mmio_base,
+                    d.irq,
+                    d.backend,
+                    c.requests,
+                    mib(c.bytes_in),
+                    mib(c.bytes_out),
+                    c.errors,
+                    c.resets_needed,
+                    d.last_error
+                        .as_ref()
+                        .map(|e| format!(" (last: {e})"))
+                        .unwrap_or_default()
+                );
+            }
         }
+    }
+    for j in &s.jobs {
+        println!("running: {}", crate::follow::describe(j));
     }
 }
 
@@ -174,9 +194,22 @@ pub fn print_report(r: &Report) {
     println!("  successor boot  {:>10.2} ms", r.boot_ms);
     println!("  handover        {:>10.2} ms", r.handover_ms);
     println!("  total           {:>10.2} ms", r.total_ms);
-    println!("  bytes copied    {:>10}", r.bytes_copied);
-    println!("  channel bytes   {:>10}", r.channel_bytes);
+    println!("  bytes copied    {:>10}", mib(r.bytes_copied));
+    println!("  channel bytes   {:>10}", mib(r.channel_bytes));
     println!("  released        {:>10}", mib(r.released_bytes));
+    if let Some(p) = &r.precopy {
+        println!(
+            "  pre-copy        {:>10} live in {} round(s), {} page(s) left at the last, {}",
+            mib(p.live_bytes),
+            p.rounds,
+            p.remaining_pages,
+            if p.converged {
+                "within the downtime budget"
+            } else {
+                "stopped at the round limit"
+            }
+        );
+    }
     println!(
         "  host RSS        {} -> {}",
         mib(r.host_rss_before),
@@ -278,7 +311,8 @@ pub fn demo(args: &DemoArgs) -> Result<bool, RunError> {
         print_status(&before);
     }
     let opts = RejuvenateOptions {
-        mode: args.mode,
+        mode: args.mode.into(),
+        batch: args.batch,
         ..Default::default()
     };
     let mut reports = Vec::new();
@@ -289,7 +323,9 @@ pub fn demo(args: &DemoArgs) -> Result<bool, RunError> {
             .guests
             .iter()
             .all(|g| g.running_after && g.checksum_before == g.checksum_after);
-        ok &= r.bytes_copied == 0 || args.mode != vmbeam_vmm::migration::rejuvenate::Mode::ZeroCopy;
+        ok &= r.bytes_copied == 0
+            || vmbeam_vmm::migration::rejuvenate::Mode::from(args.mode)
+                != vmbeam_vmm::migration::rejuvenate::Mode::ZeroCopy;
         if !args.json {
             println!();
             print_report(&r);

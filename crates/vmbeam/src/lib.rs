@@ -3,6 +3,8 @@
 
 pub mod cli;
 pub mod demo;
+pub mod follow;
+pub mod logging;
 pub mod run;
 
 use vmbeam_abi::boot::workload;
@@ -18,6 +20,14 @@ pub const TICKER_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ticker.e
 
 /// The bundled blkcheck workload ELF (virtio-blk).
 pub const BLKCHECK_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blkcheck.elf"));
+
+/// The `error` sentence of an API error body (or the body itself).
+pub fn error_of(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| body.to_string())
+}
 
 /// The embedded images, optionally with another guest hypervisor ELF.
 pub fn images(hypervisor: Option<Vec<u8>>) -> Result<Images, LoaderError> {

@@ -145,8 +145,8 @@ impl PolicyDriver {
                 self.backoff.succeeded();
             } else {
                 let wait = self.backoff.failed(now);
-                eprintln!(
-                    "vmbeam: policy: the rejuvenation failed; the policy waits {} s before trying again",
+                tracing::warn!(
+                    "policy: the rejuvenation failed; the policy waits {} s before trying again",
                     wait.as_secs()
                 );
                 vmm.event(
@@ -179,11 +179,13 @@ impl PolicyDriver {
         }
         for (line, vm) in vms {
             let Some(d) = self.policy.decide(&observe(&vm)) else {
+                tracing::trace!(vm = %line, "policy: no rejuvenation needed");
                 continue;
             };
-            eprintln!(
-                "vmbeam: policy: rejuvenating {line} (generation {}): {}",
-                vm.spec.generation, d.reason
+            tracing::info!(
+                "policy: rejuvenating {line} (generation {}): {}",
+                vm.spec.generation,
+                d.reason
             );
             vmm.event(
                 "policy_fired",
@@ -208,14 +210,18 @@ impl PolicyDriver {
                         &trigger,
                     ) {
                         Ok(r) => {
-                            eprintln!(
-                                "vmbeam: policy: {} rejuvenated, generation {} -> {} in {:.1} ms, {} bytes copied",
-                                r.vm, r.from_generation, r.to_generation, r.total_ms, r.bytes_copied
+                            tracing::info!(
+                                "policy: {} rejuvenated, generation {} -> {} in {:.1} ms, {} bytes copied",
+                                r.vm,
+                                r.from_generation,
+                                r.to_generation,
+                                r.total_ms,
+                                r.bytes_copied
                             );
                             true
                         }
                         Err(e) => {
-                            eprintln!("vmbeam: policy: {e}");
+                            tracing::error!("policy: {e}");
                             false
                         }
                     }
@@ -224,7 +230,7 @@ impl PolicyDriver {
                 Ok(h) => self.worker = Some(h),
                 Err(e) => {
                     let wait = self.backoff.failed(now);
-                    eprintln!("vmbeam: policy: cannot start a rejuvenation thread: {e}");
+                    tracing::error!("policy: cannot start a rejuvenation thread: {e}");
                     vmm.event(
                         "rejuvenate_failed",
                         serde_json::json!({
@@ -242,7 +248,7 @@ impl PolicyDriver {
     /// Waits for a running rejuvenation to end (before shutdown).
     pub fn finish(&mut self) {
         if let Some(w) = self.worker.take() {
-            eprintln!("vmbeam: waiting for the running rejuvenation to end");
+            tracing::info!("waiting for the policy's running rejuvenation to end");
             let _ = w.join();
         }
     }
@@ -321,8 +327,8 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
             tls,
             reuse: vmm.reuse(),
         };
-        eprintln!(
-            "vmbeam: waiting for host VMs to migrate in on {addr}; API on {}",
+        tracing::info!(
+            "waiting for host VMs to migrate in on {addr}; API on {}",
             sock.display()
         );
         let v = vmm.clone();
@@ -342,21 +348,21 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
                         &opts,
                     ) {
                         Ok(vm) => {
-                            eprintln!(
-                                "vmbeam: host VM {} arrived from {peer} and runs here now",
+                            tracing::info!(
+                                "host VM {} arrived from {peer} and runs here now",
                                 vm.name()
                             );
                             v.add_line(vm);
                         }
-                        Err(e) => eprintln!("vmbeam: incoming migration from {peer} refused: {e}"),
+                        Err(e) => tracing::error!("incoming migration from {peer} refused: {e}"),
                     }
                 }
             })
             .map_err(|e| RunError::Events(e.to_string()))?;
     } else {
         let vm = vmm.start(&args.name)?;
-        eprintln!(
-            "vmbeam: host VM {} booted ({} MiB RAM, {} MiB nested pool, {} vCPU), {} nested guest(s); API on {}",
+        tracing::info!(
+            "host VM {} booted ({} MiB RAM, {} MiB nested pool, {} vCPU), {} nested guest(s); API on {}",
             vm.name(),
             vm.spec.ram >> 20,
             vm.spec.pool >> 20,
@@ -365,7 +371,7 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
             sock.display()
         );
         if !policy.is_manual() {
-            eprintln!("vmbeam: rejuvenation policy: {}", policy.describe());
+            tracing::info!("rejuvenation policy: {}", policy.describe());
         }
         vmm.event(
             "started",
@@ -403,30 +409,60 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
 
     let deadline = args
         .duration
-        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+        .and_then(|d| d.limit())
+        .and_then(|d| Instant::now().checked_add(d));
     let result = loop {
         if let Err(e) = em.run_with_timeout(50) {
             break Err(RunError::Events(format!("{e:?}")));
         }
         if fired.load(Ordering::SeqCst) {
-            eprintln!("vmbeam: signal received, shutting down");
+            tracing::info!("signal received, shutting down");
             break Ok(());
         }
         if server.shutdown.load(Ordering::SeqCst) {
-            eprintln!("vmbeam: shutdown requested through the API");
+            tracing::info!("shutdown requested through the API");
             break Ok(());
         }
         if let Some(m) = vmm.failure() {
+            tracing::error!("a host VM failed: {m}");
             break Err(RunError::GuestFailed(m));
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            eprintln!("vmbeam: --duration reached, shutting down");
+            tracing::info!("--duration reached, shutting down");
             break Ok(());
         }
         driver.poll(&vmm);
     };
+    // A running job (rejuvenation, migration) is cancelled: it rolls back,
+    // or finishes if it is past its point of no return. Then the policy's
+    // own rejuvenation ends, the VMs stop, and the socket goes last, so a
+    // client that waits for it to vanish knows everything has stopped.
+    finish_jobs(&vmm);
     driver.finish();
     vmm.shutdown();
     SIGNAL_FD.store(-1, Ordering::SeqCst);
+    server.remove_socket();
+    tracing::info!("stopped");
     result
+}
+
+/// Longest shutdown waits for running jobs to roll back or finish (their
+/// own deadlines are shorter: a rollback takes well under a second).
+const JOBS_DRAIN: Duration = Duration::from_secs(120);
+
+/// Cancels every running job and waits (bounded) for each to end.
+fn finish_jobs(vmm: &Vmm) {
+    let n = vmm.jobs.cancel_all();
+    if n == 0 {
+        return;
+    }
+    tracing::info!("cancelling {n} running job(s): waiting for the rollback");
+    let deadline = Instant::now() + JOBS_DRAIN;
+    while !vmm.jobs.running().is_empty() {
+        if Instant::now() >= deadline {
+            tracing::error!("a job did not end within {JOBS_DRAIN:?}; stopping anyway");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

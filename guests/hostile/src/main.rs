@@ -763,6 +763,24 @@ fn attack(r: &mut Run, pool: u64, pool_end: u64) {
         NotPermitted,
     );
     r.expect("NOTIFY outside handover", OP_NOTIFY, &[], NotPermitted);
+    r.expect(
+        "OFFER outside handover",
+        OP_OFFER,
+        &[ha, 0x10_0000],
+        NotPermitted,
+    );
+    r.expect(
+        "OFFER_END outside handover",
+        OP_OFFER_END,
+        &[1],
+        NotPermitted,
+    );
+    r.expect(
+        "ADOPT outside handover",
+        OP_ADOPT,
+        &[0x10_0000],
+        NotPermitted,
+    );
 
     // A storm of pings, each answered correctly.
     let mut storm = OK;

@@ -253,21 +253,21 @@ fn offer_all(hv: &mut Hv, fault: AgedFault) -> Result<u64, Stop> {
         }
         let state = hv
             .hc
-            .vcpu_get_state(g.handle, 0, g.pending_in.unwrap_or(0))
+            .vcpu_get_state(g.handle, 0, g.live.pending_in * g.live.pending_valid as u64)
             .map_err(|s| hc_fail("get_state", s))?;
-        hv.guests[i].pending_in = None;
+        hv.guests[i].live.pending_valid = 0;
         let mut msg = GuestMsg {
             hdr: MsgHeader::new(kind::GUEST, size_of::<GuestMsg>()),
             index: count,
             vcpus: 1,
             name: g.name,
             mem_bytes: g.mem_bytes,
-            workload: g.workload,
+            workload: g.live.workload,
             n_ranges: 0,
-            seed: g.seed,
-            moves: g.moves,
-            exits: g.exits,
-            uart: g.uart,
+            seed: g.live.seed,
+            moves: g.live.moves,
+            exits: g.live.exits,
+            uart: g.live.uart,
             ranges: [GrantRange::default(); MAX_GUEST_RANGES],
             state: [VcpuState::default(); MAX_NESTED_VCPUS],
         };
@@ -319,6 +319,81 @@ fn offer_all(hv: &mut Hv, fault: AgedFault) -> Result<u64, Stop> {
     Ok(count as u64)
 }
 
+/// Aged side of a batch handover: offers every live guest to L0 with the
+/// address of its live state, and goes back to scheduling. L0 moves each
+/// guest on its own, right after one of its exits; its next RUN here then
+/// answers `Moved`.
+pub fn aged_batch(hv: &mut Hv) {
+    let mut n = 0u64;
+    for i in 0..hv.n_guests {
+        if !matches!(hv.guests[i].state, GuestState::Running | GuestState::Halted) {
+            continue;
+        }
+        let live = core::ptr::addr_of!(hv.guests[i].live) as u64;
+        match hv.hc.offer(hv.guests[i].handle, live) {
+            Ok(()) => n += 1,
+            Err(s) => say!("handover: offer of {} failed: {s:?}", hv.name(i)),
+        }
+    }
+    if let Err(s) = hv.hc.offer_end(n) {
+        say!("handover: offer end failed: {s:?}");
+    }
+}
+
+/// Successor side of a batch handover: takes every offered guest from L0
+/// (each one arrives, with its live state, when L0 moves it; RUN waits for
+/// it) and schedules them at once.
+fn successor_batch(hv: &mut Hv) -> ! {
+    let mut taken = 0;
+    loop {
+        if taken == 1 && hv.boot.flags & fault::REJECT_FIRST != 0 {
+            // Fault injection: a successor that cannot take a second guest.
+            say!("fault: taking no more guests");
+            idle(hv);
+        }
+        if hv.n_guests >= MAX_NESTED {
+            break;
+        }
+        let slot = hv.n_guests;
+        let live = core::ptr::addr_of!(hv.guests[slot].live) as u64;
+        let mut g = Guest::empty();
+        let mut ranges = [GrantRange::default(); MAX_GUEST_RANGES];
+        match hv.hc.adopt(live, &mut g.name, &mut ranges) {
+            Ok((handle, mem, n)) => {
+                g.handle = handle;
+                g.mem_bytes = mem;
+                g.n_ranges = n;
+                for (d, r) in g.ranges.iter_mut().zip(&ranges[..n]) {
+                    *d = Range {
+                        l1_gpa: r.succ_gpa,
+                        l2_gpa: r.l2_gpa,
+                        len: r.len,
+                    };
+                }
+                // L0 wrote the live state already; keep it.
+                g.live = hv.guests[slot].live;
+                g.state = GuestState::Running;
+                g.owned_by_pool = false;
+                hv.guests[slot] = g;
+                hv.n_guests += 1;
+                taken += 1;
+            }
+            Err(Status::Again) => {}
+            Err(Status::NoSuchHandle) => break,
+            Err(s) => {
+                say!("handover: adopt failed: {s:?}");
+                hv.health.errors += 1;
+                break;
+            }
+        }
+    }
+    say!(
+        "adopted {taken} nested guests from generation {}",
+        hv.boot.generation.saturating_sub(1)
+    );
+    sched::run(hv)
+}
+
 /// Successor side: says ready, adopts the offered guests, then waits for
 /// L0's verdict and either runs them or drops them.
 pub fn successor(hv: &mut Hv) -> ! {
@@ -330,6 +405,9 @@ pub fn successor(hv: &mut Hv) -> ! {
     if let Err(s) = hv.hc.handover_ready() {
         say!("handover: ready failed: {s:?}");
         idle(hv);
+    }
+    if flags & vmbeam_abi::boot::protocol::BATCH != 0 {
+        successor_batch(hv);
     }
     let ch = hv.boot.channel_base;
     let out = Mailbox(ch + MAILBOX_TO_AGED);
@@ -487,12 +565,12 @@ fn adopt(hv: &mut Hv, msg: &GuestMsg) -> Result<(), u32> {
             len: s.len,
         };
     }
-    g.workload = msg.workload;
-    g.seed = msg.seed;
-    g.uart = sanitize(msg.uart);
+    g.live.workload = msg.workload;
+    g.live.seed = msg.seed;
+    g.live.uart = sanitize(msg.uart);
     g.state = GuestState::Adopted;
-    g.exits = msg.exits;
-    g.moves = msg.moves + 1;
+    g.live.exits = msg.exits;
+    g.live.moves = msg.moves + 1;
     g.owned_by_pool = false;
     hv.guests[hv.n_guests] = g;
     hv.n_guests += 1;

@@ -185,6 +185,45 @@ impl Hypercalls {
         Ok(n)
     }
 
+    /// OP_OFFER (batch handover): offers VM `h`, whose live state L0 reads
+    /// at `live` when it moves the guest.
+    pub fn offer(&mut self, h: u64, live: u64) -> HcResult<()> {
+        self.call(OP_OFFER, &[h, live])
+    }
+
+    /// OP_OFFER_END (batch handover): `n` guests were offered.
+    pub fn offer_end(&mut self, n: u64) -> HcResult<()> {
+        self.call(OP_OFFER_END, &[n])
+    }
+
+    /// OP_ADOPT (batch handover): takes the next offered guest, whose live
+    /// state L0 writes at `live`. Fills `name` and `out`; returns the
+    /// handle, memory bytes and range count.
+    pub fn adopt(
+        &mut self,
+        live: u64,
+        name: &mut [u8; NAME_LEN],
+        out: &mut [GrantRange],
+    ) -> HcResult<(u64, u64, usize)> {
+        self.call(OP_ADOPT, &[live])?;
+        let n = self.ret(2) as usize;
+        if n == 0 || n > out.len() || n > MAX_GRANT_RANGES {
+            return Err(Status::TooMany);
+        }
+        // SAFETY: see `call`; the name is the first NAME_LEN bytes of the
+        // data area and the `n < MAX_GRANT_RANGES` ranges follow it.
+        unsafe {
+            let d = addr_of!((*self.page).data) as *const u8;
+            core::ptr::copy_nonoverlapping(d, name.as_mut_ptr(), NAME_LEN);
+            for (k, r) in out[..n].iter_mut().enumerate() {
+                *r = (d.add(NAME_LEN) as *const GrantRange)
+                    .add(k)
+                    .read_unaligned();
+            }
+        }
+        Ok((self.ret(0), self.ret(1), n))
+    }
+
     /// OP_NOTIFY: rings the peer's doorbell.
     pub fn notify(&mut self) -> HcResult<()> {
         self.call(OP_NOTIFY, &[])

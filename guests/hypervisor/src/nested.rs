@@ -9,7 +9,7 @@
 use crate::pool::{Range, Ranges};
 use crate::{name_str, Hv};
 use vmbeam_abi::boot::{workload, NestedSpec, MAX_NESTED};
-use vmbeam_abi::handover::{UartState, MAX_GUEST_RANGES};
+use vmbeam_abi::handover::{GuestLive, MAX_GUEST_RANGES};
 use vmbeam_abi::hypercall::Status;
 use vmbeam_abi::l2::{self, L2BootParams};
 use vmbeam_abi::layout::EXTENT_SIZE;
@@ -27,6 +27,8 @@ pub enum GuestState {
     Crashed,
     /// Taken over from a predecessor, not yet resumed.
     Adopted,
+    /// Moved to a successor (batch handover); nothing left to release.
+    Gone,
 }
 
 /// One nested guest.
@@ -42,25 +44,29 @@ pub struct Guest {
     pub ranges: Ranges,
     /// Valid entries of `ranges`.
     pub n_ranges: usize,
-    /// Workload kind.
-    pub workload: u32,
-    /// Pattern seed.
-    pub seed: u64,
-    /// Console model.
-    pub uart: UartState,
-    /// Answer owed to an IO_IN / MMIO_READ exit.
-    pub pending_in: Option<u64>,
+    /// Console model, owed read answer, workload, seed, exits and moves:
+    /// what L0 copies between guest hypervisors in a batch handover.
+    pub live: GuestLive,
     /// Life cycle.
     pub state: GuestState,
-    /// Exits handled.
-    pub exits: u64,
-    /// Times moved to a successor.
-    pub moves: u64,
     /// Memory came from the pool (else from the grant window).
     pub owned_by_pool: bool,
 }
 
 impl Guest {
+    /// Takes the answer owed to a pending read, if any.
+    pub fn take_pending(&mut self) -> Option<u64> {
+        let v = (self.live.pending_valid != 0).then_some(self.live.pending_in);
+        self.live.pending_valid = 0;
+        v
+    }
+
+    /// Records the answer owed to a pending read.
+    pub fn set_pending(&mut self, v: u64) {
+        self.live.pending_in = v;
+        self.live.pending_valid = 1;
+    }
+
     /// An unused table entry.
     pub fn empty() -> Self {
         Guest {
@@ -69,13 +75,8 @@ impl Guest {
             mem_bytes: 0,
             ranges: [Range::default(); MAX_GUEST_RANGES],
             n_ranges: 0,
-            workload: 0,
-            seed: 0,
-            uart: UartState::default(),
-            pending_in: None,
+            live: GuestLive::default(),
             state: GuestState::Crashed,
-            exits: 0,
-            moves: 0,
             owned_by_pool: false,
         }
     }
@@ -136,8 +137,8 @@ fn start(hv: &mut Hv, spec: &NestedSpec) -> Result<(), Fail> {
     g.owned_by_pool = true;
     g.name = spec.name;
     g.mem_bytes = mem;
-    g.workload = module.kind;
-    g.seed = spec.seed;
+    g.live.workload = module.kind;
+    g.live.seed = spec.seed;
     g.state = GuestState::Running;
     g.handle = match hv.hc.vm_create(&g.name) {
         Ok(h) => h,
@@ -154,7 +155,7 @@ fn start(hv: &mut Hv, spec: &NestedSpec) -> Result<(), Fail> {
         "started {}: {}MiB {} handle={}",
         name_str(&g.name),
         mem >> 20,
-        workload_name(g.workload),
+        workload_name(g.live.workload),
         g.handle
     );
     hv.guests[hv.n_guests] = g;
@@ -325,6 +326,6 @@ fn release(hv: &mut Hv, g: &Guest) {
 pub fn kill(hv: &mut Hv, i: usize) {
     let g = hv.guests[i];
     hv.guests[i].state = GuestState::Crashed;
-    hv.guests[i].pending_in = None;
+    hv.guests[i].live.pending_valid = 0;
     release(hv, &g);
 }

@@ -8,7 +8,7 @@
 use crate::nested::{self, GuestState};
 use crate::{handover, health, uart, Hv};
 use vmbeam_abi::boot::control;
-use vmbeam_abi::hypercall::{exit, NestedExit};
+use vmbeam_abi::hypercall::{exit, NestedExit, Status};
 
 /// Slice used when L0 gives none.
 const DEFAULT_SLICE_US: u64 = 10_000;
@@ -27,6 +27,9 @@ pub fn run(hv: &mut Hv) -> ! {
             }
         }
         let c = hv.control();
+        if c == control::HANDOVER_BATCH && last_control != c {
+            handover::aged_batch(hv);
+        }
         if let Some(fault) = handover::AgedFault::of_control(c) {
             if last_control != c {
                 handover::aged(hv, fault);
@@ -43,7 +46,7 @@ pub fn run(hv: &mut Hv) -> ! {
 /// Runs guest `i` for one slice and handles its exit.
 fn step(hv: &mut Hv, i: usize) {
     let g = &mut hv.guests[i];
-    let answer = g.pending_in.take().unwrap_or(0);
+    let answer = g.take_pending().unwrap_or(0);
     let slice = match hv.boot.slice_us {
         0 => DEFAULT_SLICE_US,
         s => s as u64,
@@ -52,6 +55,12 @@ fn step(hv: &mut Hv, i: usize) {
     health::age(hv);
     match res {
         Ok(e) => handle_exit(hv, i, &e),
+        // Batch handover: L0 moved the guest to the successor, with the
+        // state kept in `live`; nothing of it is left here.
+        Err(Status::Moved) => {
+            hv.guests[i].state = GuestState::Gone;
+            say!("{} moved to the successor", hv.name(i));
+        }
         Err(s) => {
             say!("nested guest {} run failed: {s:?}", hv.name(i));
             hv.health.errors += 1;
@@ -71,23 +80,28 @@ fn ones(size: u32) -> u64 {
 fn handle_exit(hv: &mut Hv, i: usize, e: &NestedExit) {
     hv.health.exits += 1;
     let g = &mut hv.guests[i];
-    g.exits += 1;
+    g.live.exits += 1;
     match e.reason {
         exit::SLICE | exit::MMIO_WRITE => {}
         exit::IO_OUT if uart::is_uart(e.port) => {
-            if uart::write(&mut g.uart, e.port - uart::BASE, e.data as u8) {
-                let n = (g.uart.line_len as usize).min(g.uart.line.len());
-                g.uart.line_len = 0;
-                if hv.hc.console_write(g.handle, &g.uart.line[..n]).is_err() {
+            if uart::write(&mut g.live.uart, e.port - uart::BASE, e.data as u8) {
+                let n = (g.live.uart.line_len as usize).min(g.live.uart.line.len());
+                g.live.uart.line_len = 0;
+                if hv
+                    .hc
+                    .console_write(g.handle, &g.live.uart.line[..n])
+                    .is_err()
+                {
                     hv.health.errors += 1;
                 }
             }
         }
         exit::IO_OUT => {}
         exit::IO_IN if uart::is_uart(e.port) => {
-            g.pending_in = Some(uart::read(&g.uart, e.port - uart::BASE) as u64);
+            let v = uart::read(&g.live.uart, e.port - uart::BASE) as u64;
+            g.set_pending(v);
         }
-        exit::IO_IN | exit::MMIO_READ => g.pending_in = Some(ones(e.size)),
+        exit::IO_IN | exit::MMIO_READ => g.set_pending(ones(e.size)),
         exit::HLT => {
             g.state = GuestState::Halted;
             say!("{} halted", hv.name(i));

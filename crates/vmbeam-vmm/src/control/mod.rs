@@ -3,5 +3,8 @@
 
 pub mod api;
 pub mod events;
+pub mod http;
 pub mod inspect;
+pub mod jobs;
+pub mod metrics;
 pub mod policy;

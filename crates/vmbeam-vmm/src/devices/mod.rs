@@ -90,6 +90,8 @@ struct Placed {
     index: u32,
     base: u64,
     gsi: u32,
+    /// A second handle on the notify eventfd (to kick the worker).
+    kick: EventFd,
     dev: Arc<RankedMutex<MmioDevice>>,
     stop: Arc<AtomicBool>,
     worker: Option<JoinHandle<()>>,
@@ -100,6 +102,8 @@ pub struct DeviceSet {
     placed: Vec<Placed>,
     mem: Arc<RankedMutex<Option<Arc<DeviceMemory>>>>,
     irqchip: bool,
+    /// While set, no queue is served (the guest is paused for a move).
+    paused: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for DeviceSet {
@@ -120,6 +124,7 @@ impl Default for DeviceSet {
             placed: Vec::new(),
             mem: Arc::new(RankedMutex::new(Rank::DeviceMemory, None)),
             irqchip: false,
+            paused: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -187,12 +192,40 @@ impl DeviceSet {
         let mem = self.mem.lock().unwrap().clone();
         let mut d = p.dev.lock().unwrap();
         let off = addr - d.base;
-        if d.write(off, data, mem.as_ref().map(|m| &m.mem)) {
+        if d.write(off, data, mem.as_ref().map(|m| &m.mem)) && !self.is_paused() {
             if let Some(m) = &mem {
                 d.process(&m.mem);
             }
         }
         true
+    }
+
+    /// Stops serving queues until [`DeviceSet::resume`], after any
+    /// request being served now has completed: from here on the devices do
+    /// not write guest memory, so the guest's memory is what it was at its
+    /// pause (a move may hash or copy it). Notifications that arrive while
+    /// paused are served on resume; none is lost.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        for p in &self.placed {
+            // The worker serves queues with the device lock held.
+            drop(p.dev.lock().unwrap());
+        }
+    }
+
+    /// Serves queues again (the guest runs again); pending notifications
+    /// are taken at once.
+    pub fn resume(&self) {
+        if self.paused.swap(false, Ordering::SeqCst) {
+            for p in &self.placed {
+                let _ = p.kick.write(1);
+            }
+        }
+    }
+
+    /// Whether the devices are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
     }
 
     /// Replaces the memory view (after the VM's slots changed).
@@ -280,6 +313,9 @@ impl DeviceSet {
                 return Err(DeviceError::Kvm("a network device (not served yet)"))
             }
         };
+        let kick = notify
+            .try_clone()
+            .map_err(|_| DeviceError::Kvm("an eventfd"))?;
         let dev = Arc::new(RankedMutex::new(
             Rank::Device,
             MmioDevice::new(base, gsi, be, irq),
@@ -287,9 +323,10 @@ impl DeviceSet {
         let stop = Arc::new(AtomicBool::new(false));
         let worker = {
             let (dev, stop, mem) = (dev.clone(), stop.clone(), self.mem.clone());
+            let paused = self.paused.clone();
             std::thread::Builder::new()
                 .name(format!("vmbeam-dev-{guest}"))
-                .spawn(move || worker(notify, dev, stop, mem))
+                .spawn(move || worker(notify, dev, stop, paused, mem))
                 .map_err(|_| DeviceError::Kvm("a device thread"))?
         };
         let kind = backend.device_type();
@@ -297,6 +334,7 @@ impl DeviceSet {
             index,
             base,
             gsi,
+            kick,
             dev,
             stop,
             worker: Some(worker),
@@ -347,8 +385,10 @@ fn worker(
     notify: EventFd,
     dev: Arc<RankedMutex<MmioDevice>>,
     stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
     mem: Arc<RankedMutex<Option<Arc<DeviceMemory>>>>,
 ) {
+    let mut pending = false;
     while !stop.load(Ordering::SeqCst) {
         let mut pfd = libc::pollfd {
             fd: notify.as_raw_fd(),
@@ -357,13 +397,22 @@ fn worker(
         };
         // SAFETY: one valid pollfd for the duration of the call.
         let n = unsafe { libc::poll(&mut pfd, 1, WORKER_TICK.as_millis() as i32) };
-        if n <= 0 || notify.read().is_err() {
+        if n > 0 && notify.read().is_ok() {
+            pending = true;
+        }
+        if !pending {
             continue;
         }
         let Some(m) = mem.lock().unwrap().clone() else {
             continue;
         };
         let mut d = dev.lock().unwrap();
+        // Checked under the device lock: `pause` takes it after setting
+        // the flag, so no queue is served once `pause` has returned.
+        if paused.load(Ordering::SeqCst) {
+            continue;
+        }
+        pending = false;
         d.counters.notifications += 1;
         d.process(&m.mem);
     }
@@ -459,5 +508,82 @@ mod tests {
         assert!(set.mmio_read(0xd000_0000, &mut m));
         assert_eq!(u32::from_le_bytes(m), mmio::MAGIC);
         assert!(!set.mmio_read(0xd000_2000, &mut m));
+    }
+
+    /// A request the driver makes available while the device is paused
+    /// (the guest is being moved) is not served until resume, and then
+    /// exactly once: guest memory does not change under a move.
+    #[test]
+    fn paused_devices_do_not_touch_guest_memory() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            println!("SKIP paused_devices_do_not_touch_guest_memory: /dev/kvm not available");
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        let ram = [(0x1000u64, 0x4000u64)];
+        let mut set = DeviceSet::default();
+        set.place(&vm, 0, 0xd000_0000, 5, &disk(), "l2-0", &ram, 0)
+            .unwrap();
+        let mem = DeviceMemory::anonymous(&[(0x1000, 0x4000)]).unwrap();
+        // One GET_ID request: descriptor table at 0x1000, avail ring at
+        // 0x1100, used ring at 0x1200, header 0x1400, id 0x1600, status 0x1800.
+        let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..].copy_from_slice(&next.to_le_bytes());
+            assert!(mem.write(0x1000 + i * 16, &d));
+        };
+        desc(0, 0x1400, 16, 1, 1);
+        desc(1, 0x1600, 20, 1 | 2, 2);
+        desc(2, 0x1800, 1, 2, 0);
+        assert!(mem.write(0x1400, &8u32.to_le_bytes()));
+        let used_idx = |m: &DeviceMemory| {
+            let mut b = [0u8; 2];
+            assert!(m.read(0x1202, &mut b));
+            u16::from_le_bytes(b)
+        };
+        let reg = |set: &DeviceSet, off: u64, v: u32| {
+            assert!(set.mmio_write(0xd000_0000 + off, &v.to_le_bytes()));
+        };
+        // Share `mem` with the device through the same mapping.
+        set.set_memory(Some(mem));
+        let mem = set.mem.lock().unwrap().clone().unwrap();
+        reg(&set, 0x70, 3);
+        reg(&set, 0x14, 1);
+        let mut f = [0u8; 4];
+        assert!(set.mmio_read(0xd000_0010, &mut f));
+        reg(&set, 0x24, 1);
+        reg(&set, 0x20, u32::from_le_bytes(f));
+        reg(&set, 0x70, 0xb);
+        reg(&set, 0x38, 16);
+        for (off, a) in [(0x80, 0x1000u32), (0x90, 0x1100), (0xa0, 0x1200)] {
+            reg(&set, off, a);
+        }
+        reg(&set, 0x44, 1);
+        reg(&set, 0x70, 0xf);
+        set.pause();
+        assert!(mem.write(0x1102, &1u16.to_le_bytes()));
+        // The guest's notification: its ioeventfd, and a trapped write.
+        set.placed[0].kick.write(1).unwrap();
+        reg(&set, 0x50, 0);
+        std::thread::sleep(WORKER_TICK * 2);
+        assert_eq!(used_idx(&mem), 0, "served while paused");
+        set.resume();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while used_idx(&mem) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not served after resume"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(WORKER_TICK);
+        assert_eq!(used_idx(&mem), 1);
+        let mut id = [0u8; 4];
+        assert!(mem.read(0x1600, &mut id));
+        assert_eq!(&id, b"l2-0");
+        assert_eq!(set.status()[0].counters.requests, 1, "served exactly once");
     }
 }

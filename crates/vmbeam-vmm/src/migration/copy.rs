@@ -24,6 +24,9 @@ use crate::nesting::nested::{NestedRef, NestedSlot};
 /// Errors of copy-based migration.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
+    /// The operation was cancelled between two rounds.
+    #[error("cancelled on request")]
+    Cancelled,
     /// A fresh memory file could not be made.
     #[error("cannot allocate fresh memory for {guest}: {source}")]
     Memory {
@@ -180,6 +183,17 @@ pub fn precopy_live(
     vms: &[NestedRef],
     budget: Duration,
 ) -> Result<(Vec<GuestCopy>, PrecopyStats), CopyError> {
+    precopy_live_with(vms, budget, None)
+}
+
+/// [`precopy_live`] reporting each round to `progress` and stopping with
+/// [`CopyError::Cancelled`] between rounds once it is cancelled.
+pub fn precopy_live_with(
+    vms: &[NestedRef],
+    budget: Duration,
+    progress: Option<&Arc<crate::progress::Progress>>,
+) -> Result<(Vec<GuestCopy>, PrecopyStats), CopyError> {
+    let cancelled = || crate::progress::check(progress).map_err(|_| CopyError::Cancelled);
     let mut copies = Vec::new();
     let mut stats = PrecopyStats::default();
     // Round 0: log on, copy everything.
@@ -199,8 +213,13 @@ pub fn precopy_live(
         };
         let mut sc = Vec::new();
         for s in &slots {
+            cancelled()?;
             let c = SlotCopy::new(&name, s)?;
-            stats.live_bytes += c.copy_all();
+            let n = c.copy_all();
+            stats.live_bytes += n;
+            if let Some(p) = progress {
+                p.add_bytes(n);
+            }
             sc.push(c);
         }
         copies.push((
@@ -212,8 +231,12 @@ pub fn precopy_live(
         ));
     }
     stats.rounds = 1;
+    if let Some(p) = progress {
+        p.add_round();
+    }
     let mut bytes_per_s = stats.live_bytes as f64 / t.elapsed().as_secs_f64().max(1e-6);
     loop {
+        cancelled()?;
         // Pages dirtied since the last fetch, per guest and slot.
         let mut pending = 0;
         let mut maps = Vec::new();
@@ -231,10 +254,18 @@ pub fn precopy_live(
             maps.push(per);
         }
         let estimate = Duration::from_secs_f64(pending as f64 * PAGE as f64 / bytes_per_s.max(1.0));
+        if let Some(p) = progress {
+            p.add_bytes_total(pending * PAGE);
+            p.add_round();
+        }
         if estimate <= budget || stats.rounds >= MAX_ROUNDS {
             // Those pages are copied now, live; whatever gets dirty after this
             // is copied in the stop-and-copy step.
-            stats.live_bytes += copy_rounds(&copies, &maps);
+            let n = copy_rounds(&copies, &maps);
+            stats.live_bytes += n;
+            if let Some(p) = progress {
+                p.add_bytes(n);
+            }
             stats.rounds += 1;
             stats.remaining_pages = pending;
             stats.converged = estimate <= budget;
@@ -243,6 +274,9 @@ pub fn precopy_live(
         let t = Instant::now();
         let n = copy_rounds(&copies, &maps);
         stats.live_bytes += n;
+        if let Some(p) = progress {
+            p.add_bytes(n);
+        }
         stats.rounds += 1;
         if n > 0 {
             bytes_per_s = n as f64 / t.elapsed().as_secs_f64().max(1e-6);

@@ -24,7 +24,9 @@ use vmbeam_abi::layout;
 use crate::host::hostvm::HostVm;
 use crate::host::memory::{MemFile, Region, RegionKind};
 use crate::migration::copy::{GuestCopy, SlotCopy};
-pub use crate::migration::handover_state::{GuestMove, Handover, Phase, SuccSide};
+pub use crate::migration::handover_state::{
+    Batch, BatchStep, GuestMove, Handover, Phase, SuccSide,
+};
 use crate::migration::rejuvenate::Mode;
 use crate::nesting::hypercall::{HcOutcome, HcResult};
 use crate::nesting::nested::{NestedRef, NestedState, NestedVm};
@@ -127,6 +129,30 @@ impl Session {
         }
     }
 
+    /// Waits up to `timeout` until `pred` holds on the handover state
+    /// (checked under its lock, so no change is missed); returns whether it
+    /// does.
+    pub fn wait_for(&self, timeout: Duration, mut pred: impl FnMut(&Handover) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.st.lock().unwrap();
+        loop {
+            if pred(&g) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self.cv.wait_timeout(g, left).unwrap().0;
+        }
+    }
+
+    /// Waits up to `timeout` for any change of the handover state.
+    pub fn wait_change(&self, timeout: Duration) {
+        let g = self.st.lock().unwrap();
+        drop(self.cv.wait_timeout(g, timeout));
+    }
+
     /// True if `vm` is the aged side.
     pub fn is_aged(&self, vm: &HostVm) -> bool {
         self.aged.id == vm.id
@@ -223,10 +249,27 @@ pub(crate) fn grant_guest(
     succ: &HostVm,
     handle: u64,
 ) -> Result<Vec<GrantRange>, Status> {
+    grant_or_offer(s, vm, succ, handle, None)
+}
+
+/// [`grant_guest`], or with `offer = Some(live)` the batch handover's
+/// offer: the same mapping into the successor, but the guest keeps running
+/// (no freeze, no hash) and its move records where its live state is.
+pub(crate) fn grant_or_offer(
+    s: &Session,
+    vm: &HostVm,
+    succ: &HostVm,
+    handle: u64,
+    offer: Option<u64>,
+) -> Result<Vec<GrantRange>, Status> {
     let n = vm.nested_vm(handle).ok_or(Status::NoSuchHandle)?;
     let asked = s.with(|h| h.asked_at);
-    let held = hold(s, &n, asked)?;
-    let unhold = || n.lock().unwrap().frozen = false;
+    let held = hold(s, &n, asked, offer.is_none())?;
+    let unhold = || {
+        if offer.is_none() {
+            n.lock().unwrap().frozen = false;
+        }
+    };
     let total: u64 = held.lens.iter().map(|(_, len)| len).sum();
     let start = match s.with(|h| h.reserve_grant(total)) {
         Ok(a) => a,
@@ -278,6 +321,13 @@ pub(crate) fn grant_guest(
         checksum_before: held.checksum,
         paused_at: held.paused_at,
         succ: None,
+        batch: offer.map(|live| Batch {
+            vm: n.clone(),
+            live_aged: live,
+            live_succ: 0,
+            step: BatchStep::Offered,
+            moved_at: None,
+        }),
     };
     let recorded = s.with(|h| {
         h.verify_time += held.hashing;
@@ -306,7 +356,7 @@ pub(crate) fn grant_guest(
 
 /// Freezes nested VM `n` for a grant and takes what the grant needs, under
 /// the VM's own lock only.
-fn hold(s: &Session, n: &NestedRef, asked: Option<Instant>) -> Result<Held, Status> {
+fn hold(s: &Session, n: &NestedRef, asked: Option<Instant>, freeze: bool) -> Result<Held, Status> {
     let mut n = n.lock().unwrap();
     let record = n.record.clone().ok_or(Status::BadState)?;
     if n.state == NestedState::Crashed || n.frozen {
@@ -322,13 +372,11 @@ fn hold(s: &Session, n: &NestedRef, asked: Option<Instant>) -> Result<Held, Stat
         (Some(e), None) => e,
         (None, a) => a.unwrap_or_else(Instant::now),
     };
+    // Its devices stop writing its memory too, until it runs again.
+    n.devices.pause();
     let t = Instant::now();
-    let checksum = s.verify.then(|| n.checksum_all());
-    let hashing = if s.verify {
-        t.elapsed()
-    } else {
-        Duration::ZERO
-    };
+    let checksum = (s.verify && freeze).then(|| n.checksum_all());
+    let hashing = t.elapsed();
     // Where the successor's pages come from: the guest's own pages
     // (zero-copy), or fresh memory filled by copying (copy, precopy).
     let slots = n.slots.clone();
@@ -373,7 +421,7 @@ fn hold(s: &Session, n: &NestedRef, asked: Option<Instant>) -> Result<Held, Stat
             }
         }
     }
-    n.frozen = true;
+    n.frozen = freeze;
     Ok(Held {
         record,
         aged_handle: n.handle,

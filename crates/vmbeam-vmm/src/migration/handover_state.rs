@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use vmbeam_abi::hypercall::{GrantRange, Status};
 use vmbeam_abi::layout;
 
-use crate::nesting::nested::GuestRecord;
+use crate::nesting::nested::{GuestRecord, NestedRef};
 
 /// Phase of a handover. Transitions (each one a method of [`Handover`]):
 ///
@@ -42,6 +42,9 @@ pub enum Phase {
     AgedDone,
     /// Point of no return: L0 revokes the aged VM and commits the successor.
     Committing,
+    /// Batch handover: every guest is offered and taken; L0 moves them one
+    /// by one, each right after one of its exits under the aged L1.
+    Moving,
     /// A rollback is under way: no grant, adoption or confirmation is
     /// accepted any more, and guests are being given back.
     Aborting(String),
@@ -78,6 +81,52 @@ impl SuccSide {
     }
 }
 
+/// Where a guest is in a batch handover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchStep {
+    /// Offered by the aged L1 (it keeps running there).
+    Offered,
+    /// The successor is taking it (handle being allocated).
+    Taking,
+    /// The successor has a handle for it; its RUN waits for the guest.
+    Taken,
+    /// Its last run under the aged L1 is under way or done; the move
+    /// completes at the aged L1's next hypercall (its exit is handled).
+    LastRun,
+    /// Being moved right now by one thread (the aged L1's hook or the
+    /// orchestrator): nobody else moves it, and neither L1 runs it.
+    Switching,
+    /// Moved: it belongs to the successor.
+    Moved,
+    /// The move failed; it stays with the aged L1.
+    Failed,
+}
+
+/// The batch-handover part of a move.
+#[derive(Clone)]
+pub struct Batch {
+    /// The nested VM (shared by both tables until it moves).
+    pub vm: NestedRef,
+    /// The aged L1's address of its `GuestLive` (0: L0 offered it, no state).
+    pub live_aged: u64,
+    /// The successor's address of its `GuestLive`.
+    pub live_succ: u64,
+    /// Step.
+    pub step: BatchStep,
+    /// When it moved.
+    pub moved_at: Option<Instant>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("live_aged", &self.live_aged)
+            .field("live_succ", &self.live_succ)
+            .field("step", &self.step)
+            .finish()
+    }
+}
+
 /// One guest on its way: granted by the aged L1 (or by L0 in a rescue).
 #[derive(Debug, Clone)]
 pub struct GuestMove {
@@ -101,6 +150,8 @@ pub struct GuestMove {
     pub paused_at: Instant,
     /// The successor's nested VM for it, once it has one.
     pub succ: Option<SuccSide>,
+    /// Batch handover only.
+    pub batch: Option<Batch>,
 }
 
 /// A handover's state: phase, moves and counters.
@@ -122,6 +173,14 @@ pub struct Handover {
     pub asked_at: Option<Instant>,
     /// Nothing in this handover waits beyond this instant.
     pub deadline: Instant,
+    /// Batch handover (OP_OFFER / OP_ADOPT, per-guest moves).
+    pub batch: bool,
+    /// Batch: the aged L1 said every guest is offered.
+    pub offers_closed: bool,
+    /// Batch: index in `moves` of the next guest to move.
+    pub head: usize,
+    /// Batch: when `head` became the head.
+    pub head_since: Option<Instant>,
 }
 
 impl Handover {
@@ -136,7 +195,55 @@ impl Handover {
             verify_time: Duration::ZERO,
             asked_at: None,
             deadline,
+            batch: false,
+            offers_closed: false,
+            head: 0,
+            head_since: None,
         }
+    }
+
+    /// Batch: HandingOver → Moving. Invariant: offers are closed and the
+    /// successor holds a handle for every offered guest; from now on each
+    /// guest moves on its own, in `moves` order.
+    pub fn start_moving(&mut self) -> bool {
+        let ok = self.batch
+            && self.offers_closed
+            && self
+                .moves
+                .iter()
+                .all(|m| m.batch.as_ref().is_some_and(|b| b.step == BatchStep::Taken))
+            && self.step(|p| *p == Phase::HandingOver, Phase::Moving);
+        if ok {
+            self.head = 0;
+            self.head_since = Some(Instant::now());
+        }
+        ok
+    }
+
+    /// Batch: the guest whose move is next, while moving.
+    pub fn head_move(&mut self) -> Option<&mut GuestMove> {
+        if self.phase != Phase::Moving {
+            return None;
+        }
+        let i = self.head;
+        self.moves.get_mut(i)
+    }
+
+    /// Batch: the head moved (or failed); the next one is up. Invariant:
+    /// every move before `head` is Moved or Failed.
+    pub fn advance(&mut self) {
+        self.head += 1;
+        self.head_since = Some(Instant::now());
+    }
+
+    /// Batch: true once every move is Moved or Failed.
+    pub fn all_moved(&self) -> bool {
+        self.batch
+            && self.moves.iter().all(|m| {
+                m.batch
+                    .as_ref()
+                    .is_some_and(|b| matches!(b.step, BatchStep::Moved | BatchStep::Failed))
+            })
     }
 
     /// Booting → Ready. Invariant: no guest is held, nothing was granted.
@@ -158,7 +265,12 @@ impl Handover {
     /// before, `handover::everyone_adopted`): every live guest of the aged
     /// VM is held and every move's successor side is complete.
     pub fn aged_done(&mut self) -> bool {
-        self.step(|p| *p == Phase::HandingOver, Phase::AgedDone)
+        if self.phase == Phase::Moving && self.all_moved() {
+            self.phase = Phase::AgedDone;
+            return true;
+        }
+        let batch = self.batch;
+        self.step(|p| *p == Phase::HandingOver && !batch, Phase::AgedDone)
     }
 
     /// AgedDone → Committing. Invariant: the successor is alive and, with
@@ -207,6 +319,20 @@ impl Handover {
     /// True while grants and adoptions are accepted.
     pub fn handing_over(&self) -> bool {
         self.phase == Phase::HandingOver
+    }
+
+    /// Batch: the move of the successor's guest `handle`, if any.
+    pub fn batch_of_successor(&mut self, handle: u32) -> Option<&mut GuestMove> {
+        self.moves
+            .iter_mut()
+            .find(|m| m.batch.is_some() && m.succ.as_ref().is_some_and(|s| s.handle == handle))
+    }
+
+    /// Batch: the move of the aged L1's guest `handle`, if any.
+    pub fn batch_of_aged(&mut self, handle: u32) -> Option<&mut GuestMove> {
+        self.moves
+            .iter_mut()
+            .find(|m| m.batch.is_some() && m.aged_handle == handle)
     }
 
     /// Reserves `len` bytes of the successor's grant window; all of a

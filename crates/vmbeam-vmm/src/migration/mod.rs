@@ -2,6 +2,7 @@
 //! hypervisors on one host, its orchestration and rescue, copy and pre-copy
 //! modes, and host-to-host migration over TCP.
 
+pub mod batch;
 pub mod copy;
 pub mod handover;
 pub mod handover_state;
@@ -11,4 +12,5 @@ pub mod remote;
 pub mod rescue;
 pub mod reuse;
 pub mod tls;
+pub mod verify;
 pub mod wire;

@@ -22,7 +22,12 @@ use crate::host::loader::FlatImage;
 use crate::host::memory::Region;
 use crate::migration::handover::{self, GuestMove, Phase, Session};
 use crate::nesting::nested::NestedState;
+use crate::progress::{Phase as JobPhase, Progress};
 use crate::shared::Shared;
+
+/// Batch: how long the next guest may wait for its last run under the aged
+/// L1 before L0 moves it itself.
+const FORCE_AFTER: Duration = Duration::from_millis(100);
 
 /// Where a rejuvenation reports its phases: `(event, fields)`, the hook
 /// behind the events file (`Vmm::event`).
@@ -58,7 +63,8 @@ pub struct RejuvenateOptions {
     pub mode: Mode,
     /// Fault-injection flags for the successor (tests).
     pub fault: u64,
-    /// Hash every guest before and after (excluded from downtime).
+    /// Hash every guest before and after (channel protocol: inside the
+    /// pause, so it counts as downtime; batch: outside every pause).
     pub verify: bool,
     /// Give up after this long.
     pub timeout: Duration,
@@ -68,6 +74,14 @@ pub struct RejuvenateOptions {
     /// successor instead of the VMM's image (`None`, the default, boots the
     /// VMM's own). Not settable through the HTTP API.
     pub successor_image: Option<Vec<u8>>,
+    /// Batch handover (zero-copy only): each guest moves on its own at host
+    /// speed, right after one of its exits, instead of all guests pausing
+    /// for the whole channel protocol. See docs/handover.md.
+    pub batch: bool,
+    /// Progress to report to and the cancel flag to obey (API jobs). A
+    /// cancel is honoured at every point before commit: the handover rolls
+    /// back.
+    pub progress: Option<Arc<Progress>>,
 }
 
 impl Default for RejuvenateOptions {
@@ -79,6 +93,8 @@ impl Default for RejuvenateOptions {
             timeout: Duration::from_secs(60),
             downtime_budget: Duration::from_millis(300),
             successor_image: None,
+            batch: false,
+            progress: None,
         }
     }
 }
@@ -139,8 +155,8 @@ pub struct GuestReport {
     pub name: String,
     /// RAM bytes.
     pub mem_bytes: u64,
-    /// Last exit under the aged L1 → first entry under the successor,
-    /// minus verification hashing.
+    /// The guest-visible pause: last exit under the aged L1 → first entry
+    /// under the successor, nothing subtracted.
     pub downtime_us: u64,
     /// L0 hash of the whole guest memory when paused (hex).
     pub checksum_before: Option<String>,
@@ -181,7 +197,8 @@ pub struct Report {
     pub host_rss_after: u64,
     /// CPU time of L0 (all threads, including guest time) during the operation, ms.
     pub cpu_ms: f64,
-    /// Time spent hashing for verification (excluded from downtime), ms.
+    /// Time spent hashing for verification, ms (inside the pause in the
+    /// channel protocol, outside every pause in a batch).
     pub verify_ms: f64,
     /// Per guest.
     pub guests: Vec<GuestReport>,
@@ -259,13 +276,23 @@ pub fn rejuvenate(
     }
     let mut r = Rejuvenation::new(shared, hypervisor, modules, aged, opts, events);
     r.boot_successor()?;
+    if r.batch() {
+        r.hand_over_batch()?;
+        let revoked = r.revoke();
+        return Ok(r.commit(revoked));
+    }
+    r.check_cancel()?;
     r.precopy()?;
+    r.check_cancel()?;
     match r.hand_over() {
         Ok(()) => {}
         Err(Failure::AgedDied(m)) => r.rescue(m)?,
         Err(Failure::Other(m)) => return Err(r.rollback(m)),
     }
     r.verify().map_err(|m| r.rollback(m))?;
+    // The last point where a cancel rolls back.
+    r.check_cancel()?;
+    r.progress(JobPhase::Committing);
     let revoked = r.revoke();
     Ok(r.commit(revoked))
 }
@@ -307,6 +334,10 @@ struct Rejuvenation<'a> {
     precopy: Option<crate::migration::copy::PrecopyStats>,
     rescued: Option<usize>,
     after_sums: Vec<(String, u64)>,
+    /// Batch with `verify`: each move's page hashes through the aged side.
+    before_pages: Vec<crate::migration::verify::PageHashes>,
+    /// Batch with `verify`: (guest, digest before, digest after).
+    batch_sums: Vec<(String, u64, u64)>,
 }
 
 impl<'a> Rejuvenation<'a> {
@@ -323,6 +354,13 @@ impl<'a> Rejuvenation<'a> {
         let rss_before = rss_bytes();
         let cpu0 = cpu_ms();
         let session = Self::new_session(aged, opts);
+        if let Some(p) = &opts.progress {
+            let vms: Vec<_> = aged.nested.lock().unwrap().vms.values().cloned().collect();
+            p.set_guests_total(vms.len() as u64);
+            if opts.mode != Mode::ZeroCopy {
+                p.set_bytes_total(vms.iter().map(|v| v.lock().unwrap().mem_bytes()).sum());
+            }
+        }
         Rejuvenation {
             shared,
             hypervisor,
@@ -342,6 +380,8 @@ impl<'a> Rejuvenation<'a> {
             precopy: None,
             rescued: None,
             after_sums: Vec::new(),
+            before_pages: Vec::new(),
+            batch_sums: Vec::new(),
         }
     }
 
@@ -352,15 +392,51 @@ impl<'a> Rejuvenation<'a> {
         // Boot wait + handover wait, each bounded below.
         let deadline = Instant::now() + opts.timeout.min(Duration::from_secs(30)) + opts.timeout;
         let session = Session::new(aged.clone(), channel, opts.verify, opts.mode, deadline);
+        let batch = opts.batch && opts.mode == Mode::ZeroCopy;
+        session.with(|h| h.batch = batch);
         *aged.session.lock().unwrap() = Some(session.clone());
         session
     }
 
+    fn batch(&self) -> bool {
+        self.session.with(|h| h.batch)
+    }
+
+    /// Moves the job's progress (if any) to `phase`.
+    fn progress(&self, phase: JobPhase) {
+        if let Some(p) = &self.opts.progress {
+            p.set_phase(phase);
+        }
+    }
+
+    /// Why to stop now, if the job was cancelled.
+    fn cancelled(&self) -> Option<String> {
+        crate::progress::check(self.opts.progress.as_ref())
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    /// Rolls back if the job was cancelled (between phases, before commit).
+    fn check_cancel(&mut self) -> Result<(), RejuvenateError> {
+        match self.cancelled() {
+            Some(m) => Err(self.rollback(m)),
+            None => Ok(()),
+        }
+    }
+
     fn event(&self, phase: &str, mut fields: serde_json::Value) {
+        tracing::info!(vm = %self.line, generation = self.generation, "rejuvenation phase: {phase}");
         fields["vm"] = self.line.clone().into();
         fields["phase"] = phase.into();
         fields["generation"] = self.generation.into();
         (self.events)("handover", fields);
+    }
+
+    fn batch_sum(&self, guest: &str) -> Option<(u64, u64)> {
+        self.batch_sums
+            .iter()
+            .find(|(g, ..)| g == guest)
+            .map(|(_, a, b)| (*a, *b))
     }
 
     fn succ(&self) -> &Arc<HostVm> {
@@ -388,6 +464,7 @@ impl<'a> Rejuvenation<'a> {
     /// held. A boot error detaches the session (nothing was frozen).
     fn boot_with(&mut self, fault: u64, image: &[u8]) -> Result<(), RejuvenateError> {
         self.event("booting", serde_json::json!({}));
+        self.progress(JobPhase::Booting);
         let mut spec = self.aged.spec.clone();
         spec.generation += 1;
         spec.role = ROLE_SUCCESSOR;
@@ -418,7 +495,7 @@ impl<'a> Rejuvenation<'a> {
         let boot_wait = self.session.wait_phase(
             self.opts.timeout.min(Duration::from_secs(30)),
             |p| *p == Phase::Ready,
-            || self.succ_dead(),
+            || self.succ_dead().or_else(|| self.cancelled()),
         );
         if let Err(m) = boot_wait {
             return Err(self.rollback(format!("the successor did not become ready: {m}")));
@@ -437,7 +514,266 @@ impl<'a> Rejuvenation<'a> {
             .successor_image
             .as_deref()
             .unwrap_or(self.hypervisor);
-        self.boot_with(self.opts.fault, image)
+        let protocol = if self.batch() {
+            vmbeam_abi::boot::protocol::BATCH
+        } else {
+            0
+        };
+        self.boot_with(self.opts.fault | protocol, image)
+    }
+
+    /// Batch handover, Ready → HandingOver → Moving → AgedDone: the aged L1
+    /// offers every guest and the successor takes each one (nothing pauses
+    /// yet); then L0 moves them one by one (`batch::complete_move`), each
+    /// right after one of its exits, forcing the head's move itself if the
+    /// aged L1 does not get to it (or died). Invariant on success: every
+    /// guest is bound to the successor and runnable there. Before Moving
+    /// any failure rolls back (nothing paused); during Moving, a dead
+    /// successor takes the guests already moved with it (they are lost,
+    /// each with an event) and the others stay with the aged L1.
+    fn hand_over_batch(&mut self) -> Result<(), RejuvenateError> {
+        use crate::migration::batch;
+        if !self.session.with(|h| h.ask()) {
+            return Err(self.rollback("cannot hand over".into()));
+        }
+        self.event("handing_over", serde_json::json!({"batch": true}));
+        self.aged.set_control(control::HANDOVER_BATCH);
+        let deadline = Instant::now() + self.opts.timeout;
+        // Offers and takes: nothing is paused yet.
+        loop {
+            let (closed, taken) = self.session.with(|h| {
+                (
+                    h.offers_closed,
+                    h.moves.iter().all(|m| {
+                        m.batch
+                            .as_ref()
+                            .is_some_and(|b| b.step == crate::migration::handover::BatchStep::Taken)
+                    }),
+                )
+            });
+            if closed && taken {
+                break;
+            }
+            if let Some(m) = self.succ_dead() {
+                return Err(self.rollback(m));
+            }
+            if let Phase::Aborted(m) | Phase::Aborting(m) = self.session.phase() {
+                return Err(self.rollback(m));
+            }
+            if !closed && self.aged_dead().is_some() {
+                // L0 offers what the dead aged L1 had not.
+                self.rescued = Some(0);
+                if let Err(m) = batch::offer_rest(&self.session) {
+                    return Err(self.rollback(m));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(self.rollback(format!(
+                    "the guests were not all offered and taken within {:?}",
+                    self.opts.timeout
+                )));
+            }
+            self.session.wait_change(Duration::from_millis(5));
+        }
+        if self.opts.verify {
+            self.hash_before();
+        }
+        if !self.session.with(|h| h.start_moving()) {
+            return Err(self.rollback("cannot start moving".into()));
+        }
+        let n = self.session.with(|h| h.moves.len());
+        self.event("moving", serde_json::json!({"guests": n}));
+        // Moves: each guest pauses on its own.
+        loop {
+            let (done, head, since) = self.session.with(|h| (h.all_moved(), h.head, h.head_since));
+            if done {
+                break;
+            }
+            if let Some(m) = self.succ_dead() {
+                return Err(self.successor_lost(m));
+            }
+            let stuck = since.is_some_and(|t| t.elapsed() >= FORCE_AFTER);
+            if stuck || self.aged_dead().is_some() || Instant::now() >= deadline {
+                // The aged L1 did not get to this guest (or died): L0 moves
+                // it itself (its exits were all handled long ago).
+                // (A no-op if the aged L1 is switching it over right now.)
+                if let Err(e) = batch::complete_move(&self.session, head) {
+                    batch::fail_move(&self.session, head, &e);
+                }
+            }
+            self.session.wait_change(Duration::from_millis(2));
+        }
+        self.session.with(|h| h.aged_done());
+        self.event("aged_done", serde_json::json!({"guests": n}));
+        Ok(())
+    }
+
+    /// Batch with `verify`, before any guest pauses: dirty logging on, and
+    /// every page hashed through the aged side's mapping (the guests keep
+    /// running; see `verify`).
+    fn hash_before(&mut self) {
+        use crate::migration::verify::{hash_pages, View};
+        let t = Instant::now();
+        let vms: Vec<_> = self.session.with(|h| {
+            h.moves
+                .iter()
+                .map(|m| m.batch.as_ref().map(|b| b.vm.clone()))
+                .collect()
+        });
+        for vm in vms {
+            let Some(vm) = vm else {
+                self.before_pages.push(Default::default());
+                continue;
+            };
+            let (views, _maps) = {
+                let mut n = vm.lock().unwrap();
+                let _ = n.set_dirty_logging(true);
+                let views: Vec<View> = n
+                    .slots
+                    .iter()
+                    .map(|s| View {
+                        l2_gpa: s.l2_gpa,
+                        host: s.hva as *const u8,
+                        file: s.file.clone(),
+                        file_offset: s.file_offset,
+                        len: s.len,
+                    })
+                    .collect();
+                let maps: Vec<_> = n.slots.iter().map(|s| s.map.clone()).collect();
+                (views, maps)
+            };
+            // SAFETY: `_maps` keeps every slot's mapping alive meanwhile.
+            self.before_pages.push(unsafe { hash_pages(&views) });
+        }
+        self.session.with(|h| h.verify_time += t.elapsed());
+    }
+
+    /// Batch with `verify`, after every guest resumed: hashes each page
+    /// through the successor's mapping, reads which pages the guest wrote
+    /// since [`Rejuvenation::hash_before`], turns dirty logging off, and
+    /// compares the digests of all other pages. A mismatch is reported
+    /// (event `verify_failed`, unequal checksums); the guest is already
+    /// running under the successor.
+    fn verify_after(&mut self) {
+        use crate::migration::verify::{digests, dirty_pages, hash_pages, View};
+        use std::collections::HashSet;
+        let t = Instant::now();
+        let succ = self.succ().clone();
+        let moves: Vec<GuestMove> = self.session.with(|h| h.moves.clone());
+        for (k, m) in moves.iter().enumerate() {
+            let (Some(b), Some(before)) = (&m.batch, self.before_pages.get(k)) else {
+                continue;
+            };
+            let slots: Vec<(u64, Arc<crate::host::memory::MemFile>, u64, u64)> = {
+                let n = b.vm.lock().unwrap();
+                n.slots
+                    .iter()
+                    .map(|s| (s.l2_gpa, s.file.clone(), s.file_offset, s.len))
+                    .collect()
+            };
+            let after = {
+                let mem = succ.mem.read().unwrap();
+                let mut views = Vec::new();
+                for ((l2, file, off, len), r) in slots.iter().zip(&m.ranges) {
+                    if let Some(p) = mem.host_ptr(r.succ_gpa, *len as usize) {
+                        views.push(View {
+                            l2_gpa: *l2,
+                            host: p,
+                            file: file.clone(),
+                            file_offset: *off,
+                            len: *len,
+                        });
+                    }
+                }
+                // SAFETY: the successor's regions stay mapped while `mem`
+                // is read-locked.
+                unsafe { hash_pages(&views) }
+            };
+            let mut dirty = HashSet::new();
+            {
+                let mut n = b.vm.lock().unwrap();
+                for (i, (l2, ..)) in slots.iter().enumerate() {
+                    if let Ok(bm) = n.take_dirty(i) {
+                        dirty_pages(*l2, &bm, &mut dirty);
+                    }
+                }
+                let _ = n.set_dirty_logging(false);
+            }
+            let (d0, d1, pages) = digests(before, &after, &dirty);
+            if d0 != d1 {
+                (self.events)(
+                    "verify_failed",
+                    serde_json::json!({"vm": self.line, "guest": m.guest,
+                        "before": format!("{d0:016x}"), "after": format!("{d1:016x}")}),
+                );
+            }
+            self.event(
+                "verified",
+                serde_json::json!({"guest": m.guest, "pages": pages, "equal": d0 == d1}),
+            );
+            self.batch_sums.push((m.guest.clone(), d0, d1));
+        }
+        self.session.with(|h| h.verify_time += t.elapsed());
+    }
+
+    /// Batch: the successor died while guests were moving. The ones moved
+    /// are lost with it (an event each); the others never stopped running
+    /// under the aged L1 and stay there. The successor is destroyed.
+    fn successor_lost(&mut self, why: String) -> RejuvenateError {
+        use crate::migration::batch;
+        use crate::migration::handover::BatchStep;
+        let steps: Vec<(usize, BatchStep, String)> = self.session.with(|h| {
+            h.moves
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    (
+                        i,
+                        m.batch
+                            .as_ref()
+                            .map(|b| b.step)
+                            .unwrap_or(BatchStep::Failed),
+                        m.guest.clone(),
+                    )
+                })
+                .collect()
+        });
+        let mut lost = 0;
+        for (i, step, name) in steps {
+            if step == BatchStep::Moved {
+                lost += 1;
+                (self.events)(
+                    "guest_lost",
+                    serde_json::json!({"vm": self.line, "guest": name, "error": why}),
+                );
+            } else {
+                batch::fail_move(&self.session, i, &why);
+            }
+        }
+        self.session.with(|h| {
+            h.begin_abort(&why);
+            h.aborted();
+        });
+        self.aged.set_control(control::ABORT);
+        if let Some(s) = self.succ.take() {
+            s.stop_vcpus();
+            drop(s.drop_nested());
+            drop(s.drop_memory());
+            *s.session.lock().unwrap() = None;
+            s.set_status(VmStatus::Stopped);
+        }
+        *self.aged.session.lock().unwrap() = None;
+        *self.session.successor.lock().unwrap() = None;
+        self.event(
+            "successor_lost",
+            serde_json::json!({"error": why, "lost": lost}),
+        );
+        RejuvenateError::RolledBack {
+            vm: self.line.clone(),
+            msg: format!("{why}; {lost} guests had moved and are lost"),
+            guests: self.guests_now - lost,
+            generation: self.generation,
+        }
     }
 
     /// Pre-copy (precopy mode only): copies while the guests keep running
@@ -455,7 +791,12 @@ impl<'a> Rejuvenation<'a> {
             .values()
             .cloned()
             .collect();
-        match crate::migration::copy::precopy_live(&vms, self.opts.downtime_budget) {
+        self.progress(JobPhase::Precopy);
+        match crate::migration::copy::precopy_live_with(
+            &vms,
+            self.opts.downtime_budget,
+            self.opts.progress.as_ref(),
+        ) {
             Ok((copies, stats)) => {
                 self.session.with(|h| h.bytes_copied += stats.live_bytes);
                 *self.session.precopied.lock().unwrap() = copies;
@@ -483,6 +824,7 @@ impl<'a> Rejuvenation<'a> {
             )));
         }
         self.event("handing_over", serde_json::json!({}));
+        self.progress(JobPhase::HandingOver);
         let f = self.opts.fault;
         self.aged
             .set_control(if f & fault::AGED_CRASH_AFTER_FIRST != 0 {
@@ -500,7 +842,11 @@ impl<'a> Rejuvenation<'a> {
             self.session.wait_phase(
                 self.opts.timeout,
                 |p| matches!(p, Phase::AgedDone | Phase::Aborted(_)),
-                || self.succ_dead().or_else(|| self.aged_dead()),
+                || {
+                    self.succ_dead()
+                        .or_else(|| self.aged_dead())
+                        .or_else(|| self.cancelled())
+                },
             )
         };
         match done {
@@ -620,6 +966,7 @@ impl<'a> Rejuvenation<'a> {
         if !self.opts.verify {
             return Ok(());
         }
+        self.progress(JobPhase::Verifying);
         let moves: Vec<GuestMove> = self.session.with(|h| h.moves.clone());
         if self.opts.fault & fault::FLIP_BYTE_BEFORE_VERIFY != 0 {
             flip_first_granted(&moves, self.succ());
@@ -717,7 +1064,7 @@ impl<'a> Rejuvenation<'a> {
     fn commit(&mut self, revoked: Revoked) -> (Report, Arc<HostVm>) {
         let succ = self.succ().clone();
         let moves: Vec<GuestMove> = self.session.with(|h| h.moves.clone());
-        for m in &moves {
+        for m in moves.iter().filter(|m| m.batch.is_none()) {
             let Some(side) = &m.succ else { continue };
             let Some(n) = succ.nested_vm(side.handle as u64) else {
                 continue;
@@ -747,15 +1094,30 @@ impl<'a> Rejuvenation<'a> {
         *succ.session.lock().unwrap() = None;
         succ.set_control(control::COMMIT);
         let t_commit = Instant::now();
-        // Off the critical path: the successor's own view of the granted pages.
-        if let Err(e) = succ.install_deferred_slots() {
-            succ.console().write_line(
-                format!(
-                    "vmbeam: cannot map granted memory into {}: {e}",
-                    succ.name()
-                )
-                .as_bytes(),
-            );
+        // Off the critical path: the successor's own view of the granted
+        // pages. Its guest hypervisor names them but does not touch them,
+        // and a KVM slot costs time in proportion to its size, so in a batch
+        // they are installed on a thread of their own after the report.
+        let install = {
+            let succ = succ.clone();
+            move || {
+                if let Err(e) = succ.install_deferred_slots() {
+                    succ.console().write_line(
+                        format!(
+                            "vmbeam: cannot map granted memory into {}: {e}",
+                            succ.name()
+                        )
+                        .as_bytes(),
+                    );
+                }
+            }
+        };
+        if self.batch() {
+            let _ = std::thread::Builder::new()
+                .name("vmbeam-slots".into())
+                .spawn(install);
+        } else {
+            install();
         }
         let Revoked {
             nested,
@@ -784,6 +1146,9 @@ impl<'a> Rejuvenation<'a> {
         if let Some(r) = reaper {
             let _ = r.join();
         }
+        if self.opts.verify && !self.before_pages.is_empty() {
+            self.verify_after();
+        }
         let (verify_time, bytes_copied, channel_bytes) = self
             .session
             .with(|h| (h.verify_time, h.bytes_copied, h.channel_bytes));
@@ -806,19 +1171,25 @@ impl<'a> Rejuvenation<'a> {
                 .iter()
                 .map(|m| {
                     let info = m.record.info.lock().unwrap().clone();
+                    // The guest-visible pause, nothing subtracted.
                     let downtime = info
                         .resumed_at
-                        .map(|r| (r - m.paused_at).saturating_sub(verify_time));
+                        .map(|r| r.saturating_duration_since(m.paused_at));
                     GuestReport {
                         name: m.guest.clone(),
                         mem_bytes: m.mem_bytes,
                         downtime_us: downtime.map(|d| d.as_micros() as u64).unwrap_or(0),
-                        checksum_before: m.checksum_before.map(|c| format!("{c:016x}")),
+                        checksum_before: m
+                            .checksum_before
+                            .or_else(|| self.batch_sum(&m.guest).map(|s| s.0))
+                            .map(|c| format!("{c:016x}")),
                         checksum_after: self
                             .after_sums
                             .iter()
                             .find(|(name, _)| *name == m.guest)
-                            .map(|(_, a)| format!("{a:016x}")),
+                            .map(|(_, a)| *a)
+                            .or_else(|| self.batch_sum(&m.guest).map(|s| s.1))
+                            .map(|a| format!("{a:016x}")),
                         running_after: info.resumed_at.is_some() && info.bound_vm == succ.id,
                         moves: info.moves,
                     }
@@ -829,6 +1200,12 @@ impl<'a> Rejuvenation<'a> {
             transfer: None,
         };
         *self.session.successor.lock().unwrap() = None;
+        if let Some(p) = &self.opts.progress {
+            p.set_guests_done(report.guests.iter().filter(|g| g.running_after).count() as u64);
+            if self.opts.mode == Mode::Copy {
+                p.add_bytes(report.bytes_copied);
+            }
+        }
         self.event(
             "committed",
             serde_json::json!({"to_generation": succ.spec.generation, "guests": moves.len(),
@@ -844,6 +1221,7 @@ impl<'a> Rejuvenation<'a> {
     /// detaches the session from both sides. Invariant: every guest runs
     /// under the aged guest hypervisor; nothing of the successor is left.
     fn rollback(&mut self, msg: String) -> RejuvenateError {
+        self.progress(JobPhase::RollingBack);
         self.session.with(|h| h.begin_abort(&msg));
         handover::give_back(&self.session, self.aged);
         if self.opts.mode == Mode::Precopy {

@@ -45,6 +45,14 @@ pub enum RemoteError {
     /// The destination address is not `tcp://HOST:PORT` or `HOST:PORT`.
     #[error("bad destination '{0}': use tcp://HOST:PORT")]
     Address(String),
+    /// The destination's host name does not resolve.
+    #[error("cannot resolve the destination host '{host}': {msg}")]
+    Resolve {
+        /// Host name.
+        host: String,
+        /// Resolver's answer.
+        msg: String,
+    },
     /// The stream failed.
     #[error(transparent)]
     Wire(#[from] WireError),
@@ -624,13 +632,29 @@ fn kept_hashes(
 /// Parses `tcp://HOST:PORT` or `HOST:PORT`.
 pub fn parse_addr(to: &str) -> Result<String, RemoteError> {
     let a = to.strip_prefix("tcp://").unwrap_or(to);
-    if a.to_socket_addrs()
-        .map(|mut i| i.next().is_some())
-        .unwrap_or(false)
-    {
-        Ok(a.to_string())
-    } else {
-        Err(RemoteError::Address(to.to_string()))
+    let bad = || RemoteError::Address(to.escape_debug().to_string());
+    let (host, port) = a.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && (host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            || (host.starts_with('[') && host.ends_with(']')));
+    if !host_ok || port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    port.parse::<u16>().map_err(|_| bad())?;
+    // A well-formed address whose name does not resolve is a DNS failure,
+    // and says so.
+    match a.to_socket_addrs().map(|mut i| i.next()) {
+        Ok(Some(_)) => Ok(a.to_string()),
+        Ok(None) => Err(RemoteError::Resolve {
+            host: host.to_string(),
+            msg: "no address found".into(),
+        }),
+        Err(e) => Err(RemoteError::Resolve {
+            host: host.to_string(),
+            msg: e.to_string(),
+        }),
     }
 }
 
@@ -1037,14 +1061,8 @@ mod erased {
 
 fn check_hello(h: &Hello) -> Result<(), RemoteError> {
     let bad = |m: String| Err(RemoteError::Invalid(m));
-    if h.line.is_empty()
-        || h.line.len() > 32
-        || !h
-            .line
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return bad(format!("bad host VM name '{}'", h.line));
+    if let Err(e) = crate::config::check_line_name(&h.line) {
+        return bad(e.to_string());
     }
     if h.ram < layout::MIN_RAM || h.ram > layout::MAX_RAM || h.pool > layout::MAX_POOL {
         return bad("memory sizes out of range".into());

@@ -15,7 +15,7 @@ use crate::host::bounds::{Bound, MAX_NESTED_VMS};
 use crate::host::hostvm::HostVm;
 use crate::host::kick::SliceTimer;
 use crate::host::memory::RegionKind;
-use crate::migration::handover;
+use crate::migration::{batch, handover};
 use crate::nesting::nested::{NestedCell, NestedRef, NestedSlot, NestedVm};
 use crate::shared::ClaimError;
 
@@ -73,6 +73,9 @@ fn nested(vm: &HostVm, handle: u64) -> Result<NestedRef, Status> {
 
 fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> HcResult {
     let a = p.args;
+    // Batch handover: a guest whose last exit the aged L1 has now handled
+    // moves before this call is served.
+    batch::aged_hook(vm, op);
     match op {
         OP_PING => {
             p.ret[0] = vmbeam_abi::ABI_VERSION as u64;
@@ -176,13 +179,18 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
             OK
         }
         OP_VCPU_RUN => {
+            let gate = batch::run_gate(vm, u32::try_from(a[0]).map_err(|_| Status::NoSuchHandle)?)?;
             let n = nested(vm, a[0])?;
             let mut n = n.lock().unwrap();
             if !n.frozen && (a[1] as usize) < n.vcpu_count() {
                 // The guest is entered now: this ends its downtime after a move.
                 handover::note_first_entry(vm, &n);
             }
-            p.exit = n.run(a[1], Duration::from_micros(a[2]), a[3], timer)?;
+            let slice = match gate {
+                batch::Gate::Free => Duration::from_micros(a[2]),
+                batch::Gate::Capped(c) => Duration::from_micros(a[2]).min(c),
+            };
+            p.exit = n.run(a[1], slice, a[3], timer)?;
             OK
         }
         OP_INJECT_IRQ => {
@@ -257,6 +265,9 @@ fn run_op(vm: &HostVm, op: u32, p: &mut HypercallPage, timer: &SliceTimer) -> Hc
         OP_NOTIFY => handover::op_notify(vm),
         OP_HANDOVER_DONE => handover::op_done(vm, a[0]),
         OP_HANDOVER_ABORT => handover::op_abort(vm, a[0]),
+        OP_OFFER => batch::op_offer(vm, a[0], a[1]),
+        OP_OFFER_END => batch::op_offer_end(vm, a[0]),
+        OP_ADOPT => batch::op_adopt(vm, a[0], p),
         _ => Err(Status::BadOp),
     }
 }

@@ -527,6 +527,14 @@ impl NestedVm {
         }
     }
 
+    /// Completes a pending port or MMIO read of vCPU 0 with `answer` (the
+    /// guest hypervisor that owed it is no longer there to give it).
+    pub fn answer_pending(&mut self, answer: u64) {
+        if let Some(v) = self.vcpus.first_mut() {
+            complete_pending(v, answer);
+        }
+    }
+
     /// Adds a vCPU; returns its index.
     pub fn create_vcpu(&mut self, cpuid: &CpuId) -> Result<u32, Status> {
         if self.vcpus.len() >= MAX_VCPUS {
@@ -654,6 +662,9 @@ impl NestedVm {
             return Err(Status::BadState);
         }
         let slice = slice.clamp(SLICE_BOUNDS.0, SLICE_BOUNDS.1);
+        // The guest runs again (after a move or a rollback): so do its
+        // devices.
+        self.devices.resume();
         // Check the index before counting: a refused RUN must leave `runs`
         // alone (`runs == 0` marks the first entry after a move).
         self.vcpu(idx)?;

@@ -1,0 +1,219 @@
+//! `GET /api/v1/metrics` on real /dev/kvm, read by a real Prometheus text
+//! parser (Python prometheus_client, which .ci/run installs): after one
+//! rejuvenation that succeeds and one that is rolled back, the counters,
+//! the downtime histogram and the per-host-VM series say so.
+//!
+//! Without python3 at all the test prints SKIP (unless VMBEAM_REQUIRE_KVM=1);
+//! with python3 but no prometheus_client it fails.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use vmbeam_vmm::control::api;
+
+struct Run(Child);
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The parser: every sample as `name{labels} value`, one JSON list.
+const PARSE: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        out.append({"family": fam.name, "type": fam.type, "name": s.name,
+                    "labels": s.labels, "value": s.value})
+print(json.dumps(out))
+"#;
+
+fn python() -> Option<String> {
+    let py = std::env::var("VMBEAM_PYTHON").unwrap_or_else(|_| "python3".into());
+    Command::new(&py)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|_| py)
+}
+
+fn parse(py: &str, text: &str) -> Vec<serde_json::Value> {
+    let mut child = Command::new(py)
+        .args(["-c", PARSE])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client could not parse the metrics (is it installed? .ci/run installs it; \
+         set VMBEAM_PYTHON to a python3 that has it): {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn value(samples: &[serde_json::Value], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .find(|s| {
+            s["name"] == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
+        })
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?}"))["value"]
+        .as_f64()
+        .unwrap()
+}
+
+fn start(dir: &Path, sock: &Path) -> Run {
+    let child = Command::new(env!("CARGO_BIN_EXE_vmbeam"))
+        .args(["run", "--duration", "300", "--nested", "2", "--console-dir"])
+        .arg(dir)
+        .arg("--api-sock")
+        .arg(sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = Run(child);
+    for g in ["l2-0", "l2-1"] {
+        common::wait_console(dir, g, Duration::from_secs(60), |t| t.lines().count() >= 2);
+    }
+    run
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_count_what_happened() {
+    if !common::kvm_or_skip("metrics_parse_as_prometheus_text_and_count_what_happened") {
+        return;
+    }
+    let Some(py) = python() else {
+        assert!(
+            std::env::var("VMBEAM_REQUIRE_KVM").as_deref() != Ok("1"),
+            "python3 is required for the metrics parser check"
+        );
+        println!("SKIP metrics_parse_as_prometheus_text_and_count_what_happened: no python3");
+        return;
+    };
+    let dir = common::temp_dir("metrics");
+    let sock = dir.join("api.sock");
+    let _run = start(&dir, &sock);
+
+    let r = api::request(&sock, "GET", "/api/v1/metrics", None).unwrap();
+    assert_eq!(r.code, 200);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let before = parse(&py, &r.body);
+    assert_eq!(
+        value(&before, "vmbeam_rejuvenations_total", &[("result", "ok")]),
+        0.0
+    );
+
+    // One that works (copy mode: bytes are copied), one rolled back.
+    let (code, body) = api::call(&sock, "POST", "/rejuvenate", Some(r#"{"mode":"copy"}"#)).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (code, body) = api::call(
+        &sock,
+        "POST",
+        "/rejuvenate",
+        Some(r#"{"fault":"reject-first"}"#),
+    )
+    .unwrap();
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("rolled back"), "{body}");
+
+    let (_, text) = api::call(&sock, "GET", "/api/v1/metrics", None).unwrap();
+    let m = parse(&py, &text);
+    let v = |name: &str, labels: &[(&str, &str)]| value(&m, name, labels);
+    assert_eq!(v("vmbeam_rejuvenations_total", &[("result", "ok")]), 1.0);
+    assert_eq!(
+        v("vmbeam_rejuvenations_total", &[("result", "failed")]),
+        1.0
+    );
+    assert_eq!(v("vmbeam_rollbacks_total", &[]), 1.0);
+    assert_eq!(
+        v("vmbeam_copied_bytes_total", &[]),
+        report["bytes_copied"].as_f64().unwrap()
+    );
+    assert!(v("vmbeam_copied_bytes_total", &[]) > 0.0);
+    // The histogram holds the two guests of the successful one.
+    assert_eq!(v("vmbeam_guest_downtime_seconds_count", &[]), 2.0);
+    assert_eq!(
+        v("vmbeam_guest_downtime_seconds_bucket", &[("le", "+Inf")]),
+        2.0
+    );
+    let sum: f64 = report["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["downtime_us"].as_f64().unwrap() / 1e6)
+        .sum();
+    assert!((v("vmbeam_guest_downtime_seconds_sum", &[]) - sum).abs() < 1e-6);
+    let fam = m
+        .iter()
+        .find(|s| s["name"] == "vmbeam_guest_downtime_seconds_count")
+        .unwrap();
+    assert_eq!(fam["type"], "histogram");
+    // Per host VM: generation 2 now, its hypercalls and nested exits, L1 health.
+    assert_eq!(v("vmbeam_host_vm_generation", &[("vm", "hv0")]), 2.0);
+    assert_eq!(v("vmbeam_host_vm_running", &[("vm", "hv0")]), 1.0);
+    assert!(
+        v(
+            "vmbeam_hypercalls_total",
+            &[("vm", "hv0"), ("generation", "2")]
+        ) > 0.0
+    );
+    v(
+        "vmbeam_nested_exits_total",
+        &[("vm", "hv0"), ("generation", "2")],
+    );
+    assert_eq!(v("vmbeam_nested_guests", &[("vm", "hv0")]), 2.0);
+    // The successor reports health within a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, text) = api::call(&sock, "GET", "/api/v1/metrics", None).unwrap();
+        let m = parse(&py, &text);
+        if m.iter()
+            .any(|s| s["name"] == "vmbeam_l1_health" && s["labels"]["field"] == "pool_free_bytes")
+        {
+            assert!(
+                value(
+                    &m,
+                    "vmbeam_l1_health",
+                    &[("vm", "hv0"), ("field", "nested_guests")]
+                ) == 2.0
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no L1 health in {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = api::call(&sock, "PUT", "/api/v1/vmm.shutdown", None);
+}

@@ -32,6 +32,8 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process; boxing `run`'s options would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Boot a host VM with the guest hypervisor and its nested guests, and serve the API.
     Run(RunArgs),

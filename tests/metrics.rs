@@ -1,10 +1,12 @@
 //! `GET /api/v1/metrics` on real /dev/kvm, read by a real Prometheus text
-//! parser (Python prometheus_client, which .ci/run installs): after one
+//! parser (Python prometheus_client): after one
 //! rejuvenation that succeeds and one that is rolled back, the counters,
 //! the downtime histogram and the per-host-VM series say so.
 //!
 //! Without python3 at all the test prints SKIP (unless VMBEAM_REQUIRE_KVM=1);
-//! with python3 but no prometheus_client it fails.
+//! a python3 without prometheus_client gets the pinned package in a virtual
+//! environment of the tests' own, and if that cannot be installed the test
+//! fails naming the command to run.
 
 mod common;
 
@@ -38,14 +40,64 @@ for fam in text_string_to_metric_families(sys.stdin.read()):
 print(json.dumps(out))
 "#;
 
+/// The pinned parser, installed into a virtual environment of the tests'
+/// own when the interpreter has no prometheus_client.
+const PARSER_PACKAGE: &str = "prometheus-client==0.26.0";
+
+fn has_parser(py: &str) -> bool {
+    Command::new(py)
+        .args(["-c", "import prometheus_client.parser"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A python3 with prometheus_client: `VMBEAM_PYTHON`, else `python3` if it
+/// has the package, else a virtual environment under cargo's target tmpdir
+/// with the pinned package (so `cargo test --workspace` needs nothing set
+/// up by hand). `None` only when there is no python3 at all.
 fn python() -> Option<String> {
     let py = std::env::var("VMBEAM_PYTHON").unwrap_or_else(|_| "python3".into());
-    Command::new(&py)
+    let works = Command::new(&py)
         .arg("--version")
         .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|_| py)
+        .is_ok_and(|o| o.status.success());
+    if !works {
+        return None;
+    }
+    if has_parser(&py) {
+        return Some(py);
+    }
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("metrics-venv");
+    let venv_py = venv.join("bin/python");
+    let venv_py_s = venv_py.to_string_lossy().into_owned();
+    if venv_py.exists() && has_parser(&venv_py_s) {
+        return Some(venv_py_s);
+    }
+    let created = Command::new(&py)
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let installed = created
+        && Command::new(&venv_py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg(PARSER_PACKAGE)
+            .output()
+            .is_ok_and(|o| o.status.success());
+    assert!(
+        installed && has_parser(&venv_py_s),
+        "the metrics check needs Python's prometheus_client and could not install it into {} \
+         (offline?); run `{py} -m pip install {PARSER_PACKAGE}` or set VMBEAM_PYTHON to a \
+         python3 that has it",
+        venv.display()
+    );
+    Some(venv_py_s)
 }
 
 fn parse(py: &str, text: &str) -> Vec<serde_json::Value> {
@@ -65,8 +117,7 @@ fn parse(py: &str, text: &str) -> Vec<serde_json::Value> {
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "prometheus_client could not parse the metrics (is it installed? .ci/run installs it; \
-         set VMBEAM_PYTHON to a python3 that has it): {}\n{text}",
+        "prometheus_client could not parse the metrics: {}\n{text}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()

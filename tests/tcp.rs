@@ -287,7 +287,7 @@ fn the_source_keeps_running_when_the_stream_is_damaged() {
         return;
     }
     let (src, sdir) = source("tcp-damage");
-    let (dst, _ddir, addr) = destination("tcp-damage");
+    let (dst, _ddir, addr, outcomes) = destination_with_outcomes("tcp-damage");
     for (after, cut) in [(3_000_000, false), (5_000_000, true), (100, false)] {
         let proxy = damaging_proxy(addr.clone(), after, cut);
         let e = src
@@ -295,6 +295,9 @@ fn the_source_keeps_running_when_the_stream_is_damaged() {
             .unwrap_err();
         let msg = e.to_string();
         assert!(!msg.is_empty());
+        // The receiver refused the damaged stream too, and is done with it.
+        let theirs = next_outcome(&outcomes).unwrap_err();
+        println!("damaged at {after} (cut {cut}): sender: {msg}; receiver: {theirs}");
         still_running(&src, &sdir);
         assert!(
             dst.status().host_vms.is_empty(),
@@ -315,8 +318,13 @@ fn the_source_keeps_running_when_the_stream_is_damaged() {
     assert!(e.to_string().contains("bad destination"), "{e}");
     still_running(&src, &sdir);
     // After all that, a clean migration still works.
-    src.migrate(None, &format!("tcp://{addr}"), Duration::from_millis(300))
-        .unwrap();
+    if let Err(e) = src.migrate(None, &format!("tcp://{addr}"), Duration::from_millis(300)) {
+        panic!(
+            "the clean migration failed: {e}; receiver: {:?}",
+            outcomes.recv_timeout(Duration::from_secs(30))
+        );
+    }
+    assert_eq!(next_outcome(&outcomes), Ok("hv0".to_string()));
     wait_taken_over(&dst);
     assert_eq!(dst.status().host_vms.len(), 1);
     assert!(src.status().host_vms.is_empty());

@@ -59,6 +59,20 @@ pub fn age(hv: &mut Hv) {
     }
 }
 
+/// Bytes of live guests that sit in the grant window: memory a successor
+/// adopted, outside its own pool but in use all the same (reported as
+/// used, so the aging policy and `status` see the guests aboard).
+pub fn granted_bytes(hv: &Hv) -> u64 {
+    let (base, size) = (hv.boot.grant_base, hv.boot.grant_size);
+    hv.guests[..hv.n_guests]
+        .iter()
+        .filter(|g| g.is_live())
+        .flat_map(|g| g.ranges[..g.n_ranges.min(g.ranges.len())].iter())
+        .filter(|r| r.l1_gpa >= base && r.l1_gpa - base < size)
+        .map(|r| r.len)
+        .sum()
+}
+
 /// Called after each scheduler pass; reports when due.
 pub fn tick(hv: &mut Hv) {
     let now = guest_rt::rdtsc();
@@ -74,7 +88,7 @@ pub fn tick(hv: &mut Hv) {
         .count();
     let args = [
         hv.pool.free_bytes(),
-        hv.pool.used_bytes(),
+        hv.pool.used_bytes() + granted_bytes(hv),
         live as u64,
         hv.hc.issued + 1,
         hv.health.leaked + hv.pool.leaked_bytes(),

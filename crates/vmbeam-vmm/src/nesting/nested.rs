@@ -90,6 +90,42 @@ pub struct NestedSlot {
     pub map: Arc<MmapRegion>,
 }
 
+/// Words L0 reads or writes through one volatile copy.
+const CHUNK_WORDS: usize = 8192;
+
+impl NestedSlot {
+    /// `[off, off + len)` of this slot as a vm-memory volatile slice of
+    /// its host mapping.
+    fn volatile(
+        &self,
+        off: u64,
+        len: u64,
+    ) -> Result<vm_memory::VolatileSlice<'_, vm_memory::bitmap::BS<'_, ()>>, Status> {
+        use vm_memory::VolatileMemory;
+        let base = self.hva - self.map.as_ptr() as usize;
+        if off.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(Status::OutOfRange);
+        }
+        self.map
+            .get_slice(base + off as usize, len as usize)
+            .map_err(|_| Status::OutOfRange)
+    }
+
+    /// Folds the 64-bit words of `[off, off + len)` into `sum`.
+    fn fold_words(&self, off: u64, len: u64, mut sum: u64) -> Result<u64, Status> {
+        let mut buf = vec![0u64; CHUNK_WORDS];
+        let mut at = 0;
+        while at < len {
+            let n = ((len - at) / 8).min(CHUNK_WORDS as u64) as usize;
+            self.volatile(off + at, n as u64 * 8)?
+                .copy_to(&mut buf[..n]);
+            sum = buf[..n].iter().fold(sum, |a, &x| checksum::fold(a, x));
+            at += n as u64 * 8;
+        }
+        Ok(sum)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
     None,
@@ -864,6 +900,10 @@ impl NestedVm {
     }
 
     /// Fills a mapped range with the seeded pattern (host speed).
+    ///
+    /// Guest memory changes under L0 while the guest runs: every access
+    /// here goes through vm-memory's volatile slices (`for_slot_words`),
+    /// never through Rust references to guest memory.
     pub fn fill_pattern(&self, l2_gpa: u64, len: u64, seed: u64) -> Result<u64, Status> {
         if !l2_gpa.is_multiple_of(8) || !len.is_multiple_of(8) {
             return Err(Status::Misaligned);
@@ -874,16 +914,15 @@ impl NestedVm {
         for (i, off, take) in self.pieces(l2_gpa, len)? {
             let s = &self.slots[i];
             let base = s.l2_gpa + off;
-            // SAFETY: `pieces` proved the range lies in the slot's live mapping;
-            // the mapping is 8-byte aligned (page aligned) and so is `off`.
-            let words = unsafe {
-                std::slice::from_raw_parts_mut(
-                    (s.hva + off as usize) as *mut u64,
-                    (take / 8) as usize,
-                )
-            };
-            for (k, w) in words.iter_mut().enumerate() {
-                *w = checksum::pattern_word(seed, base + k as u64 * 8);
+            let mut at = 0;
+            let mut buf = vec![0u64; CHUNK_WORDS];
+            while at < take {
+                let n = ((take - at) / 8).min(CHUNK_WORDS as u64) as usize;
+                for (k, w) in buf[..n].iter_mut().enumerate() {
+                    *w = checksum::pattern_word(seed, base + at + k as u64 * 8);
+                }
+                s.volatile(off + at, n as u64 * 8)?.copy_from(&buf[..n]);
+                at += n as u64 * 8;
             }
         }
         Ok(len)
@@ -896,17 +935,7 @@ impl NestedVm {
         }
         let mut sum = checksum::CHECKSUM_INIT;
         for (i, off, take) in self.pieces(l2_gpa, len)? {
-            let s = &self.slots[i];
-            // SAFETY: as in `fill_pattern`, read-only.
-            let words = unsafe {
-                std::slice::from_raw_parts(
-                    (s.hva + off as usize) as *const u64,
-                    (take / 8) as usize,
-                )
-            };
-            for &w in words {
-                sum = checksum::fold(sum, w);
-            }
+            sum = self.slots[i].fold_words(off, take, sum)?;
         }
         Ok(sum)
     }
@@ -924,15 +953,8 @@ impl NestedVm {
             for (off, len, data) in s.file.extents(s.file_offset, s.len) {
                 let words = (len / 8) as usize;
                 if data {
-                    // SAFETY: `[off, off+len)` is inside the slot's live,
-                    // page-aligned mapping.
-                    let w = unsafe {
-                        std::slice::from_raw_parts(
-                            (s.hva + (off - s.file_offset) as usize) as *const u64,
-                            words,
-                        )
-                    };
-                    sum = w.iter().fold(sum, |a, &x| checksum::fold(a, x));
+                    // Inside the slot by construction of `extents`.
+                    sum = s.fold_words(off - s.file_offset, len, sum).unwrap_or(sum);
                 } else {
                     for _ in 0..words {
                         sum = checksum::fold(sum, 0);
@@ -946,24 +968,22 @@ impl NestedVm {
     /// Inverts the byte at nested address `l2_gpa` through the slot's
     /// mapping (fault injection: a corruption the move must detect).
     pub fn flip_byte(&self, l2_gpa: u64) -> Result<(), Status> {
+        use vm_memory::Bytes;
         let (i, off, _) = self.pieces(l2_gpa, 1)?[0];
-        let p = (self.slots[i].hva + off as usize) as *mut u8;
-        // SAFETY: `p` is inside the slot's live shared mapping; the guest is
-        // paused, and a racing guest write would only change the byte too.
-        unsafe { p.write_volatile(!p.read_volatile()) };
-        Ok(())
+        let v = self.slots[i].volatile(off, 1)?;
+        let b: u8 = v.read_obj(0).map_err(|_| Status::OutOfRange)?;
+        v.write_obj(!b, 0).map_err(|_| Status::OutOfRange)
     }
 
     /// Reads bytes of a mapped range.
     pub fn read(&self, l2_gpa: u64, len: u64) -> Result<Vec<u8>, Status> {
         let mut out = Vec::with_capacity(len as usize);
         for (i, off, take) in self.pieces(l2_gpa, len)? {
-            let s = &self.slots[i];
-            // SAFETY: inside the slot's live mapping.
-            let b = unsafe {
-                std::slice::from_raw_parts((s.hva + off as usize) as *const u8, take as usize)
-            };
-            out.extend_from_slice(b);
+            let start = out.len();
+            out.resize(start + take as usize, 0);
+            self.slots[i]
+                .volatile(off, take)?
+                .copy_to(&mut out[start..]);
         }
         Ok(out)
     }

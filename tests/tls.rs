@@ -77,13 +77,14 @@ fn only_a_sender_with_a_certificate_from_the_ca_gets_in() {
         "127.0.0.1:0",
         ReceiveOptions {
             tls: Some(TlsDir::load(&dst_dir).unwrap()),
+            ..Default::default()
         },
     );
     let to = format!("tcp://{addr}");
     let with = |dir: &Path| MigrateOptions {
         downtime: Duration::from_millis(300),
         tls: Some(TlsDir::load(dir).unwrap()),
-        progress: None,
+        ..Default::default()
     };
 
     // 1. A plaintext sender.
@@ -165,7 +166,7 @@ fn a_tls_sender_is_told_when_the_destination_has_no_tls() {
             &MigrateOptions {
                 downtime: Duration::from_millis(300),
                 tls: Some(TlsDir::load(&good).unwrap()),
-                progress: None,
+                ..Default::default()
             },
         )
         .unwrap_err();

@@ -252,6 +252,7 @@ pub struct Vmm {
     rejuvenating: AtomicBool,
     events: OnceLock<Arc<EventLog>>,
     policy: RankedMutex<String>,
+    reuse: OnceLock<Arc<crate::migration::reuse::ReuseCache>>,
 }
 
 /// The right to run the one rejuvenation or migration that may run at a
@@ -318,6 +319,7 @@ impl Vmm {
             rejuvenating: AtomicBool::new(false),
             events: OnceLock::new(),
             policy: RankedMutex::new(Rank::Signal, "manual".into()),
+            reuse: OnceLock::new(),
         })
     }
 
@@ -614,7 +616,11 @@ impl Vmm {
                 what: "host-to-host migration (their disks and TAPs are local to this host)".into(),
             });
         }
-        let res = crate::migration::remote::migrate_out_with(&vm, to, opts);
+        let mut opts = opts.clone();
+        if opts.reuse.is_none() {
+            opts.reuse = self.reuse.get().cloned();
+        }
+        let res = crate::migration::remote::migrate_out_with(&vm, to, &opts);
         self.metrics.migration(&res);
         match &res {
             Ok(r) => tracing::info!(
@@ -631,6 +637,17 @@ impl Vmm {
             .unwrap()
             .retain(|l| !Arc::ptr_eq(l, &line));
         Ok(report)
+    }
+
+    /// Keeps the memory of host VMs that migrate away in `cache` (bounded
+    /// in time and size) so that their return sends only changed pages.
+    pub fn set_reuse(&self, cache: Arc<crate::migration::reuse::ReuseCache>) {
+        let _ = self.reuse.set(cache);
+    }
+
+    /// The cache of departed VMs' memory, if reuse is on.
+    pub fn reuse(&self) -> Option<Arc<crate::migration::reuse::ReuseCache>> {
+        self.reuse.get().cloned()
     }
 
     /// Takes over a host VM that arrived by migration.

@@ -32,6 +32,8 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process; boxing `run`'s options would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Boot a host VM with the guest hypervisor and its nested guests, and serve the API.
     Run(RunArgs),
@@ -218,6 +220,11 @@ pub struct RunArgs {
     /// (anyone who reaches the port can then make this host run a VM).
     #[arg(long)]
     pub insecure_listen: bool,
+    /// Keep the memory of host VMs that migrate away from here for this
+    /// long (e.g. 10m; at most half of host memory in all), so that their
+    /// return sends only the pages that changed.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub keep_for: Option<Duration>,
     /// Rejuvenate automatically when the nested pool in the guest hypervisor's
     /// last health report is low: free<PERCENT% or free<SIZE (e.g. "free<10%", "free<64M").
     #[arg(long, value_name = "CONDITION", value_parser = condition)]

@@ -269,6 +269,18 @@ pub fn build_vmm(vm: &crate::cli::VmArgs, quiet: bool) -> Result<Vmm, RunError> 
     Ok(Vmm::new(vm.config(quiet), images)?)
 }
 
+/// Physical memory of this host.
+fn host_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
+}
+
 /// Runs until Ctrl-C, SIGTERM, `PUT /shutdown`, `--duration`, or a guest failure.
 pub fn run(args: &RunArgs) -> Result<(), RunError> {
     // Policy and events file first: a bad value fails before any VM exists.
@@ -285,6 +297,12 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         .clone()
         .unwrap_or_else(crate::cli::default_socket);
     let server = Arc::new(ApiServer::bind(&sock)?);
+    if let Some(d) = args.keep_for {
+        vmm.set_reuse(vmbeam_vmm::migration::reuse::ReuseCache::new(
+            d,
+            host_memory() / 2,
+        ));
+    }
     if let Some(addr) = &args.listen {
         let tls = args
             .tls_dir
@@ -305,7 +323,10 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
                  listen on a loopback address, or accept the risk with --insecure-listen)"
             )));
         }
-        let opts = vmbeam_vmm::migration::remote::ReceiveOptions { tls };
+        let opts = vmbeam_vmm::migration::remote::ReceiveOptions {
+            tls,
+            reuse: vmm.reuse(),
+        };
         tracing::info!(
             "waiting for host VMs to migrate in on {addr}; API on {}",
             sock.display()

@@ -592,7 +592,7 @@ impl ApiServer {
                 let opts = MigrateOptions {
                     downtime: budget,
                     tls,
-                    progress: None,
+                    ..Default::default()
                 };
                 match arc {
                     Some(arc) => wait_if(sync, arc, start_migrate_job(arc, req.vm, req.to, opts)),

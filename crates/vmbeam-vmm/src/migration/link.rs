@@ -331,11 +331,16 @@ impl Io {
             let (p, closed) = self.read_some(&mut state)?;
             progress |= p;
             if closed {
-                let _ = self.inbox.send(Err(WireError::Io(std::io::Error::new(
+                if off == pending.len() && !self.tls_wants_write() {
+                    // Everything staged reached the kernel before the end.
+                    for a in acks.drain(..) {
+                        let _ = a.send(());
+                    }
+                }
+                return Err(WireError::Io(std::io::Error::new(
                     ErrorKind::UnexpectedEof,
                     "the peer closed the connection",
-                ))));
-                return Ok(());
+                )));
             }
             if !progress {
                 let want_out = off < pending.len() || self.tls_wants_write();

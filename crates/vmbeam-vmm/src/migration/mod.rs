@@ -10,6 +10,7 @@ pub mod link;
 pub mod rejuvenate;
 pub mod remote;
 pub mod rescue;
+pub mod reuse;
 pub mod tls;
 pub mod verify;
 pub mod wire;

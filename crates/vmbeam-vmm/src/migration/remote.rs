@@ -24,6 +24,7 @@ use crate::host::memory::{GuestRam, MemFile, Region, RegionKind};
 use crate::migration::copy::{dirty_page_numbers, dirty_pages, PrecopyStats, PAGE};
 use crate::migration::link::{self, Link, Transport};
 use crate::migration::rejuvenate::{cpu_ms, rss_bytes, GuestReport, Report};
+use crate::migration::reuse::{self, ReuseCache};
 use crate::migration::tls::{self, TlsDir};
 use crate::migration::wire::{self, Kind, WireError};
 use crate::nesting::nested::{NestedSlot, NestedState, NestedVm};
@@ -108,6 +109,36 @@ pub struct Hello {
     pub age_leak_pages: u32,
     /// Memory regions, in index order.
     pub regions: Vec<RegionDesc>,
+    /// Epoch of an image of this VM the receiver may have kept when the VM
+    /// left it (hex); the receiver answers with page hashes or says no.
+    #[serde(default)]
+    pub reuse_epoch: Option<String>,
+    /// Epoch under which the sender keeps this image after the move (hex),
+    /// for the receiver to cite if the VM comes back.
+    #[serde(default)]
+    pub keep_epoch: Option<String>,
+}
+
+/// The receiver's answer to `reuse_epoch`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ReuseAnswer {
+    /// Hashes were sent and SAME markers are accepted.
+    pub reused: bool,
+    /// Why not.
+    pub why: Option<String>,
+    /// Seed of the page hashes.
+    pub seed: u64,
+}
+
+/// The description of a region as HELLO carries it.
+pub fn region_desc(r: &Region) -> RegionDesc {
+    let (k, g) = kind_name(&r.kind);
+    RegionDesc {
+        kind: k.into(),
+        guest: g,
+        gpa: r.gpa,
+        size: r.size,
+    }
 }
 
 /// A nested VM's state.
@@ -183,6 +214,13 @@ pub struct Transfer {
     pub page_bytes: u64,
     /// Guest memory sent as zero-page markers (no data).
     pub zero_bytes: u64,
+    /// The destination had kept an image of this VM and it was used.
+    pub reuse: bool,
+    /// Guest memory not sent because the destination's kept image held
+    /// the same page (what reuse saved).
+    pub reused_bytes: u64,
+    /// Host memory this side keeps after the move for the VM's return.
+    pub kept_bytes: u64,
     /// Frame bytes written to the connection (headers, markers, state).
     pub wire_bytes_sent: u64,
     /// Frame bytes the destination sent back.
@@ -193,7 +231,7 @@ pub struct Transfer {
     pub destination_verify_ms: f64,
     /// Building the VM on the destination, ms.
     pub destination_build_ms: f64,
-    /// Pause → COMMIT handed to the kernel, ms (the downtime ends later,
+    /// Pause → COMMIT queued for sending, ms (the downtime ends later,
     /// when the destination's STARTED arrives).
     pub pause_to_commit_ms: f64,
     /// Guest memory covered (pages and zero markers) per second of the
@@ -296,12 +334,82 @@ struct Sent {
     pages: u64,
     /// Guest memory sent as zero markers.
     zero: u64,
+    /// Guest memory the destination already had (SAME markers, reuse).
+    same: u64,
 }
 
 impl Sent {
     fn add(&mut self, o: Sent) {
         self.pages += o.pages;
         self.zero += o.zero;
+        self.same += o.same;
+    }
+}
+
+/// What a page becomes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunKind {
+    Data,
+    Zero,
+    Same,
+}
+
+/// Gathers consecutive pages of one kind into one frame.
+struct Runs<'o, 'a> {
+    out: &'o Out<'a>,
+    idx: usize,
+    r: &'o Region,
+    cur: Option<(RunKind, u64)>,
+    s: Sent,
+}
+
+impl Runs<'_, '_> {
+    fn push(&mut self, kind: RunKind, at: u64) -> Result<(), RemoteError> {
+        if let Some((k, st)) = self.cur {
+            if k == kind && !(k == RunKind::Data && at - st >= wire::CHUNK as u64) {
+                return Ok(());
+            }
+            self.flush(at)?;
+        }
+        self.cur = Some((kind, at));
+        Ok(())
+    }
+
+    fn flush(&mut self, upto: u64) -> Result<(), RemoteError> {
+        let Some((k, st)) = self.cur.take() else {
+            return Ok(());
+        };
+        let len = upto - st;
+        let idx = self.idx as u32;
+        match k {
+            RunKind::Zero => {
+                self.out
+                    .send(Kind::Zero, &wire::range_payload(idx, st, len))?;
+                self.s.zero += len;
+            }
+            RunKind::Same => {
+                self.out
+                    .send(Kind::Same, &wire::range_payload(idx, st, len))?;
+                self.s.same += len;
+            }
+            RunKind::Data => {
+                // SAFETY: `[st, upto)` is inside the region's live mapping.
+                let data = unsafe {
+                    std::slice::from_raw_parts(self.r.map.as_ptr().add(st as usize), len as usize)
+                };
+                self.out.frame(wire::encode_pages(idx, st, data))?;
+                self.s.pages += len;
+            }
+        }
+        if let Some(p) = self.out.progress {
+            p.add_bytes(len);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self, end: u64) -> Result<Sent, RemoteError> {
+        self.flush(end)?;
+        Ok(self.s)
     }
 }
 
@@ -313,7 +421,7 @@ struct Out<'a> {
     progress: Option<&'a Progress>,
 }
 
-impl Out<'_> {
+impl<'a> Out<'a> {
     /// Fails if the destination refused, went away, or the user cancelled.
     fn check(&self) -> Result<(), RemoteError> {
         if self.progress.is_some_and(|p| p.is_cancelled()) {
@@ -336,56 +444,81 @@ impl Out<'_> {
         self.frame(wire::encode(k, payload)?)
     }
 
+    fn runs<'o>(&'o self, idx: usize, r: &'o Region) -> Runs<'o, 'a> {
+        Runs {
+            out: self,
+            idx,
+            r,
+            cur: None,
+            s: Sent::default(),
+        }
+    }
+
     /// Sends `[off, off+len)` of region `idx`: zero pages as ZERO markers,
     /// the others as PAGES frames of at most [`wire::CHUNK`] bytes.
     fn range(&self, idx: usize, r: &Region, off: u64, len: u64) -> Result<Sent, RemoteError> {
-        let mut s = Sent::default();
+        let mut runs = self.runs(idx, r);
         let end = off + len;
         let mut at = off;
-        let mut zero_run: Option<u64> = None;
-        let mut data_run: Option<u64> = None;
-        let base = r.map.as_ptr();
-        let flush_zero =
-            |z: &mut Option<u64>, upto: u64, s: &mut Sent| -> Result<(), RemoteError> {
-                if let Some(st) = z.take() {
-                    self.send(Kind::Zero, &wire::range_payload(idx as u32, st, upto - st))?;
-                    s.zero += upto - st;
-                }
-                Ok(())
-            };
-        let flush_data =
-            |d: &mut Option<u64>, upto: u64, s: &mut Sent| -> Result<(), RemoteError> {
-                if let Some(st) = d.take() {
-                    // SAFETY: `[st, upto)` is inside the region's live mapping.
-                    let data = unsafe {
-                        std::slice::from_raw_parts(base.add(st as usize), (upto - st) as usize)
-                    };
-                    self.frame(wire::encode_pages(idx as u32, st, data))?;
-                    s.pages += upto - st;
-                    if let Some(p) = self.progress {
-                        p.add_bytes(upto - st);
-                    }
-                }
-                Ok(())
-            };
         while at < end {
             let n = (end - at).min(PAGE);
             // SAFETY: `[at, at+n)` is inside the region's live mapping.
-            let page = unsafe { std::slice::from_raw_parts(base.add(at as usize), n as usize) };
-            if is_zero(page) {
-                flush_data(&mut data_run, at, &mut s)?;
-                zero_run.get_or_insert(at);
+            let page =
+                unsafe { std::slice::from_raw_parts(r.map.as_ptr().add(at as usize), n as usize) };
+            let kind = if is_zero(page) {
+                RunKind::Zero
             } else {
-                flush_zero(&mut zero_run, at, &mut s)?;
-                if data_run.is_some_and(|st| at - st >= wire::CHUNK as u64) {
-                    flush_data(&mut data_run, at, &mut s)?;
-                }
-                data_run.get_or_insert(at);
-            }
+                RunKind::Data
+            };
+            runs.push(kind, at)?;
             at += n;
         }
-        flush_zero(&mut zero_run, end, &mut s)?;
-        flush_data(&mut data_run, end, &mut s)?;
+        runs.finish(end)
+    }
+
+    /// Round 1 against an image the destination kept: every page of every
+    /// region, as SAME where the destination's hash equals ours.
+    fn against(
+        &self,
+        regions: &[Region],
+        theirs: &[Vec<u128>],
+        seed: u64,
+    ) -> Result<Sent, RemoteError> {
+        let zero = reuse::page_hash(&[0u8; PAGE as usize], seed);
+        let mut s = Sent::default();
+        for (i, (r, th)) in regions.iter().zip(theirs).enumerate() {
+            let mut runs = self.runs(i, r);
+            for (off, len, data) in r.file.extents(r.offset, r.size) {
+                let start = off - r.offset;
+                let mut at = start;
+                while at < start + len {
+                    let n = (start + len - at).min(PAGE);
+                    let want = th.get((at / PAGE) as usize).copied();
+                    let kind = if !data {
+                        if want == Some(zero) {
+                            RunKind::Same
+                        } else {
+                            RunKind::Zero
+                        }
+                    } else {
+                        // SAFETY: `[at, at+n)` is inside the region's live mapping.
+                        let page = unsafe {
+                            std::slice::from_raw_parts(r.map.as_ptr().add(at as usize), n as usize)
+                        };
+                        if n == PAGE && want == Some(reuse::page_hash(page, seed)) {
+                            RunKind::Same
+                        } else if is_zero(page) {
+                            RunKind::Zero
+                        } else {
+                            RunKind::Data
+                        }
+                    };
+                    runs.push(kind, at)?;
+                    at += n;
+                }
+            }
+            s.add(runs.finish(r.size)?);
+        }
         Ok(s)
     }
 
@@ -449,6 +582,53 @@ fn refusal_or(link: &Link, e: WireError) -> RemoteError {
     RemoteError::Wire(e)
 }
 
+/// Reads the destination's answer to `reuse_epoch`: the hashes of every
+/// page of its kept image, checked against this side's own layout before
+/// anything is allocated, or `None` if it kept nothing usable.
+#[allow(clippy::type_complexity)]
+fn kept_hashes(
+    link: &Link,
+    regions: &[Region],
+) -> Result<Option<(Vec<Vec<u128>>, u64)>, RemoteError> {
+    let mut h: Vec<Vec<u128>> = regions.iter().map(|_| Vec::new()).collect();
+    loop {
+        match link.recv(ANSWER) {
+            Ok((Kind::Hashes, p)) => {
+                let (ri, first, hs) = reuse::parse_hashes(&p)
+                    .ok_or_else(|| RemoteError::Refused("malformed HASHES frame".into()))?;
+                let r = regions
+                    .get(ri as usize)
+                    .ok_or_else(|| RemoteError::Refused(format!("HASHES for region {ri}")))?;
+                let v = &mut h[ri as usize];
+                if first != v.len() as u64 || v.len() as u64 + hs.len() as u64 > r.size / PAGE {
+                    return Err(RemoteError::Refused(format!(
+                        "HASHES out of order or beyond region {ri}"
+                    )));
+                }
+                v.extend(hs);
+            }
+            Ok((Kind::HashesEnd, p)) => {
+                let a: ReuseAnswer = serde_json::from_slice(&p)
+                    .map_err(|e| RemoteError::Refused(format!("unreadable reuse answer: {e}")))?;
+                if !a.reused {
+                    return Ok(None);
+                }
+                if regions
+                    .iter()
+                    .zip(&h)
+                    .any(|(r, v)| v.len() as u64 != r.size / PAGE)
+                {
+                    return Err(RemoteError::Refused(
+                        "HASHES do not cover every page".into(),
+                    ));
+                }
+                return Ok(Some((h, a.seed)));
+            }
+            other => return Err(peer_said(other)),
+        }
+    }
+}
+
 /// Parses `tcp://HOST:PORT` or `HOST:PORT`.
 pub fn parse_addr(to: &str) -> Result<String, RemoteError> {
     let a = to.strip_prefix("tcp://").unwrap_or(to);
@@ -493,6 +673,9 @@ pub struct MigrateOptions {
     pub tls: Option<TlsDir>,
     /// Progress to publish (phase, bytes), and the cancel flag to obey.
     pub progress: Option<Arc<Progress>>,
+    /// Keep the image after the move (for the VM's return) and use images
+    /// the destination kept; `None` releases memory at once.
+    pub reuse: Option<Arc<ReuseCache>>,
 }
 
 /// Sends host VM `vm` to `to`. On success the source VM is stopped and its
@@ -554,6 +737,11 @@ pub fn migrate_out_with(
 
     let regions: Vec<Region> = vm.mem.read().unwrap().regions.clone();
     let nested: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
+    let keep_epoch = opts.reuse.as_ref().map(|_| reuse::random_u128());
+    let reuse_epoch = opts
+        .reuse
+        .as_ref()
+        .and_then(|c| c.take_origin(&vm.spec.line));
     if let Some(p) = progress {
         p.set_bytes_total(regions.iter().map(|r| r.size).sum::<u64>());
         p.set_guests_total(nested.len() as u64);
@@ -566,18 +754,9 @@ pub fn migrate_out_with(
         vcpus: vm.spec.vcpus,
         slice_us: vm.spec.slice_us,
         age_leak_pages: vm.spec.age_leak_pages,
-        regions: regions
-            .iter()
-            .map(|r| {
-                let (k, g) = kind_name(&r.kind);
-                RegionDesc {
-                    kind: k.into(),
-                    guest: g,
-                    gpa: r.gpa,
-                    size: r.size,
-                }
-            })
-            .collect(),
+        regions: regions.iter().map(region_desc).collect(),
+        reuse_epoch: reuse_epoch.map(|e| format!("{e:032x}")),
+        keep_epoch: keep_epoch.map(|e| format!("{e:032x}")),
     };
     let json = |v: &dyn erased::Ser| v.to_json();
     out.send(Kind::Hello, json(&hello).as_bytes())?;
@@ -593,11 +772,19 @@ pub fn migrate_out_with(
         let mut stats = PrecopyStats::default();
         let mut sent = Sent::default();
         let t = Instant::now();
-        let first = out.all(&regions)?;
+        let theirs = match reuse_epoch {
+            Some(_) => kept_hashes(&link, &regions)?,
+            None => None,
+        };
+        let first = match &theirs {
+            Some((h, seed)) => out.against(&regions, h, *seed)?,
+            None => out.all(&regions)?,
+        };
         sent.add(first);
         link.flush(ANSWER).map_err(|e| refusal_or(&link, e))?;
         stats.rounds = 1;
-        let mut bps = (first.pages + first.zero) as f64 / t.elapsed().as_secs_f64().max(1e-6);
+        let mut bps =
+            (first.pages + first.zero + first.same) as f64 / t.elapsed().as_secs_f64().max(1e-6);
         loop {
             let d = collect_dirty(vm, &regions, &nested);
             let pending = d.count();
@@ -712,10 +899,11 @@ pub fn migrate_out_with(
                 return Err(resume_err(vm, fds, e));
             }
         }
-        let committed = out
-            .send(Kind::Commit, &[])
-            .and_then(|_| link.flush(ANSWER).map_err(RemoteError::Wire));
-        if let Err(e) = committed {
+        // Only a COMMIT that was never queued lets this side resume: once it
+        // is queued it may reach the destination, which then runs the VM (so
+        // no flush here: the destination may answer STARTED and close before
+        // the I/O thread reports the flush).
+        if let Err(e) = out.send(Kind::Commit, &[]) {
             return Err(resume_err(vm, fds, e));
         }
         phase(Phase::Committing);
@@ -744,9 +932,21 @@ pub fn migrate_out_with(
         let allocated = vm.ram_file.allocated_bytes() + vm.pool_file.allocated_bytes();
         vm.set_status(VmStatus::Retired);
         drop(vm.drop_nested());
-        drop(vm.drop_memory());
-        let _ = vm.ram_file.punch_hole(0, vm.ram_file.size);
-        let _ = vm.pool_file.punch_hole(0, vm.pool_file.size);
+        let image = vm.drop_memory();
+        let kept = match (&opts.reuse, keep_epoch) {
+            (Some(c), Some(e)) => {
+                let bytes: u64 = image.iter().map(|r| r.file.allocated_bytes()).sum();
+                c.keep(&vm.spec.line, e, image).then_some(bytes)
+            }
+            _ => {
+                drop(image);
+                None
+            }
+        };
+        if kept.is_none() {
+            let _ = vm.ram_file.punch_hole(0, vm.ram_file.size);
+            let _ = vm.pool_file.punch_hole(0, vm.pool_file.size);
+        }
         let released = allocated
             .saturating_sub(vm.ram_file.allocated_bytes() + vm.pool_file.allocated_bytes());
         let total = t0.elapsed();
@@ -754,13 +954,18 @@ pub fn migrate_out_with(
             tls: opts.tls.is_some(),
             page_bytes: sent.pages,
             zero_bytes: sent.zero,
+            reused_bytes: sent.same,
+            reuse: theirs.is_some(),
+            kept_bytes: kept.unwrap_or(0),
             wire_bytes_sent: link.bytes_sent(),
             wire_bytes_received: link.bytes_received(),
             source_verify_ms: source_hash.as_secs_f64() * 1000.0,
             destination_verify_ms: verdict.verify_ms,
             destination_build_ms: verdict.build_ms,
             pause_to_commit_ms: commit_sent.as_secs_f64() * 1000.0,
-            memory_gbps: (sent.pages + sent.zero) as f64 / total.as_secs_f64().max(1e-9) / 1e9,
+            memory_gbps: (sent.pages + sent.zero + sent.same) as f64
+                / total.as_secs_f64().max(1e-9)
+                / 1e9,
         };
         let report = Report {
             mode: "tcp".into(),
@@ -916,6 +1121,9 @@ fn state_from(bytes: &[u8]) -> Result<VcpuState, RemoteError> {
 pub struct ReceiveOptions {
     /// Mutual TLS material; `None` accepts plain TCP.
     pub tls: Option<TlsDir>,
+    /// Images kept here of VMs that left (used when they come back), and
+    /// where arriving VMs' epochs are noted.
+    pub reuse: Option<Arc<ReuseCache>>,
 }
 
 /// How long the receiver waits for each frame of the sender.
@@ -998,6 +1206,45 @@ pub fn receive_with(
         }
     }
     let local = |e: String| RemoteError::Local(e);
+    let parse_epoch =
+        |s: &Option<String>| s.as_deref().and_then(|e| u128::from_str_radix(e, 16).ok());
+    let mut kept: Option<Vec<Region>> = None;
+    if let Some(epoch) = parse_epoch(&hello.reuse_epoch) {
+        let taken = match &opts.reuse {
+            Some(c) => c.take(&hello.line, epoch, &hello.regions),
+            None => Err("this host keeps no images of departed VMs".into()),
+        };
+        let seed = reuse::random_u128() as u64;
+        let answer = match taken {
+            Ok(rs) => {
+                for (i, r) in rs.iter().enumerate() {
+                    let h = reuse::region_hashes(r, seed);
+                    for (c, chunk) in h.chunks(reuse::HASHES_PER_FRAME).enumerate() {
+                        let first = (c * reuse::HASHES_PER_FRAME) as u64;
+                        link.send(Kind::Hashes, &reuse::hashes_payload(i as u32, first, chunk))?;
+                    }
+                }
+                kept = Some(rs);
+                ReuseAnswer {
+                    reused: true,
+                    why: None,
+                    seed,
+                }
+            }
+            Err(why) => ReuseAnswer {
+                reused: false,
+                why: Some(why),
+                seed,
+            },
+        };
+        link.send(
+            Kind::HashesEnd,
+            serde_json::to_string(&answer)
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
+    }
+    let reusing = kept.is_some();
     let mut regions = Vec::new();
     for (i, d) in hello.regions.iter().enumerate() {
         let kind = match d.kind.as_str() {
@@ -1008,11 +1255,21 @@ pub fn receive_with(
                 guest: d.guest.clone().unwrap_or_default(),
             },
         };
-        let f = MemFile::new(&format!("{}-in-{}", hello.line, d.kind), d.size)
-            .map_err(|e| refuse(local(e.to_string())))?;
-        regions.push(
-            Region::map(&f, 0, d.size, d.gpa, kind, i as u32)
+        let f = match &kept {
+            Some(k) => k[i].file.clone(),
+            None => MemFile::new(&format!("{}-in-{}", hello.line, d.kind), d.size)
                 .map_err(|e| refuse(local(e.to_string())))?,
+        };
+        regions.push(
+            Region::map(
+                &f,
+                kept.as_ref().map(|k| k[i].offset).unwrap_or(0),
+                d.size,
+                d.gpa,
+                kind,
+                i as u32,
+            )
+            .map_err(|e| refuse(local(e.to_string())))?,
         );
     }
     let in_region = |ri: u32, off: u64, len: u64| -> Result<&Region, RemoteError> {
@@ -1050,6 +1307,15 @@ pub fn receive_with(
                 reg.file
                     .punch_hole(reg.offset + off, len)
                     .map_err(|e| refuse(local(e.to_string())))?;
+            }
+            Kind::Same => {
+                let (ri, off, len) = wire::parse_range(&p)?;
+                in_region(ri, off, len).map_err(&refuse)?;
+                if !reusing {
+                    return Err(refuse(RemoteError::Invalid(
+                        "SAME marker without a kept image".into(),
+                    )));
+                }
             }
             Kind::State => {
                 break serde_json::from_slice(&p)
@@ -1104,6 +1370,9 @@ pub fn receive_with(
         }
     }
     vm.start_vcpus(fds);
+    if let (Some(c), Some(e)) = (&opts.reuse, parse_epoch(&hello.keep_epoch)) {
+        c.note_origin(&hello.line, e);
+    }
     let guests = vm
         .nested
         .lock()

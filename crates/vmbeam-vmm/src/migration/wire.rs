@@ -49,6 +49,14 @@ pub enum Kind {
     Refuse = 9,
     /// Receiver → sender: the vCPUs run on this side now (JSON).
     Started = 10,
+    /// Receiver → sender: hashes of pages of a kept image (region u32,
+    /// first page u64, 16 bytes per page).
+    Hashes = 11,
+    /// Receiver → sender: end of the reuse answer (JSON: reused, why, seed).
+    HashesEnd = 12,
+    /// Sender → receiver: a run the receiver's kept image already holds
+    /// (region u32, offset u64, length u64).
+    Same = 13,
 }
 
 impl Kind {
@@ -64,6 +72,9 @@ impl Kind {
             8 => Kind::Zero,
             9 => Kind::Refuse,
             10 => Kind::Started,
+            11 => Kind::Hashes,
+            12 => Kind::HashesEnd,
+            13 => Kind::Same,
             _ => return None,
         })
     }

@@ -226,8 +226,17 @@ fn out_of_descriptors_child(dir: &Path) {
     }
     serving.store(true, Ordering::SeqCst);
     let first = get_status_on(client);
-    fill.truncate(fill.len().saturating_sub(8));
-    let then = std::os::unix::net::UnixStream::connect(&sock).and_then(get_status_on);
+    // Descriptors come back: the API serves normally again (within a
+    // deadline, as the server may still be backing off).
+    drop(fill);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let then = loop {
+        let r = std::os::unix::net::UnixStream::connect(&sock).and_then(get_status_on);
+        if matches!(r, Ok(200)) || std::time::Instant::now() >= deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     println!("out of descriptors: {first:?}, then {then:?}");
     assert_eq!(first.unwrap(), 503);
     assert_eq!(then.unwrap(), 200);

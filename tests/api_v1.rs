@@ -6,45 +6,17 @@
 
 mod common;
 
+use common::server::{call, Run};
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use vmbeam_vmm::control::api;
 
-/// A `vmbeam run` child, stopped on drop.
-struct Run(Child);
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 fn start(dir: &Path, sock: &Path) -> Run {
-    let child = Command::new(env!("CARGO_BIN_EXE_vmbeam"))
-        .args(["run", "--duration", "300", "--nested", "1", "--console-dir"])
-        .arg(dir)
-        .arg("--api-sock")
-        .arg(sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let run = Run(child);
-    common::wait_console(dir, "l2-0", Duration::from_secs(60), |t| {
-        t.lines().count() >= 2
-    });
-    run
-}
-
-fn call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    api::call(sock, method, path, body).unwrap()
+    common::server::start_run(dir, sock, &["--nested", "1"], 1)
 }
 
 /// Sends raw bytes, returns the raw answer.

@@ -6,48 +6,25 @@
 
 mod common;
 
+use common::server::{call, Run};
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmbeam_vmm::control::api::{self, ApiError};
 use vmbeam_vmm::vmm::Status;
 
+fn start_run(dir: &Path, sock: &Path) -> Run {
+    common::server::start_run(dir, sock, &[], 2)
+}
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmbeam"))
-}
-
-/// A `vmbeam run` child, killed on drop if the test fails half-way.
-struct Run(Child);
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn start_run(dir: &Path, sock: &Path) -> Run {
-    let child = bin()
-        .args(["run", "--duration", "600", "--console-dir"])
-        .arg(dir)
-        .arg("--api-sock")
-        .arg(sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let run = Run(child);
-    for g in ["l2-0", "l2-1"] {
-        common::wait_console(dir, g, Duration::from_secs(60), |t| t.lines().count() >= 2);
-    }
-    run
 }
 
 /// Sends `bytes` as they are, closes the write side, returns the answer.
@@ -70,10 +47,6 @@ fn parse_response(out: &[u8]) -> (u16, String) {
         .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
     let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
     (code, body.to_string())
-}
-
-fn call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    api::call(sock, method, path, body).unwrap()
 }
 
 fn status(sock: &Path) -> Status {

@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::server::{call, Run};
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::Path;
@@ -20,42 +22,12 @@ use vmbeam_vmm::control::jobs::JobView;
 use vmbeam_vmm::progress::Phase;
 use vmbeam_vmm::vmm::Status;
 
+fn start(dir: &Path, sock: &Path, extra: &[&str]) -> Run {
+    common::server::start_run(dir, sock, extra, 1)
+}
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmbeam"))
-}
-
-/// A `vmbeam run` child, killed on drop if the test fails half-way.
-struct Run(Child);
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn start(dir: &Path, sock: &Path, extra: &[&str]) -> Run {
-    let child = bin()
-        .args(["run", "--duration", "300", "--console-dir"])
-        .arg(dir)
-        .arg("--api-sock")
-        .arg(sock)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let run = Run(child);
-    common::wait_console(dir, "l2-0", Duration::from_secs(60), |t| {
-        t.lines().count() >= 2
-    });
-    run
-}
-
-fn call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    api::call(sock, method, path, body).unwrap()
 }
 
 fn job(sock: &Path, id: u64) -> JobView {

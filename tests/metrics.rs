@@ -10,23 +10,14 @@
 
 mod common;
 
+use common::server::Run;
+
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use vmbeam_vmm::control::api;
-
-struct Run(Child);
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 /// The parser: every sample as `name{labels} value`, one JSON list.
 const PARSE: &str = r#"
@@ -43,6 +34,10 @@ print(json.dumps(out))
 /// The pinned parser, installed into a virtual environment of the tests'
 /// own when the interpreter has no prometheus_client.
 const PARSER_PACKAGE: &str = "prometheus-client==0.26.0";
+
+fn start(dir: &Path, sock: &Path) -> Run {
+    common::server::start_run(dir, sock, &["--nested", "2"], 2)
+}
 
 fn has_parser(py: &str) -> bool {
     Command::new(py)
@@ -135,23 +130,6 @@ fn value(samples: &[serde_json::Value], name: &str, labels: &[(&str, &str)]) -> 
         .unwrap_or_else(|| panic!("no sample {name} {labels:?}"))["value"]
         .as_f64()
         .unwrap()
-}
-
-fn start(dir: &Path, sock: &Path) -> Run {
-    let child = Command::new(env!("CARGO_BIN_EXE_vmbeam"))
-        .args(["run", "--duration", "300", "--nested", "2", "--console-dir"])
-        .arg(dir)
-        .arg("--api-sock")
-        .arg(sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let run = Run(child);
-    for g in ["l2-0", "l2-1"] {
-        common::wait_console(dir, g, Duration::from_secs(60), |t| t.lines().count() >= 2);
-    }
-    run
 }
 
 #[test]

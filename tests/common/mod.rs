@@ -6,6 +6,7 @@
 mod kvm;
 pub mod moves;
 pub mod procfs;
+pub mod server;
 pub use kvm::kvm_or_skip;
 
 use std::path::{Path, PathBuf};

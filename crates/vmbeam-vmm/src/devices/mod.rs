@@ -422,8 +422,11 @@ fn worker(
 mod tests {
     use super::*;
 
+    /// A scratch disk of its own for each caller (tests run in parallel).
     fn disk() -> Backend {
-        let p = std::env::temp_dir().join(format!("vmbeam-place-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("vmbeam-place-{}-{n}", std::process::id()));
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
         let file = std::fs::OpenOptions::new()
             .read(true)

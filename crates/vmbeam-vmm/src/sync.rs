@@ -166,6 +166,8 @@ impl<T> RankedMutex<T> {
         self.rank.0
     }
 
+    /// Its identity in the debug-build record of held locks.
+    #[cfg(debug_assertions)]
     fn id(&self) -> usize {
         &self.inner as *const Mutex<T> as usize
     }

@@ -782,15 +782,7 @@ impl<'a> Rejuvenation<'a> {
         if self.opts.mode != Mode::Precopy {
             return Ok(());
         }
-        let vms: Vec<_> = self
-            .aged
-            .nested
-            .lock()
-            .unwrap()
-            .vms
-            .values()
-            .cloned()
-            .collect();
+        let vms = self.aged.nested.lock().unwrap().snapshot();
         self.progress(JobPhase::Precopy);
         match crate::migration::copy::precopy_live_with(
             &vms,
@@ -1018,15 +1010,7 @@ impl<'a> Rejuvenation<'a> {
         let nested = aged.drop_nested();
         let regions = aged.drop_memory();
         let mut keep: Vec<(u64, u64)> = Vec::new();
-        let succ_table: Vec<_> = self
-            .succ()
-            .nested
-            .lock()
-            .unwrap()
-            .vms
-            .values()
-            .cloned()
-            .collect();
+        let succ_table = self.succ().nested.lock().unwrap().snapshot();
         for n in &succ_table {
             for s in &n.lock().unwrap().slots {
                 if Arc::ptr_eq(&s.file, &aged.pool_file) {
@@ -1225,15 +1209,7 @@ impl<'a> Rejuvenation<'a> {
         self.session.with(|h| h.begin_abort(&msg));
         handover::give_back(&self.session, self.aged);
         if self.opts.mode == Mode::Precopy {
-            let vms: Vec<_> = self
-                .aged
-                .nested
-                .lock()
-                .unwrap()
-                .vms
-                .values()
-                .cloned()
-                .collect();
+            let vms = self.aged.nested.lock().unwrap().snapshot();
             for v in vms {
                 let _ = v.lock().unwrap().set_dirty_logging(false);
             }

@@ -41,6 +41,12 @@ pub struct NestedTable {
 }
 
 impl NestedTable {
+    /// The live nested VMs, cloned out so the table's lock can be released
+    /// before any of them is locked.
+    pub fn snapshot(&self) -> Vec<NestedRef> {
+        self.vms.values().cloned().collect()
+    }
+
     /// Nested VMs that exist or are being created.
     pub fn count(&self) -> usize {
         self.vms.len() + self.creating.len()

@@ -170,7 +170,7 @@ fn bad_net_bindings_are_refused_before_boot() {
         let cfg = VmmConfig {
             nested: 1,
             workloads: vec![Workload::Netecho],
-            console_dir: Some(dir.clone()),
+            console_dir: Some(dir.to_path_buf()),
             devices: vec![parse_net(spec).unwrap()],
             ..Default::default()
         };
@@ -186,5 +186,4 @@ fn bad_net_bindings_are_refused_before_boot() {
     );
     let e = err("l2-5=tap:vbnosuchtap0");
     assert!(e.contains("'l2-5'") && e.contains("does not create"), "{e}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

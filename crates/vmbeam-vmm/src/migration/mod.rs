@@ -12,5 +12,6 @@ pub mod remote;
 pub mod rescue;
 pub mod reuse;
 pub mod tls;
+pub mod uffd;
 pub mod verify;
 pub mod wire;

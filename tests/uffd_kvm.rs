@@ -128,7 +128,8 @@ fn kvm_resolves_guest_faults_on_a_userfaultfd_registered_memfd_slot() {
     let faults = Arc::new(AtomicU64::new(0));
     let serve_ns = Arc::new(AtomicU64::new(0));
     let handler = {
-        let (u, stop, faults, serve_ns) = (u.clone(), stop.clone(), faults.clone(), serve_ns.clone());
+        let (u, stop, faults, serve_ns) =
+            (u.clone(), stop.clone(), faults.clone(), serve_ns.clone());
         std::thread::spawn(move || {
             let mut per_page = vec![0u32; PAGES as usize];
             while !stop.load(Ordering::SeqCst) {

@@ -163,7 +163,9 @@ fn open_raw() -> Result<OwnedFd, UffdError> {
     // Not UFFD_USER_MODE_ONLY: KVM touches guest memory from the kernel.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
     if fd < 0 {
-        return Err(os("open (root, or vm.unprivileged_userfaultfd=1, is needed for faults from KVM)"));
+        return Err(os(
+            "open (root, or vm.unprivileged_userfaultfd=1, is needed for faults from KVM)",
+        ));
     }
     // SAFETY: a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -270,7 +272,12 @@ impl Uffd {
                 }
                 Some(libc::EAGAIN) if c.copy > 0 => done += c.copy as u64,
                 Some(libc::EAGAIN) | Some(libc::EINTR) => {}
-                _ => return Err(UffdError::Os { what: "copy", source: e }),
+                _ => {
+                    return Err(UffdError::Os {
+                        what: "copy",
+                        source: e,
+                    })
+                }
             }
         }
         Ok(if already {

@@ -7,6 +7,7 @@ pub mod copy;
 pub mod handover;
 pub mod handover_state;
 pub mod link;
+pub mod postcopy;
 pub mod rejuvenate;
 pub mod remote;
 pub mod rescue;

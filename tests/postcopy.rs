@@ -33,7 +33,7 @@ fn pc_destination(
     bind: &str,
 ) -> (
     Arc<Vmm>,
-    std::path::PathBuf,
+    common::TempDir,
     String,
     mpsc::Receiver<Result<String, RemoteError>>,
     mpsc::Receiver<PostcopyOutcome>,
@@ -110,8 +110,6 @@ fn a_host_vm_moves_by_postcopy_over_loopback() {
     let there = pages_outcome(&pages).unwrap();
     assert!(src.status().host_vms.is_empty(), "the source let the VM go");
     check_moved(&r, &there, &dst, &ddir, &sdir);
-    let _ = std::fs::remove_dir_all(&sdir);
-    let _ = std::fs::remove_dir_all(&ddir);
 }
 
 /// Two network namespaces joined by a veth pair, removed on drop (also
@@ -233,8 +231,6 @@ fn a_host_vm_moves_by_postcopy_between_network_namespaces() {
     let there = pages_outcome(&pages).unwrap();
     check_moved(&r, &there, &dst, &ddir, &sdir);
     drop(ns);
-    let _ = std::fs::remove_dir_all(&sdir);
-    let _ = std::fs::remove_dir_all(&ddir);
 }
 
 #[test]
@@ -259,8 +255,8 @@ fn a_link_cut_during_postcopy_is_reported_on_both_sides_and_nothing_hangs() {
         "tc: {}",
         String::from_utf8_lossy(&tc.stderr)
     );
-    let (src, sdir) = source("pc-cut");
-    let (dst, ddir, addr, outcomes, pages) =
+    let (src, _sdir) = source("pc-cut");
+    let (dst, _ddir, addr, outcomes, pages) =
         in_netns(&ns.b, || pc_destination("pc-cut", "10.251.42.2:0"))
             .join()
             .unwrap();
@@ -304,6 +300,4 @@ fn a_link_cut_during_postcopy_is_reported_on_both_sides_and_nothing_hangs() {
     let status = &st.host_vms[0].status;
     assert!(status.starts_with("failed"), "{status:?}");
     drop(ns);
-    let _ = std::fs::remove_dir_all(&sdir);
-    let _ = std::fs::remove_dir_all(&ddir);
 }

@@ -284,7 +284,7 @@ impl<'r> Source<'r> {
         let bad =
             || RemoteError::Refused(format!("FETCH of {len} bytes at {off:#x} of region {ri}"));
         let r = self.regions.get(ri as usize).ok_or_else(bad)?;
-        if off % PAGE != 0 || len != PAGE || off >= r.size {
+        if !off.is_multiple_of(PAGE) || len != PAGE || off >= r.size {
             return Err(bad());
         }
         let (ri, page) = (ri as usize, off / PAGE);
@@ -565,7 +565,10 @@ impl Dest {
             .get(ri)
             .ok_or_else(|| format!("pages for region {ri}"))?;
         let len = data.len() as u64;
-        if off % PAGE != 0 || len % PAGE != 0 || off.checked_add(len).is_none_or(|e| e > size) {
+        if !off.is_multiple_of(PAGE)
+            || !len.is_multiple_of(PAGE)
+            || off.checked_add(len).is_none_or(|e| e > size)
+        {
             return Err(format!("pages at {off:#x}+{len:#x} of region {ri}"));
         }
         let first = off / PAGE;
@@ -615,7 +618,10 @@ impl Dest {
             .spans
             .get(ri)
             .ok_or_else(|| format!("zero pages for region {ri}"))?;
-        if off % PAGE != 0 || len % PAGE != 0 || off.checked_add(len).is_none_or(|e| e > size) {
+        if !off.is_multiple_of(PAGE)
+            || !len.is_multiple_of(PAGE)
+            || off.checked_add(len).is_none_or(|e| e > size)
+        {
             return Err(format!("zero pages at {off:#x}+{len:#x} of region {ri}"));
         }
         for pg in off / PAGE..(off + len) / PAGE {
@@ -827,8 +833,8 @@ fn fault_loop(u: &Uffd, dest: &Mutex<Dest>, done: &AtomicBool, tx: &LinkSender) 
                     d.error = Some(e);
                     tx.shutdown();
                 }
-            } else if !d.waiting.contains_key(&(ri, pg)) {
-                d.waiting.insert((ri, pg), Instant::now());
+            } else if let std::collections::hash_map::Entry::Vacant(v) = d.waiting.entry((ri, pg)) {
+                v.insert(Instant::now());
                 d.stats.faults += 1;
                 drop(d);
                 if let Err(e) = tx.send(

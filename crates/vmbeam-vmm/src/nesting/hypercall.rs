@@ -471,7 +471,7 @@ fn map_claimed(
 
 /// Checks a nested VM name as VM_CREATE receives it (`data[..16]`):
 /// NUL-padded, non-empty, UTF-8, and only `[A-Za-z0-9._-]`; it may not
-/// start with '.' nor end in `-g<digits>`, the form of host VM console
+/// start with '.' nor end in `.l1`, the form of host VM console file
 /// names, so a guest hypervisor cannot write into a host VM's console.
 pub fn check_name(raw: &[u8; vmbeam_abi::NAME_LEN]) -> Result<&str, Status> {
     let n = vmbeam_abi::name_from_bytes(raw).ok_or(Status::BadArg)?;
@@ -482,10 +482,8 @@ pub fn check_name(raw: &[u8; vmbeam_abi::NAME_LEN]) -> Result<&str, Status> {
     {
         return Err(Status::BadArg);
     }
-    if let Some((_, g)) = n.rsplit_once("-g") {
-        if !g.is_empty() && g.chars().all(|c| c.is_ascii_digit()) {
-            return Err(Status::BadArg);
-        }
+    if n.ends_with(crate::host::console::L1_SUFFIX) {
+        return Err(Status::BadArg);
     }
     Ok(n)
 }
@@ -570,6 +568,8 @@ mod tests {
         assert_eq!(check_name(&n(b"a.b_c-D9")), Ok("a.b_c-D9"));
         assert_eq!(check_name(&[b'x'; 16]), Ok("xxxxxxxxxxxxxxxx"));
         assert_eq!(check_name(&n(b"l2-gx")), Ok("l2-gx"));
+        assert_eq!(check_name(&n(b"hv0-g2")), Ok("hv0-g2"));
+        assert_eq!(check_name(&n(b"a.l12")), Ok("a.l12"));
         for bad in [
             &b""[..],
             b"a b",
@@ -577,7 +577,8 @@ mod tests {
             b"a\n",
             b"\xff",
             b"\xc3\xa9",
-            b"hv0-g2",
+            b"hv0.l1",
+            b".l1",
             b".hidden",
         ] {
             assert_eq!(check_name(&n(bad)), Err(Status::BadArg), "{bad:?}");

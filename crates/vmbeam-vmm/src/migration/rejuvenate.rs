@@ -166,6 +166,14 @@ pub struct GuestReport {
     pub running_after: bool,
     /// Moves so far.
     pub moves: u32,
+    /// Virtio devices that moved with the guest.
+    #[serde(default)]
+    pub devices: u32,
+    /// Device requests in flight at the pause (made available by the
+    /// driver, not yet served) and frames the devices held: each is served
+    /// after the move, exactly once.
+    #[serde(default)]
+    pub device_in_flight: u64,
 }
 
 /// Result of a rejuvenation.
@@ -1176,6 +1184,8 @@ impl<'a> Rejuvenation<'a> {
                             .map(|a| format!("{a:016x}")),
                         running_after: info.resumed_at.is_some() && info.bound_vm == succ.id,
                         moves: info.moves,
+                        devices: m.devices,
+                        device_in_flight: m.device_in_flight,
                     }
                 })
                 .collect(),

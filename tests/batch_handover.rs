@@ -13,7 +13,7 @@ use vmbeam_vmm::config::{VmmConfig, Workload};
 use vmbeam_vmm::migration::rejuvenate::RejuvenateOptions;
 use vmbeam_vmm::vmm::Vmm;
 
-fn started(test: &str, line: &str, nested: u32) -> (Vmm, std::path::PathBuf) {
+fn started(test: &str, line: &str, nested: u32) -> (Vmm, common::TempDir) {
     let dir = temp_dir(test);
     let vmm = vmm(
         &dir,

@@ -44,13 +44,13 @@ fn boots_embedded_hypervisor_banner_and_ping() {
     assert!(vmm.failure().is_none());
 }
 
-fn boot_image(test: &str, image: Vec<u8>) -> (Vmm, Result<(), VmmError>, std::path::PathBuf) {
+fn boot_image(test: &str, image: Vec<u8>) -> (Vmm, Result<(), VmmError>, common::TempDir) {
     let dir = temp_dir(test);
     let images = vmbeam::images(Some(image)).unwrap();
     let vmm = Vmm::new(
         VmmConfig {
             nested: 0,
-            console_dir: Some(dir.clone()),
+            console_dir: Some(dir.to_path_buf()),
             ..Default::default()
         },
         images,
@@ -69,25 +69,25 @@ fn broken_guest_images_are_refused() {
 
     let mut bad_magic = good.clone();
     bad_magic[1] = b'X';
-    let (_v, r, _) = boot_image("badmagic", bad_magic);
+    let (_v, r, _dir) = boot_image("badmagic", bad_magic);
     let e = r.unwrap_err().to_string();
     assert!(e.contains("not an ELF image (bad magic)"), "{e}");
 
-    let (_v, r, _) = boot_image("truncated", good[..good.len() - 1].to_vec());
+    let (_v, r, _dir) = boot_image("truncated", good[..good.len() - 1].to_vec());
     let e = r.unwrap_err().to_string();
     assert!(e.contains("truncated"), "{e}");
 
-    let (_v, r, _) = boot_image("tooshort", good[..40].to_vec());
+    let (_v, r, _dir) = boot_image("tooshort", good[..40].to_vec());
     let e = r.unwrap_err().to_string();
     assert!(e.contains("not a loadable"), "{e}");
 
     let outside = tiny_elf(&[0xf4], 0x20_0000, 0x7000_0000);
-    let (_v, r, _) = boot_image("entry", outside);
+    let (_v, r, _dir) = boot_image("entry", outside);
     let e = r.unwrap_err().to_string();
     assert!(e.contains("entry point 0x70000000 is outside"), "{e}");
 
     let low = tiny_elf(&[0xf4], 0x1000, 0x1000);
-    let (_v, r, _) = boot_image("low", low);
+    let (_v, r, _dir) = boot_image("low", low);
     let e = r.unwrap_err().to_string();
     assert!(e.contains("does not fit"), "{e}");
 }
@@ -108,7 +108,7 @@ fn invalid_instruction_gives_a_clear_error() {
         return;
     }
     // ud2 with no IDT: #UD -> #DF -> triple fault.
-    let (vmm, r, _) = boot_image("ud2", tiny_elf(&[0x0f, 0x0b], 0x20_0000, 0x20_0000));
+    let (vmm, r, _dir) = boot_image("ud2", tiny_elf(&[0x0f, 0x0b], 0x20_0000, 0x20_0000));
     r.unwrap();
     let m = wait_failed(&vmm);
     assert!(
@@ -127,7 +127,7 @@ fn unsupported_instruction_names_the_bytes() {
     // vpxor ymm0, ymm0, ymm0 (AVX). On KVM that runs guest code through its
     // instruction emulator this is an emulation failure; on hardware KVM the
     // guest has no AVX enabled (CR4.OSXSAVE clear) so it is #UD -> triple fault.
-    let (vmm, r, _) = boot_image(
+    let (vmm, r, _dir) = boot_image(
         "avx",
         tiny_elf(&[0xc5, 0xfd, 0xef, 0xc0, 0xf4], 0x20_0000, 0x20_0000),
     );

@@ -204,7 +204,7 @@ fn bad_disk_bindings_are_refused_before_boot() {
     let cfg = |spec: String| VmmConfig {
         nested: 1,
         workloads: vec![Workload::Blkcheck],
-        console_dir: Some(dir.clone()),
+        console_dir: Some(dir.to_path_buf()),
         devices: vec![parse_disk(&spec).unwrap()],
         ..Default::default()
     };

@@ -17,7 +17,7 @@ use vmbeam_vmm::control::events::EventLog;
 use vmbeam_vmm::migration::rejuvenate::{RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::Vmm;
 
-fn started(test: &str, line: &str, nested: u32) -> (Arc<Vmm>, std::path::PathBuf) {
+fn started(test: &str, line: &str, nested: u32) -> (Arc<Vmm>, common::TempDir) {
     let dir = temp_dir(test);
     let vmm = vmm(
         &dir,
@@ -239,7 +239,7 @@ fn a_refused_grant_leaves_the_grant_window_as_it_was() {
     let config = VmmConfig {
         nested: 0,
         pool: Some(3 << 30),
-        console_dir: Some(dir.clone()),
+        console_dir: Some(dir.to_path_buf()),
         ..Default::default()
     };
     let images = vmbeam::images(Some(vmbeam::HOSTILE_ELF.to_vec())).unwrap();

@@ -17,12 +17,12 @@ use vmbeam_vmm::vmm::{Vmm, VmmError};
 /// Starts host VM line `test` (its own name, so that this test's memory
 /// files and consoles can be told apart from other tests' in the same
 /// process) with `nested` guests, memtouch and ticker in turn.
-fn started(test: &str, nested: u32) -> (Vmm, std::path::PathBuf) {
+fn started(test: &str, nested: u32) -> (Vmm, common::TempDir) {
     started_as(test, nested, test)
 }
 
 /// Like `started`, with host VM line `line`.
-fn started_as(test: &str, nested: u32, line: &str) -> (Vmm, std::path::PathBuf) {
+fn started_as(test: &str, nested: u32, line: &str) -> (Vmm, common::TempDir) {
     let dir = temp_dir(test);
     let vmm = vmm(
         &dir,

@@ -7,7 +7,6 @@
 mod common;
 
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +20,7 @@ use vmbeam_vmm::vmm::Vmm;
 const GUEST_MEM: u64 = 64 << 20;
 
 /// A VMM that keeps departed VMs' images for `ttl`, listening on loopback.
-fn host(test: &str, side: &str, ttl: Duration, boot: bool) -> (Arc<Vmm>, PathBuf, String) {
+fn host(test: &str, side: &str, ttl: Duration, boot: bool) -> (Arc<Vmm>, common::TempDir, String) {
     let dir = temp_dir(&format!("{test}-{side}"));
     let v = Arc::new(vmm(
         &dir,

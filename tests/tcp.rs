@@ -13,7 +13,7 @@ use common::*;
 use vmbeam_vmm::config::{VmmConfig, Workload};
 use vmbeam_vmm::vmm::Vmm;
 
-fn source(test: &str) -> (Arc<Vmm>, std::path::PathBuf) {
+fn source(test: &str) -> (Arc<Vmm>, common::TempDir) {
     let dir = temp_dir(&format!("{test}-src"));
     let vmm = vmm(
         &dir,
@@ -34,7 +34,7 @@ fn source(test: &str) -> (Arc<Vmm>, std::path::PathBuf) {
 }
 
 /// A receiving VMM listening on a free loopback port.
-fn destination(test: &str) -> (Arc<Vmm>, std::path::PathBuf, String) {
+fn destination(test: &str) -> (Arc<Vmm>, common::TempDir, String) {
     let (vmm, dir, addr, _) = destination_with_outcomes(test);
     (vmm, dir, addr)
 }
@@ -45,7 +45,7 @@ fn destination_with_outcomes(
     test: &str,
 ) -> (
     Arc<Vmm>,
-    std::path::PathBuf,
+    common::TempDir,
     String,
     mpsc::Receiver<Result<String, String>>,
 ) {

@@ -3,7 +3,6 @@
 //! can read.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +13,7 @@ use vmbeam_vmm::migration::remote::{self, ReceiveOptions, RemoteError};
 use vmbeam_vmm::vmm::Vmm;
 
 /// A source VMM with host VM `hv0` whose two nested guests have started.
-pub fn source(test: &str) -> (Arc<Vmm>, PathBuf) {
+pub fn source(test: &str) -> (Arc<Vmm>, super::TempDir) {
     let dir = temp_dir(&format!("{test}-src"));
     let vmm = vmm(
         &dir,
@@ -39,7 +38,7 @@ pub fn destination(
     opts: ReceiveOptions,
 ) -> (
     Arc<Vmm>,
-    PathBuf,
+    super::TempDir,
     String,
     mpsc::Receiver<Result<String, RemoteError>>,
 ) {

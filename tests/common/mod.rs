@@ -15,12 +15,53 @@ use std::time::{Duration, Instant};
 use vmbeam_vmm::config::VmmConfig;
 use vmbeam_vmm::vmm::Vmm;
 
-/// A fresh directory for one test's consoles.
-pub fn temp_dir(test: &str) -> PathBuf {
+/// A fresh directory for one test's consoles, removed when the guard drops.
+/// A failing test keeps it (its path is printed) so the consoles can be read.
+pub fn temp_dir(test: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("vmbeam-test-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
+}
+
+/// A test's scratch directory: a path that removes itself on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} for inspection", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// A VMM with consoles in `dir` and the embedded images.

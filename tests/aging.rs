@@ -166,7 +166,7 @@ fn aging_policy_rejuvenates_on_its_own() {
     );
     assert_eq!(started["policy"], "free<10%");
     assert_eq!(started["age_leak_pages"], 2);
-    let l1 = wait_console(&dir, "hv0-g1", Duration::from_secs(120), |t| {
+    let l1 = wait_console(&dir, "hv0/g1", Duration::from_secs(120), |t| {
         t.contains("aging injector on")
     });
     assert!(l1.contains("leaking 2 page(s)"), "{l1}");
@@ -226,7 +226,7 @@ fn aging_policy_rejuvenates_on_its_own() {
     );
     let leaked_fresh = first["health"]["leaked_bytes"].as_u64().unwrap();
     // ... with the injector still on.
-    wait_console(&dir, "hv0-g2", Duration::from_secs(60), |t| {
+    wait_console(&dir, "hv0/g2", Duration::from_secs(60), |t| {
         t.contains("role=successor") && t.contains("aging injector on: leaking 2 page(s)")
     });
     assert!(

@@ -25,7 +25,7 @@ fn boots_embedded_hypervisor_banner_and_ping() {
         },
     );
     vmm.start("hv0").unwrap();
-    let text = wait_console(&dir, "hv0-g1", Duration::from_secs(30), |t| {
+    let text = wait_console(&dir, "hv0/g1", Duration::from_secs(30), |t| {
         t.contains("hypercall ping ok")
     });
     let banner = format!(

@@ -358,7 +358,7 @@ fn a_moved_guest_counts_as_used_and_returns_its_pages_when_destroyed() {
     assert!(before > 0);
     let siblings = slots_of(&v, "hv0", "l2-0");
     let sibling_before = data_bytes(&siblings);
-    common::wait_console(&dir, "hv0-g3", Duration::from_secs(60), |t| {
+    common::wait_console(&dir, "hv0/g3", Duration::from_secs(60), |t| {
         t.contains("nested guest l2-1 crashed")
     });
     let deadline = Instant::now() + Duration::from_secs(10);

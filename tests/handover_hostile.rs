@@ -172,7 +172,7 @@ fn lies_about_cpu_state_in_the_channel_have_no_effect() {
     for i in 0..2 {
         wait_beyond(&dir, i, base[i as usize]);
     }
-    let l1 = console(&dir, "liar-g2");
+    let l1 = console(&dir, "liar/g2");
     assert!(!l1.contains("crashed"), "{l1}");
     assert_memtouch_clean(&dir, "l2-0", "after the move");
     let st = vmm.status();
@@ -245,7 +245,7 @@ fn a_refused_grant_leaves_the_grant_window_as_it_was() {
     let images = vmbeam::images(Some(vmbeam::HOSTILE_ELF.to_vec())).unwrap();
     let vmm = Arc::new(Vmm::new(config, images).unwrap());
     vmm.start("hostile").unwrap();
-    wait_console(&dir, "hostile-g1", Duration::from_secs(120), |t| {
+    wait_console(&dir, "hostile/g1", Duration::from_secs(120), |t| {
         t.contains("hostile: done")
     });
     // The hostile guest hypervisor, asked to hand over, probes the grant
@@ -259,7 +259,7 @@ fn a_refused_grant_leaves_the_grant_window_as_it_was() {
     };
     let e = rejuvenate_within(&vmm, opts, Duration::from_secs(120)).unwrap_err();
     assert!(e.contains("aborted the handover"), "{e}");
-    let text = wait_console(&dir, "hostile-g1", Duration::from_secs(30), |t| {
+    let text = wait_console(&dir, "hostile/g1", Duration::from_secs(30), |t| {
         t.contains("hostile-aged: done")
     });
     let lines: Vec<&str> = text

@@ -22,7 +22,7 @@ use vmbeam_vmm::migration::rejuvenate::{RejuvenateError, RejuvenateOptions};
 use vmbeam_vmm::vmm::{Vmm, VmmError};
 
 /// Console of the hostile host VM line "hostile", generation 1.
-const HOSTILE_CONSOLE: &str = "hostile-g1";
+const HOSTILE_CONSOLE: &str = "hostile/g1";
 
 /// A VMM whose guest hypervisor is the hostile one, with no nested guests.
 fn hostile_vmm(dir: &Path) -> Vmm {
@@ -264,9 +264,9 @@ fn hostile_guest_does_not_disturb_a_neighbour() {
 }
 
 /// Console of the aged guest hypervisor (line "hv0", generation 1).
-const AGED_CONSOLE: &str = "hv0-g1";
+const AGED_CONSOLE: &str = "hv0/g1";
 /// Console of the successor generation 2 (the hostile one, at first).
-const SUCCESSOR_CONSOLE: &str = "hv0-g2";
+const SUCCESSOR_CONSOLE: &str = "hv0/g2";
 
 /// Starts host VM `line` (2 nested guests, consoles in `dir`) and
 /// rejuvenates it with the hostile guest hypervisor as the successor;
@@ -416,7 +416,7 @@ fn guests_given_back_by_a_hostile_successor_can_still_migrate() {
         matches!(e, VmmError::Rejuvenate(RejuvenateError::RolledBack { .. })),
         "{e}"
     );
-    let text = common::console(&dir, "hvm-g2");
+    let text = common::console(&dir, "hvm/g2");
     assert!(
         text.contains("VM_MAP offered range exactly -> Ok ok"),
         "the hostile successor did not get to confirm a slot:\n{text}"

@@ -50,7 +50,7 @@ fn two_nested_guests_both_make_progress() {
     assert!(nested
         .iter()
         .all(|n| n.exits > 0 && n.vcpus == 1 && n.mem_bytes == 16 << 20));
-    let l1 = console(&dir, "hv0-g1");
+    let l1 = console(&dir, "hv0/g1");
     assert!(l1.contains("started l2-0: 16MiB ticker"), "{l1}");
     assert!(l1.contains("started l2-1: 16MiB memtouch"), "{l1}");
 }
@@ -106,7 +106,7 @@ fn a_triple_faulting_nested_guest_does_not_take_down_its_siblings() {
         },
     );
     vmm.start("hv0").unwrap();
-    let l1 = wait_console(&dir, "hv0-g1", Duration::from_secs(60), |t| {
+    let l1 = wait_console(&dir, "hv0/g1", Duration::from_secs(60), |t| {
         t.contains("nested guest l2-0 crashed") && t.contains("nested guest l2-2 crashed")
     });
     assert!(l1.contains("nested guest l2-0 crashed: shutdown"), "{l1}");
@@ -150,7 +150,7 @@ fn an_unsupported_instruction_in_a_nested_guest_is_named_on_its_console() {
         },
     );
     vmm.start("hv0").unwrap();
-    let l1 = wait_console(&dir, "hv0-g1", Duration::from_secs(60), |t| {
+    let l1 = wait_console(&dir, "hv0/g1", Duration::from_secs(60), |t| {
         t.contains("nested guest l2-0 crashed")
     });
     let t = console(&dir, "l2-0");

@@ -118,7 +118,7 @@ fn rejuvenation_moves_every_guest_without_copying() {
         .nested
         .iter()
         .all(|n| n.moves == 1 && n.generation == 2));
-    let l1 = console(&dir, "zerocopy-g2");
+    let l1 = console(&dir, "zerocopy/g2");
     assert!(l1.contains("role=successor"), "{l1}");
     assert!(
         l1.contains("adopted 3 nested guests from generation 1"),
@@ -348,7 +348,7 @@ fn an_aged_hypervisor_dying_mid_handover_is_finished_by_l0() {
     assert_eq!(r.rescued, Some(2), "{r:?}");
     check_report(&r, 3, 2);
     wait_progress_beyond(&dir, 3, &base);
-    let l1 = console(&dir, "agedcrash-g1");
+    let l1 = console(&dir, "agedcrash/g1");
     assert!(
         l1.contains("fault: aged hypervisor crashing after the first guest"),
         "{l1}"

@@ -73,9 +73,25 @@ pub fn vmm(dir: &Path, config: VmmConfig) -> Vmm {
     Vmm::new(config, vmbeam::images(None).unwrap()).unwrap()
 }
 
-/// The text of console `name` in `dir`.
+/// The text of console `name` in `dir`: a nested guest's (`l2-0`, file
+/// `l2-0.log`) or one generation of a host VM line's (`hv0/g2`: the lines
+/// tagged `[g2] ` in `hv0.l1.log`, without the tag).
 pub fn console(dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+    match name.split_once('/') {
+        Some((line, generation)) => {
+            let text =
+                std::fs::read_to_string(dir.join(format!("{line}.l1.log"))).unwrap_or_default();
+            let tag = format!("[{generation}] ");
+            text.lines()
+                .filter_map(|l| l.strip_prefix(&tag))
+                .fold(String::new(), |mut out, l| {
+                    out.push_str(l);
+                    out.push('\n');
+                    out
+                })
+        }
+        None => std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default(),
+    }
 }
 
 /// Waits until `pred` holds on console `name`, failing with its contents after `timeout`.

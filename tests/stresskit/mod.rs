@@ -14,7 +14,7 @@ use vmbeam_vmm::vmm::{HostVmStatus, StartOptions, Status, Vmm};
 use crate::common;
 
 /// Console of the stress host VM line "stress", generation 1.
-pub const STRESS: &str = "stress-g1";
+pub const STRESS: &str = "stress/g1";
 
 /// What this process holds now: open descriptors, threads, resident bytes.
 #[derive(Debug, Clone, Copy)]

@@ -143,7 +143,8 @@ pub struct VmArgs {
     /// Second workload parameter: blkcheck waits for its disk's interrupts (in hlt) instead of polling when bit 0 is set.
     #[arg(long, default_value_t = 0)]
     pub workload_param1: u64,
-    /// Write each console to DIR/<name>.log instead of the terminal.
+    /// Write consoles to DIR instead of the terminal: DIR/<guest>.log per
+    /// nested guest, DIR/<line>.l1.log per host VM line (all generations).
     #[arg(long)]
     pub console_dir: Option<PathBuf>,
     /// Load this guest hypervisor ELF instead of the embedded one.

@@ -108,12 +108,20 @@ fn how_to(id: u64, sock: &Path) -> String {
     )
 }
 
+/// From now on Ctrl-C is noted, not fatal: [`follow`] then asks whether to
+/// cancel or detach. Called before the request that starts a job, so a
+/// Ctrl-C that comes while the job is being created is not lost with the
+/// client (the job would go on with nobody told how to reach it).
+pub fn catch_sigint() {
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+}
+
 /// Follows job `first.id` until it ends or the user detaches. Progress
 /// goes to stderr; `quiet` (JSON output) keeps it to the bar alone.
 pub fn follow(sock: &Path, first: JobView) -> Result<Followed, String> {
     let id = first.id;
-    // SAFETY: the handler only stores to an atomic (async-signal-safe).
-    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    catch_sigint();
     let tty = std::io::stderr().is_terminal();
     let interactive = tty && std::io::stdin().is_terminal();
     let bar = tty.then(|| {

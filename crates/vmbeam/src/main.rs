@@ -42,6 +42,9 @@ fn show<T: serde::de::DeserializeOwned>(
 /// Starts a job with `POST path`, then follows it (or, with `detach`,
 /// prints its number and returns).
 fn run_job(sock: &Path, path: &str, body: &str, json: bool, detach: bool) -> Result<(), String> {
+    if !detach {
+        follow::catch_sigint();
+    }
     let reply = api_call(sock, "POST", path, Some(body))?;
     let job: JobView = serde_json::from_str(&reply).map_err(|e| format!("bad job reply: {e}"))?;
     if detach {
@@ -130,6 +133,9 @@ fn jobs(a: &vmbeam::cli::JobsArgs) -> Result<(), String> {
 
 fn cancel(a: &vmbeam::cli::CancelArgs) -> Result<(), String> {
     let sock = a.sock.path();
+    if !a.no_wait {
+        follow::catch_sigint();
+    }
     let b = api_call(&sock, "DELETE", &format!("/api/v1/jobs/{}", a.id), None)?;
     let job: JobView = serde_json::from_str(&b).map_err(|e| format!("bad job reply: {e}"))?;
     if job.progress.phase.is_final() {

@@ -63,8 +63,10 @@ pub enum Rank {
     Bindings,
     /// `ConsoleHub::consoles`: consoles by name.
     ConsoleHub,
-    /// One console (its file, counters, rate limit).
+    /// One console (its rate limit).
     Console,
+    /// One console file, shared by a host VM line's generations.
+    ConsoleFile,
     /// Counters that wake waiters (doorbells, the VM-event counter), the
     /// policy description: taken last, held for a few instructions.
     Signal,

@@ -3,13 +3,20 @@
 //!
 //! A console is keyed by name — a host VM line or a nested guest — not by
 //! the VM object that currently produces it, so a nested guest keeps its
-//! console across any number of moves between guest hypervisors.
+//! console across any number of moves between guest hypervisors, and a host
+//! VM line keeps one file across its generations: `DIR/<guest>.log` for a
+//! nested guest, `DIR/<line>.l1.log` for the guest hypervisors of a line,
+//! each line of the latter tagged with the generation that wrote it
+//! (`[g2] …`; during a rejuvenation the aged and the fresh one interleave).
+//! Nested guest names cannot end in `.l1`, so the two never share a file.
 //!
 //! Every console is bounded, whoever writes to it: at most
 //! [`CONSOLE_RATE`] bytes per second (a token bucket of [`CONSOLE_BURST`]
-//! bytes), and a log file is rotated at [`CONSOLE_FILE_CAP`] bytes (one old
-//! file, `<name>.log.1`, is kept). Lines over the rate are dropped and
-//! counted; a notice line says when dropping starts and how much was lost.
+//! bytes, one per generation, so an aged guest hypervisor's flood does not
+//! silence its successor), and a log file is rotated at
+//! [`CONSOLE_FILE_CAP`] bytes (one old file, `<name>.log.1`, is kept). Lines
+//! over the rate are dropped and counted; a notice line says when dropping
+//! starts and how much was lost.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -26,7 +33,7 @@ use crate::base::sync::{Rank, RankedMutex};
 pub enum ConsoleTarget {
     /// Standard output, each line prefixed with `[name] `.
     Terminal,
-    /// `DIR/<name>.log`, one file per console.
+    /// `DIR/<guest>.log` per nested guest, `DIR/<line>.l1.log` per host VM line.
     Dir(PathBuf),
     /// Discarded (tests that only read files of their own, benchmarks).
     Off,
@@ -38,13 +45,20 @@ pub const CONSOLE_RATE: u64 = 64 << 10;
 pub const CONSOLE_BURST: u64 = 256 << 10;
 /// Size at which a console's log file is rotated.
 pub const CONSOLE_FILE_CAP: u64 = 16 << 20;
+/// What a host VM line's console file name ends in (before `.log`).
+pub const L1_SUFFIX: &str = ".l1";
 
-/// A console's output and its budget.
+/// A console file, shared by the consoles that write to it.
 #[derive(Debug)]
-struct Out {
+struct Sink {
     file: Option<File>,
     path: Option<PathBuf>,
     file_bytes: u64,
+}
+
+/// A console's rate budget.
+#[derive(Debug)]
+struct Budget {
     tokens: u64,
     refilled: Instant,
     dropping: u64,
@@ -54,7 +68,10 @@ struct Out {
 #[derive(Debug)]
 pub struct Console {
     name: String,
-    out: RankedMutex<Out>,
+    /// Written before each line in the file (`[g2] ` for a guest hypervisor).
+    tag: String,
+    budget: RankedMutex<Budget>,
+    sink: Arc<RankedMutex<Sink>>,
     target: ConsoleTarget,
     lines: AtomicU64,
     dropped_bytes: AtomicU64,
@@ -65,43 +82,43 @@ impl Console {
     /// was dropped because the console is over its rate.
     pub fn write_line(&self, line: &[u8]) -> bool {
         let cost = line.len() as u64 + 1;
-        let mut out = self.out.lock().unwrap();
+        let mut b = self.budget.lock().unwrap();
         let now = Instant::now();
-        let earned = now.duration_since(out.refilled).as_micros() as u64 * CONSOLE_RATE / 1_000_000;
+        let earned = now.duration_since(b.refilled).as_micros() as u64 * CONSOLE_RATE / 1_000_000;
         if earned > 0 {
-            out.tokens = (out.tokens + earned).min(CONSOLE_BURST);
-            out.refilled = now;
+            b.tokens = (b.tokens + earned).min(CONSOLE_BURST);
+            b.refilled = now;
         }
-        if out.tokens < cost {
+        if b.tokens < cost {
             self.dropped_bytes.fetch_add(cost, Ordering::Relaxed);
-            if out.dropping == 0 {
+            if b.dropping == 0 {
                 let note = format!(
                     "[vmbeam] console over {} KiB/s: dropping output",
                     CONSOLE_RATE >> 10
                 );
-                out.tokens = out.tokens.saturating_sub(note.len() as u64 + 1);
-                self.emit(&mut out, &note);
+                b.tokens = b.tokens.saturating_sub(note.len() as u64 + 1);
+                self.emit(&note);
             }
-            out.dropping += cost;
+            b.dropping += cost;
             return false;
         }
-        out.tokens -= cost;
-        if out.dropping > 0 {
-            let note = format!("[vmbeam] {} bytes of console output dropped", out.dropping);
-            out.dropping = 0;
-            out.tokens = out.tokens.saturating_sub(note.len() as u64 + 1);
-            self.emit(&mut out, &note);
+        b.tokens -= cost;
+        if b.dropping > 0 {
+            let note = format!("[vmbeam] {} bytes of console output dropped", b.dropping);
+            b.dropping = 0;
+            b.tokens = b.tokens.saturating_sub(note.len() as u64 + 1);
+            self.emit(&note);
         }
         let clean: String = String::from_utf8_lossy(line)
             .chars()
             .map(|c| if c.is_control() && c != '\t' { '.' } else { c })
             .collect();
-        self.emit(&mut out, &clean);
+        self.emit(&clean);
         self.lines.fetch_add(1, Ordering::Relaxed);
         true
     }
 
-    fn emit(&self, out: &mut Out, clean: &str) {
+    fn emit(&self, clean: &str) {
         match &self.target {
             ConsoleTarget::Terminal => {
                 let o = std::io::stdout();
@@ -110,17 +127,24 @@ impl Console {
                 let _ = o.flush();
             }
             ConsoleTarget::Dir(_) => {
-                if out.file_bytes + clean.len() as u64 + 1 > CONSOLE_FILE_CAP {
-                    rotate(out);
+                let len = (self.tag.len() + clean.len()) as u64 + 1;
+                let mut out = self.sink.lock().unwrap();
+                if out.file_bytes + len > CONSOLE_FILE_CAP {
+                    rotate(&mut out);
                 }
                 if let Some(f) = out.file.as_mut() {
-                    let _ = writeln!(f, "{clean}");
+                    let _ = writeln!(f, "{}{clean}", self.tag);
                     let _ = f.flush();
-                    out.file_bytes += clean.len() as u64 + 1;
+                    out.file_bytes += len;
                 }
             }
             ConsoleTarget::Off => {}
         }
+    }
+
+    /// The console's name (`l2-0`, or `hv0/g2` for a guest hypervisor).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Lines written so far.
@@ -136,7 +160,7 @@ impl Console {
 
 /// Moves a full log file aside (`.log.1`, replacing an older one) and
 /// starts a fresh one; if that fails the console stops writing to disk.
-fn rotate(out: &mut Out) {
+fn rotate(out: &mut Sink) {
     out.file = None;
     out.file_bytes = 0;
     let Some(path) = &out.path else { return };
@@ -159,18 +183,25 @@ pub enum ConsoleError {
     },
 }
 
+/// The hub's maps: consoles by name, files by file name.
+#[derive(Debug, Default)]
+struct Registry {
+    consoles: HashMap<String, Weak<Console>>,
+    sinks: HashMap<String, Weak<RankedMutex<Sink>>>,
+}
+
 /// Hands out consoles by name.
 ///
 /// The hub does not keep a console alive: whoever writes to it does (a
-/// host VM's UART, a nested guest's record). When the last holder is gone
-/// the console's file is closed, so a line of host VMs that is rejuvenated
-/// again and again (console `hv0-g1`, `hv0-g2`, ...) holds one console
-/// file, not one per generation. Asking again for a closed console's name
-/// reopens its file for appending.
+/// host VM's UART, a nested guest's record). When the last holder of a
+/// file is gone the file is closed, so a line of host VMs that is
+/// rejuvenated again and again (consoles `hv0/g1`, `hv0/g2`, ...) holds one
+/// open file, `hv0.l1.log`, not one per generation. Asking again for a
+/// closed console reopens its file for appending.
 #[derive(Debug)]
 pub struct ConsoleHub {
     target: ConsoleTarget,
-    consoles: RankedMutex<HashMap<String, Weak<Console>>>,
+    registry: RankedMutex<Registry>,
 }
 
 impl ConsoleHub {
@@ -184,56 +215,85 @@ impl ConsoleHub {
         }
         Ok(ConsoleHub {
             target,
-            consoles: RankedMutex::new(Rank::ConsoleHub, HashMap::new()),
+            registry: RankedMutex::new(Rank::ConsoleHub, Registry::default()),
         })
     }
 
-    /// The console called `name`, created on first use.
+    /// The console of nested guest `name` (`DIR/<name>.log`), created on
+    /// first use.
     pub fn get(&self, name: &str) -> Result<Arc<Console>, ConsoleError> {
-        let mut map = self.consoles.lock().unwrap();
-        if let Some(c) = map.get(name).and_then(Weak::upgrade) {
+        self.console(name, name, String::new())
+    }
+
+    /// The console of generation `generation` of host VM line `line`:
+    /// `DIR/<line>.l1.log`, shared with the line's other generations, each
+    /// line of it tagged `[g<generation>] `.
+    pub fn get_l1(&self, line: &str, generation: u32) -> Result<Arc<Console>, ConsoleError> {
+        self.console(
+            &format!("{line}/g{generation}"),
+            &format!("{line}{L1_SUFFIX}"),
+            format!("[g{generation}] "),
+        )
+    }
+
+    fn console(&self, name: &str, file: &str, tag: String) -> Result<Arc<Console>, ConsoleError> {
+        let mut reg = self.registry.lock().unwrap();
+        if let Some(c) = reg.consoles.get(name).and_then(Weak::upgrade) {
             return Ok(c);
         }
-        map.retain(|_, c| c.strong_count() > 0);
-        let (file, path) = match &self.target {
-            ConsoleTarget::Dir(d) => {
-                let path = d.join(format!("{name}.log"));
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|source| ConsoleError::Open {
-                        path: path.clone(),
-                        source,
-                    })?;
-                (Some(f), Some(path))
+        reg.consoles.retain(|_, c| c.strong_count() > 0);
+        reg.sinks.retain(|_, s| s.strong_count() > 0);
+        let sink = match reg.sinks.get(file).and_then(Weak::upgrade) {
+            Some(s) => s,
+            None => {
+                let s = Arc::new(RankedMutex::new(Rank::ConsoleFile, self.open(file)?));
+                reg.sinks.insert(file.to_string(), Arc::downgrade(&s));
+                s
             }
-            _ => (None, None),
         };
-        let file_bytes = file
-            .as_ref()
-            .and_then(|f| f.metadata().ok())
-            .map(|m| m.len())
-            .unwrap_or(0);
         let c = Arc::new(Console {
             name: name.to_string(),
-            out: RankedMutex::new(
+            tag,
+            budget: RankedMutex::new(
                 Rank::Console,
-                Out {
-                    file,
-                    path,
-                    file_bytes,
+                Budget {
                     tokens: CONSOLE_BURST,
                     refilled: Instant::now(),
                     dropping: 0,
                 },
             ),
+            sink,
             target: self.target.clone(),
             lines: AtomicU64::new(0),
             dropped_bytes: AtomicU64::new(0),
         });
-        map.insert(name.to_string(), Arc::downgrade(&c));
+        reg.consoles.insert(name.to_string(), Arc::downgrade(&c));
         Ok(c)
+    }
+
+    fn open(&self, file: &str) -> Result<Sink, ConsoleError> {
+        let ConsoleTarget::Dir(d) = &self.target else {
+            return Ok(Sink {
+                file: None,
+                path: None,
+                file_bytes: 0,
+            });
+        };
+        let path = d.join(format!("{file}.log"));
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| ConsoleError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let file_bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(Sink {
+            file: Some(f),
+            path: Some(path),
+            file_bytes,
+        })
     }
 }
 
@@ -304,19 +364,59 @@ mod tests {
     fn consoles_live_as_long_as_their_holders() {
         let dir = std::env::temp_dir().join(format!("vmbeam-console-{}", std::process::id()));
         let hub = ConsoleHub::new(ConsoleTarget::Dir(dir.clone())).unwrap();
-        let a = hub.get("hv0-g1").unwrap();
-        assert!(Arc::ptr_eq(&a, &hub.get("hv0-g1").unwrap()));
+        let a = hub.get("l2-0").unwrap();
+        assert!(Arc::ptr_eq(&a, &hub.get("l2-0").unwrap()));
         a.write_line(b"first");
         drop(a);
-        // Gone with its last holder; a new generation's console replaces it.
-        let b = hub.get("hv0-g2").unwrap();
-        assert_eq!(hub.consoles.lock().unwrap().len(), 1);
+        let b = hub.get("l2-1").unwrap();
+        assert_eq!(hub.registry.lock().unwrap().consoles.len(), 1);
         // The same name again appends to the same file.
-        let a = hub.get("hv0-g1").unwrap();
+        let a = hub.get("l2-0").unwrap();
         a.write_line(b"second");
-        let text = std::fs::read_to_string(dir.join("hv0-g1.log")).unwrap();
+        let text = std::fs::read_to_string(dir.join("l2-0.log")).unwrap();
         assert_eq!(text, "first\nsecond\n");
         drop((a, b));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_host_vm_line_keeps_one_file_across_generations() {
+        let dir = std::env::temp_dir().join(format!("vmbeam-l1-{}", std::process::id()));
+        let hub = ConsoleHub::new(ConsoleTarget::Dir(dir.clone())).unwrap();
+        let g1 = hub.get_l1("hv0", 1).unwrap();
+        g1.write_line(b"aged");
+        let g2 = hub.get_l1("hv0", 2).unwrap();
+        assert!(Arc::ptr_eq(&g1.sink, &g2.sink));
+        g2.write_line(b"fresh");
+        g1.write_line(b"last words");
+        drop(g1);
+        let g3 = hub.get_l1("hv0", 3).unwrap();
+        g3.write_line(b"third");
+        drop((g2, g3));
+        // A later generation after every holder is gone appends too.
+        hub.get_l1("hv0", 4).unwrap().write_line(b"fourth");
+        let text = std::fs::read_to_string(dir.join("hv0.l1.log")).unwrap();
+        assert_eq!(
+            text,
+            "[g1] aged\n[g2] fresh\n[g1] last words\n[g3] third\n[g4] fourth\n"
+        );
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn generations_have_budgets_of_their_own() {
+        let dir = std::env::temp_dir().join(format!("vmbeam-l1b-{}", std::process::id()));
+        let hub = ConsoleHub::new(ConsoleTarget::Dir(dir.clone())).unwrap();
+        let aged = hub.get_l1("hv0", 1).unwrap();
+        let fresh = hub.get_l1("hv0", 2).unwrap();
+        let line = [b'x'; 1023];
+        while aged.write_line(&line) {}
+        assert!(fresh.write_line(b"still heard"));
+        let text = std::fs::read_to_string(dir.join("hv0.l1.log")).unwrap();
+        assert!(text.ends_with("[g2] still heard\n"));
+        drop((aged, fresh));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -1,5 +1,5 @@
 //! What names of host VM lines and of nested guests may be. Both name
-//! consoles (`<line>-g<N>` and `<guest>`), so the two forms must never meet:
+//! console files (`<line>.l1` and `<guest>`), so the two forms must never meet:
 //! every path that creates a line or a guest (the CLI, the API, VM_CREATE,
 //! an incoming migration) checks here.
 
@@ -25,7 +25,7 @@ pub fn check_line_name(name: &str) -> Result<(), String> {
 
 /// Checks a nested VM name as VM_CREATE receives it (`data[..16]`):
 /// NUL-padded, non-empty, UTF-8, and only `[A-Za-z0-9._-]`; it may not
-/// start with '.' nor end in `-g<digits>`, the form of host VM console
+/// start with '.' nor end in `.l1`, the form of host VM console file
 /// names, so a guest hypervisor cannot write into a host VM's console.
 pub fn check_name(raw: &[u8; vmbeam_abi::NAME_LEN]) -> Result<&str, Status> {
     let n = vmbeam_abi::name_from_bytes(raw).ok_or(Status::BadArg)?;
@@ -36,10 +36,8 @@ pub fn check_name(raw: &[u8; vmbeam_abi::NAME_LEN]) -> Result<&str, Status> {
     {
         return Err(Status::BadArg);
     }
-    if let Some((_, g)) = n.rsplit_once("-g") {
-        if !g.is_empty() && g.chars().all(|c| c.is_ascii_digit()) {
-            return Err(Status::BadArg);
-        }
+    if n.ends_with(crate::host::console::L1_SUFFIX) {
+        return Err(Status::BadArg);
     }
     Ok(n)
 }
@@ -59,6 +57,8 @@ mod tests {
         assert_eq!(check_name(&n(b"a.b_c-D9")), Ok("a.b_c-D9"));
         assert_eq!(check_name(&[b'x'; 16]), Ok("xxxxxxxxxxxxxxxx"));
         assert_eq!(check_name(&n(b"l2-gx")), Ok("l2-gx"));
+        assert_eq!(check_name(&n(b"hv0-g2")), Ok("hv0-g2"));
+        assert_eq!(check_name(&n(b"a.l12")), Ok("a.l12"));
         for bad in [
             &b""[..],
             b"a b",
@@ -66,7 +66,8 @@ mod tests {
             b"a\n",
             b"\xff",
             b"\xc3\xa9",
-            b"hv0-g2",
+            b"hv0.l1",
+            b".l1",
             b".hidden",
         ] {
             assert_eq!(check_name(&n(bad)), Err(Status::BadArg), "{bad:?}");

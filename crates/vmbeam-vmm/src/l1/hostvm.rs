@@ -482,14 +482,13 @@ impl HostVm {
         channel: Arc<MemFile>,
     ) -> Result<Arc<HostVm>, HostVmError> {
         let name = format!("{}/g{}", spec.line, spec.generation);
-        let console =
-            shared
-                .consoles
-                .get(&name.replace('/', "-"))
-                .map_err(|e| HostVmError::Config {
-                    vm: name.clone(),
-                    msg: e.to_string(),
-                })?;
+        let console = shared
+            .consoles
+            .get_l1(&spec.line, spec.generation)
+            .map_err(|e| HostVmError::Config {
+                vm: name.clone(),
+                msg: e.to_string(),
+            })?;
         let next_slot = ram.regions.iter().map(|r| r.slot + 1).max().unwrap_or(0);
         let dispatcher = shared.hypercalls();
         Ok(Arc::new(HostVm {

@@ -68,6 +68,7 @@ fn listener(vmm: Arc<Vmm>, tls: Option<TlsDir>) -> String {
     let opts = ReceiveOptions {
         tls,
         reuse: vmm.reuse(),
+        ..Default::default()
     };
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {

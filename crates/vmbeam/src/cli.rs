@@ -308,6 +308,10 @@ pub struct MigrateArgs {
     /// Downtime budget of the pre-copy, in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
+    /// precopy: send the memory, then switch; postcopy: switch at once,
+    /// the memory follows (pages the VM touches first come first).
+    #[arg(long, value_enum, default_value_t = MigrateMode::Precopy)]
+    pub mode: MigrateMode,
     /// Mutual TLS: a directory with ca.pem (the CA the destination must be
     /// signed by), cert.pem and key.pem (this host's).
     #[arg(long, value_name = "DIR")]
@@ -318,6 +322,25 @@ pub struct MigrateArgs {
     /// Start the migration and return at once with its job number.
     #[arg(long)]
     pub detach: bool,
+}
+
+/// How `vmbeam migrate` moves the memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MigrateMode {
+    /// Memory first, then the switch (downtime bounded by --downtime-ms).
+    Precopy,
+    /// The switch first; pages follow on demand and in the background.
+    Postcopy,
+}
+
+impl MigrateMode {
+    /// The API's name.
+    pub fn api_name(self) -> &'static str {
+        match self {
+            MigrateMode::Precopy => "precopy",
+            MigrateMode::Postcopy => "postcopy",
+        }
+    }
 }
 
 /// `vmbeam status`.

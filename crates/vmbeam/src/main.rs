@@ -222,7 +222,8 @@ fn main() -> ExitCode {
                 .as_ref()
                 .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()));
             let body = serde_json::json!({
-                "vm": a.vm, "to": a.to, "downtime_ms": a.downtime_ms, "tls_dir": tls
+                "vm": a.vm, "to": a.to, "downtime_ms": a.downtime_ms, "tls_dir": tls,
+                "mode": a.mode.api_name()
             })
             .to_string();
             run_job(&a.sock.path(), "/api/v1/migrate", &body, a.json, a.detach)

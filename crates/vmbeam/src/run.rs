@@ -326,6 +326,7 @@ pub fn run(args: &RunArgs) -> Result<(), RunError> {
         let opts = vmbeam_vmm::migration::remote::ReceiveOptions {
             tls,
             reuse: vmm.reuse(),
+            postcopy_outcome: None,
         };
         tracing::info!(
             "waiting for host VMs to migrate in on {addr}; API on {}",

@@ -147,6 +147,19 @@ pub struct MigrateRequest {
     /// Directory with ca.pem, cert.pem and key.pem for mutual TLS (default: plain TCP).
     #[serde(default)]
     pub tls_dir: Option<std::path::PathBuf>,
+    /// `precopy` (default) or `postcopy`.
+    #[serde(default)]
+    pub mode: Option<MigrateMode>,
+}
+
+/// How a migration moves the memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrateMode {
+    /// Memory first, then the switch.
+    Precopy,
+    /// The switch first, then the memory.
+    Postcopy,
 }
 
 /// Request body of `POST /api/v1/checksum`.
@@ -594,6 +607,7 @@ impl ApiServer {
                 let opts = MigrateOptions {
                     downtime: budget,
                     tls,
+                    postcopy: req.mode == Some(MigrateMode::Postcopy),
                     ..Default::default()
                 };
                 match arc {

@@ -173,7 +173,62 @@ impl Link {
         self.received.load(Ordering::Relaxed)
     }
 
+    /// A handle through which another thread queues frames on this link.
+    pub fn sender(&self) -> Result<LinkSender, WireError> {
+        Ok(LinkSender {
+            out: self.out.clone().ok_or_else(|| self.dead())?,
+            wake: self.wake.try_clone()?,
+            sock: self.sock.try_clone()?,
+        })
+    }
+
+    /// Makes the kernel abort the connection when sent data stays
+    /// unacknowledged for `d` (TCP_USER_TIMEOUT), so a peer that vanished
+    /// without closing (a cut cable, a dropped route) fails a blocked send
+    /// within `d` instead of after the kernel's retransmission limit.
+    pub fn set_user_timeout(&self, d: Duration) -> Result<(), WireError> {
+        let ms = d.as_millis().min(u32::MAX as u128) as libc::c_uint;
+        // SAFETY: setsockopt on our own socket with a correctly sized value.
+        let r = unsafe {
+            libc::setsockopt(
+                self.sock.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_USER_TIMEOUT,
+                &ms as *const libc::c_uint as *const libc::c_void,
+                std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(WireError::Io(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Cuts the connection in both directions.
+    pub fn shutdown(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Queues frames on a [`Link`] from another thread (see [`Link::sender`]).
+pub struct LinkSender {
+    out: SyncSender<Out>,
+    wake: EventFd,
+    sock: TcpStream,
+}
+
+impl LinkSender {
+    /// Queues one frame; blocks while the queue is full.
+    pub fn send(&self, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
+        self.out
+            .send(Out::Frame(wire::encode(kind, payload)?))
+            .map_err(|_| WireError::Io(ErrorKind::BrokenPipe.into()))?;
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    /// Cuts the connection in both directions (the link's owner then sees
+    /// an error at its next receive).
     pub fn shutdown(&self) {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
     }

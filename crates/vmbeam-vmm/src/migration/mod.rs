@@ -16,5 +16,6 @@ pub mod rescue;
 pub mod reuse;
 pub mod tls;
 pub mod transport;
+pub mod uffd;
 pub mod verify;
 pub mod wire;

@@ -11,6 +11,8 @@
 //! resumes and keeps running. The receiver validates every frame and never
 //! runs anything until commit.
 
+pub mod postcopy;
+
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,6 +76,10 @@ pub enum RemoteError {
     /// COMMIT went out but the destination never said it runs the VM.
     #[error("the destination did not confirm that it runs the VM after COMMIT ({0}); the source copy is kept stopped, not released")]
     Unconfirmed(String),
+    /// Post-copy failed after the switch (link or peer lost, a page not
+    /// delivered): the destination's guests cannot go on.
+    #[error("post-copy failed after the switch: {0}; the destination stops the VM (its guests cannot run without the missing pages) and the source copy is kept stopped with all its memory")]
+    PostcopyBroken(String),
 }
 
 pub use crate::migration::region_desc::{region_desc, RegionDesc};
@@ -106,6 +112,10 @@ pub struct Hello {
     /// for the receiver to cite if the VM comes back.
     #[serde(default)]
     pub keep_epoch: Option<String>,
+    /// Post-copy: the destination resumes the VM before its memory
+    /// arrived (migration/postcopy.rs).
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 /// The receiver's answer to `reuse_epoch`.
@@ -180,6 +190,10 @@ pub struct Started {
     pub running: bool,
     /// Its nested guests.
     pub guests: Vec<StartedGuest>,
+    /// The destination's own time from the last state frame to its vCPUs
+    /// running, ms (post-copy).
+    #[serde(default)]
+    pub resume_ms: Option<f64>,
 }
 
 pub use crate::migration::report::Transfer;
@@ -498,7 +512,7 @@ impl<'a> Out<'a> {
 }
 
 /// The error a frame (or failure) from the destination stands for.
-fn peer_said(r: Result<link::Frame, WireError>) -> RemoteError {
+pub(crate) fn peer_said(r: Result<link::Frame, WireError>) -> RemoteError {
     match r {
         Ok((Kind::Refuse, p)) => RemoteError::Refused(wire::parse_reason(&p)),
         Ok((k, _)) => RemoteError::Refused(format!("unexpected {k:?} frame from the destination")),
@@ -612,6 +626,8 @@ pub struct MigrateOptions {
     /// Keep the image after the move (for the VM's return) and use images
     /// the destination kept; `None` releases memory at once.
     pub reuse: Option<Arc<ReuseCache>>,
+    /// Post-copy instead of pre-copy (no reuse: pages cross on demand).
+    pub postcopy: bool,
 }
 
 /// Sends host VM `vm` to `to`. On success the source VM is stopped and its
@@ -628,7 +644,7 @@ pub fn migrate_out(vm: &Arc<HostVm>, to: &str, budget: Duration) -> Result<Repor
 }
 
 /// How long the sender waits for each answer of the destination.
-const ANSWER: Duration = Duration::from_secs(120);
+pub(crate) const ANSWER: Duration = Duration::from_secs(120);
 
 /// [`migrate_out`] with options.
 pub fn migrate_out_with(
@@ -673,11 +689,9 @@ pub fn migrate_out_with(
 
     let regions: Vec<Region> = vm.mem.read().unwrap().regions.clone();
     let nested: Vec<_> = vm.nested.lock().unwrap().vms.values().cloned().collect();
-    let keep_epoch = opts.reuse.as_ref().map(|_| reuse::random_u128());
-    let reuse_epoch = opts
-        .reuse
-        .as_ref()
-        .and_then(|c| c.take_origin(&vm.spec.line));
+    let reuse_cache = opts.reuse.as_ref().filter(|_| !opts.postcopy);
+    let keep_epoch = reuse_cache.map(|_| reuse::random_u128());
+    let reuse_epoch = reuse_cache.and_then(|c| c.take_origin(&vm.spec.line));
     if let Some(p) = progress {
         p.set_bytes_total(regions.iter().map(|r| r.size).sum::<u64>());
         p.set_guests_total(nested.len() as u64);
@@ -693,9 +707,13 @@ pub fn migrate_out_with(
         regions: regions.iter().map(region_desc).collect(),
         reuse_epoch: reuse_epoch.map(|e| format!("{e:032x}")),
         keep_epoch: keep_epoch.map(|e| format!("{e:032x}")),
+        postcopy: opts.postcopy,
     };
     let json = |v: &dyn erased::Ser| v.to_json();
     out.send(Kind::Hello, json(&hello).as_bytes())?;
+    if opts.postcopy {
+        return postcopy_out(vm, &link, &addr, opts, t0, rss_before, cpu0);
+    }
 
     // Live phase: everything keeps running.
     phase(Phase::Precopy);
@@ -761,47 +779,7 @@ pub fn migrate_out_with(
                     sent.add(out.range(i, &regions[i], gpa - regions[i].gpa, len)?);
                 }
             }
-            let mut l1_vcpus = Vec::new();
-            for fd in &fds {
-                let st = arch::get_state(fd).map_err(|e| RemoteError::Local(e.to_string()))?;
-                l1_vcpus.push(vmbeam_abi::as_bytes(&st).to_vec());
-            }
-            let mut descs = Vec::new();
-            let mut before = Vec::new();
-            let mut hash = Duration::ZERO;
-            for n in &nested {
-                let mut n = n.lock().unwrap();
-                let states = n
-                    .save_vcpus()
-                    .map_err(|s| RemoteError::Local(format!("{}: {s:?}", n.name)))?;
-                let th = Instant::now();
-                let sum = n.checksum_all();
-                hash += th.elapsed();
-                before.push((n.name.clone(), n.mem_bytes(), sum));
-                descs.push(NestedDesc {
-                    handle: n.handle,
-                    name: n.name.clone(),
-                    crashed: n.state == NestedState::Crashed,
-                    moves: n
-                        .record
-                        .as_ref()
-                        .map(|r| r.info.lock().unwrap().moves)
-                        .unwrap_or(0),
-                    slots: n
-                        .slots
-                        .iter()
-                        .map(|s| (s.l1_gpa, s.l2_gpa, s.len))
-                        .collect(),
-                    vcpus: states
-                        .iter()
-                        .map(|s| vmbeam_abi::as_bytes(s).to_vec())
-                        .collect(),
-                });
-            }
-            let state = StateMsg {
-                l1_vcpus,
-                nested: descs,
-            };
+            let (state, before, hash) = save_state(&fds, &nested, true)?;
             out.send(Kind::State, json(&state).as_bytes())?;
             out.send(Kind::Done, &[])?;
             link.flush(ANSWER).map_err(|e| refusal_or(&link, e))?;
@@ -852,6 +830,7 @@ pub fn migrate_out_with(
             other => Err(peer_said(other)),
         };
         let downtime = t_pause.elapsed();
+        let resumed_at = t0.elapsed();
         let started = match started {
             Ok(s) => s,
             Err(e) => {
@@ -887,6 +866,9 @@ pub fn migrate_out_with(
             .saturating_sub(vm.ram_file.allocated_bytes() + vm.pool_file.allocated_bytes());
         let total = t0.elapsed();
         let transfer = Transfer {
+            mode: "precopy".into(),
+            time_to_resume_ms: resumed_at.as_secs_f64() * 1000.0,
+            postcopy: None,
             tls: opts.tls.is_some(),
             page_bytes: sent.pages,
             zero_bytes: sent.zero,
@@ -971,7 +953,120 @@ pub fn migrate_out_with(
     }
 }
 
-fn resume_err(vm: &Arc<HostVm>, fds: Vec<kvm_ioctls::VcpuFd>, e: RemoteError) -> RemoteError {
+/// The post-copy path of [`migrate_out_with`] after HELLO: the switch and
+/// the page service (migration/postcopy.rs), then the release of this copy
+/// once the destination confirmed the last page, and the report.
+#[allow(clippy::too_many_arguments)]
+fn postcopy_out(
+    vm: &Arc<HostVm>,
+    link: &Link,
+    addr: &str,
+    opts: &MigrateOptions,
+    t0: Instant,
+    rss_before: u64,
+    cpu0: f64,
+) -> Result<Report, RemoteError> {
+    let progress = opts.progress.as_deref();
+    let phase = |p: Phase| {
+        if let Some(x) = progress {
+            x.set_phase(p)
+        }
+    };
+    phase(Phase::HandingOver);
+    let guests: Vec<(String, u64)> = vm
+        .nested
+        .lock()
+        .unwrap()
+        .vms
+        .values()
+        .map(|n| {
+            let n = n.lock().unwrap();
+            (n.name.clone(), n.mem_bytes())
+        })
+        .collect();
+    let sw = match crate::migration::remote::postcopy::send(vm, link, addr, progress) {
+        Ok(s) => s,
+        Err(e) => {
+            phase(if matches!(e, RemoteError::Cancelled) {
+                Phase::Cancelled
+            } else {
+                Phase::Failed
+            });
+            return Err(e);
+        }
+    };
+    phase(Phase::Done);
+    let allocated = vm.ram_file.allocated_bytes() + vm.pool_file.allocated_bytes();
+    vm.set_status(VmStatus::Retired);
+    drop(vm.drop_nested());
+    drop(vm.drop_memory());
+    let _ = vm.ram_file.punch_hole(0, vm.ram_file.size);
+    let _ = vm.pool_file.punch_hole(0, vm.pool_file.size);
+    let released =
+        allocated.saturating_sub(vm.ram_file.allocated_bytes() + vm.pool_file.allocated_bytes());
+    let total = t0.elapsed();
+    let pc = sw.report;
+    let page_bytes = (pc.fetched_pages + pc.pushed_pages) * PAGE;
+    let zero_bytes = pc.zero_pages * PAGE;
+    let transfer = Transfer {
+        mode: "postcopy".into(),
+        tls: opts.tls.is_some(),
+        page_bytes,
+        zero_bytes,
+        reuse: false,
+        reused_bytes: 0,
+        kept_bytes: 0,
+        wire_bytes_sent: link.bytes_sent(),
+        wire_bytes_received: link.bytes_received(),
+        source_verify_ms: 0.0,
+        destination_verify_ms: 0.0,
+        destination_build_ms: sw.verdict.build_ms,
+        pause_to_commit_ms: sw.commit_sent.as_secs_f64() * 1000.0,
+        memory_gbps: (page_bytes + zero_bytes) as f64 / total.as_secs_f64().max(1e-9) / 1e9,
+        time_to_resume_ms: sw.resumed.duration_since(t0).as_secs_f64() * 1000.0,
+        postcopy: Some(pc),
+    };
+    Ok(Report {
+        mode: "tcp".into(),
+        vm: vm.spec.line.clone(),
+        from_generation: vm.spec.generation,
+        to_generation: vm.spec.generation,
+        boot_ms: sw.verdict.build_ms,
+        handover_ms: sw.downtime.as_secs_f64() * 1000.0,
+        total_ms: total.as_secs_f64() * 1000.0,
+        bytes_copied: page_bytes,
+        channel_bytes: link.bytes_sent() + link.bytes_received(),
+        released_bytes: released,
+        host_rss_before: rss_before,
+        host_rss_after: rss_bytes(),
+        cpu_ms: cpu_ms() - cpu0,
+        verify_ms: 0.0,
+        guests: guests
+            .into_iter()
+            .map(|(name, mem)| {
+                let there = sw.started.guests.iter().find(|g| g.name == name);
+                GuestReport {
+                    name,
+                    mem_bytes: mem,
+                    downtime_us: sw.downtime.as_micros() as u64,
+                    checksum_before: None,
+                    checksum_after: None,
+                    running_after: there.is_some_and(|g| g.running) && sw.started.running,
+                    moves: there.map(|g| g.moves).unwrap_or(0),
+                }
+            })
+            .collect(),
+        precopy: None,
+        rescued: None,
+        transfer: Some(transfer),
+    })
+}
+
+pub(crate) fn resume_err(
+    vm: &Arc<HostVm>,
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    e: RemoteError,
+) -> RemoteError {
     vm.take_l0_writes();
     set_l1_logging(vm, false);
     for n in vm.nested.lock().unwrap().vms.values() {
@@ -1045,6 +1140,100 @@ fn check_hello(h: &Hello) -> Result<(), RemoteError> {
     Ok(())
 }
 
+/// The nested guests of a VM that runs here now, for STARTED.
+pub(crate) fn started_guests(vm: &HostVm) -> Vec<StartedGuest> {
+    vm.nested
+        .lock()
+        .unwrap()
+        .vms
+        .values()
+        .map(|n| {
+            let n = n.lock().unwrap();
+            StartedGuest {
+                name: n.name.clone(),
+                moves: n
+                    .record
+                    .as_ref()
+                    .map(|r| r.info.lock().unwrap().moves)
+                    .unwrap_or(0),
+                running: n.state != NestedState::Crashed,
+            }
+        })
+        .collect()
+}
+
+/// Saves the L1 vCPUs (`fds`, paused) and every nested VM's state; with
+/// `checksums`, also hashes each nested guest's memory. Returns the state,
+/// (name, bytes, checksum) of each guest (checksum 0 without hashing) and
+/// the time spent hashing.
+#[allow(clippy::type_complexity)]
+pub(crate) fn save_state(
+    fds: &[kvm_ioctls::VcpuFd],
+    nested: &[crate::nesting::nested::NestedRef],
+    checksums: bool,
+) -> Result<(StateMsg, Vec<(String, u64, u64)>, Duration), RemoteError> {
+    let mut l1_vcpus = Vec::new();
+    for fd in fds {
+        let st = arch::get_state(fd).map_err(|e| RemoteError::Local(e.to_string()))?;
+        l1_vcpus.push(vmbeam_abi::as_bytes(&st).to_vec());
+    }
+    let mut descs = Vec::new();
+    let mut before = Vec::new();
+    let mut hash = Duration::ZERO;
+    for n in nested {
+        let mut n = n.lock().unwrap();
+        let states = n
+            .save_vcpus()
+            .map_err(|s| RemoteError::Local(format!("{}: {s:?}", n.name)))?;
+        let th = Instant::now();
+        let sum = if checksums { n.checksum_all() } else { 0 };
+        hash += th.elapsed();
+        before.push((n.name.clone(), n.mem_bytes(), sum));
+        descs.push(NestedDesc {
+            handle: n.handle,
+            name: n.name.clone(),
+            crashed: n.state == NestedState::Crashed,
+            moves: n
+                .record
+                .as_ref()
+                .map(|r| r.info.lock().unwrap().moves)
+                .unwrap_or(0),
+            slots: n
+                .slots
+                .iter()
+                .map(|s| (s.l1_gpa, s.l2_gpa, s.len))
+                .collect(),
+            vcpus: states
+                .iter()
+                .map(|s| vmbeam_abi::as_bytes(s).to_vec())
+                .collect(),
+        });
+    }
+    let state = StateMsg {
+        l1_vcpus,
+        nested: descs,
+    };
+    Ok((state, before, hash))
+}
+
+/// Sends REFUSE with the reason of `e`, then keeps reading for a while so
+/// the sender sees the reason rather than a reset; returns `e`.
+pub(crate) fn refuse_on(link: &Link, e: RemoteError) -> RemoteError {
+    let reason = e.to_string();
+    if link
+        .send(Kind::Refuse, wire::refuse_payload(&reason))
+        .and_then(|_| link.flush(LINGER))
+        .is_ok()
+    {
+        let until = Instant::now() + LINGER;
+        while link
+            .recv(until.saturating_duration_since(Instant::now()))
+            .is_ok()
+        {}
+    }
+    e
+}
+
 fn state_from(bytes: &[u8]) -> Result<VcpuState, RemoteError> {
     if bytes.len() != std::mem::size_of::<VcpuState>() {
         return Err(RemoteError::Invalid("vCPU state of the wrong size".into()));
@@ -1060,10 +1249,13 @@ pub struct ReceiveOptions {
     /// Images kept here of VMs that left (used when they come back), and
     /// where arriving VMs' epochs are noted.
     pub reuse: Option<Arc<ReuseCache>>,
+    /// Where the outcome of each post-copy (after the switch) is sent.
+    pub postcopy_outcome:
+        Option<std::sync::mpsc::Sender<crate::migration::remote::postcopy::PostcopyOutcome>>,
 }
 
 /// How long the receiver waits for each frame of the sender.
-const FRAME_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const FRAME_WAIT: Duration = Duration::from_secs(60);
 /// How long a refusing receiver keeps reading (and discarding) so the
 /// sender can read the refusal instead of a reset connection.
 const LINGER: Duration = Duration::from_secs(5);
@@ -1101,21 +1293,7 @@ pub fn receive_with(
     };
     let link = Link::spawn(transport, "vmbeam-receive-io")?;
     // Says why, then keeps reading for a while so the sender sees the reason.
-    let refuse = |e: RemoteError| -> RemoteError {
-        let reason = e.to_string();
-        if link
-            .send(Kind::Refuse, wire::refuse_payload(&reason))
-            .and_then(|_| link.flush(LINGER))
-            .is_ok()
-        {
-            let until = Instant::now() + LINGER;
-            while link
-                .recv(until.saturating_duration_since(Instant::now()))
-                .is_ok()
-            {}
-        }
-        e
-    };
+    let refuse = |e: RemoteError| -> RemoteError { refuse_on(&link, e) };
     let (k, p) = link.recv(FRAME_WAIT)?;
     if k != Kind::Hello {
         return Err(refuse(RemoteError::Invalid(format!(
@@ -1206,6 +1384,20 @@ pub fn receive_with(
                 i as u32,
             )
             .map_err(|e| refuse(local(e.to_string())))?,
+        );
+    }
+    if hello.postcopy {
+        if reusing {
+            return Err(refuse(RemoteError::Invalid(
+                "post-copy does not use a kept image".into(),
+            )));
+        }
+        return crate::migration::remote::postcopy::receive(
+            shared,
+            link,
+            &hello,
+            regions,
+            opts.postcopy_outcome.clone(),
         );
     }
     let in_region = |ri: u32, off: u64, len: u64| -> Result<&Region, RemoteError> {
@@ -1309,28 +1501,10 @@ pub fn receive_with(
     if let (Some(c), Some(e)) = (&opts.reuse, parse_epoch(&hello.keep_epoch)) {
         c.note_origin(&hello.line, e);
     }
-    let guests = vm
-        .nested
-        .lock()
-        .unwrap()
-        .vms
-        .values()
-        .map(|n| {
-            let n = n.lock().unwrap();
-            StartedGuest {
-                name: n.name.clone(),
-                moves: n
-                    .record
-                    .as_ref()
-                    .map(|r| r.info.lock().unwrap().moves)
-                    .unwrap_or(0),
-                running: n.state != NestedState::Crashed,
-            }
-        })
-        .collect();
     let started = Started {
         running: vm.status() == VmStatus::Running && vm.vcpus_alive(),
-        guests,
+        guests: started_guests(&vm),
+        resume_ms: None,
     };
     // The VM runs here whatever becomes of this last frame.
     let _ = link
@@ -1344,7 +1518,7 @@ pub fn receive_with(
     Ok(vm)
 }
 
-fn build(
+pub(crate) fn build(
     shared: &Arc<Shared>,
     h: &Hello,
     regions: Vec<Region>,

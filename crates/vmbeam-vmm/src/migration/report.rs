@@ -95,6 +95,8 @@ pub fn cpu_ms() -> f64 {
 /// measured on this run.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Transfer {
+    /// "precopy" or "postcopy".
+    pub mode: String,
     /// The stream was mutual TLS.
     pub tls: bool,
     /// Guest memory sent as page data.
@@ -121,7 +123,59 @@ pub struct Transfer {
     /// Pause → COMMIT queued for sending, ms (the downtime ends later,
     /// when the destination's STARTED arrives).
     pub pause_to_commit_ms: f64,
+    /// Start of the migration → the destination's STARTED arrived (the VM
+    /// runs there), ms. Pre-copy: grows with memory; post-copy: does not.
+    pub time_to_resume_ms: f64,
+    /// Post-copy: how the pages crossed after the switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyReport>,
     /// Guest memory covered (pages and zero markers) per second of the
     /// whole migration, GB/s.
     pub memory_gbps: f64,
+}
+
+/// What the destination says when every page arrived (or why not).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Received {
+    /// Every page arrived and the digests agree.
+    pub ok: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// Digest of the image as placed here (hex).
+    pub digest: String,
+    /// Pages placed from the background stream.
+    pub pushed_pages: u64,
+    /// Pages placed because a guest (or L0) waited for them.
+    pub fetched_pages: u64,
+    /// Zero pages placed because something touched them.
+    pub zero_placed_pages: u64,
+    /// Faults taken on pages that had not arrived.
+    pub faults: u64,
+    /// Mean time from a fault to its page placed, µs.
+    pub fault_wait_mean_us: f64,
+    /// Longest such time, µs.
+    pub fault_wait_max_us: f64,
+    /// From the vCPUs' start here to the last page placed, ms.
+    pub complete_ms: f64,
+}
+
+/// How the memory of a post-copy migration crossed (in the report's
+/// `transfer.postcopy`); every field is measured on this run.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct PostcopyReport {
+    /// Pages first sent because the destination asked (FETCH).
+    pub fetched_pages: u64,
+    /// FETCH requests answered (a page requested while already on its way
+    /// is answered again).
+    pub fetch_requests: u64,
+    /// Pages first sent by the background stream as data.
+    pub pushed_pages: u64,
+    /// Pages sent as zero markers (zero pages and holes).
+    pub zero_pages: u64,
+    /// Destination's vCPUs running → its confirmation of the last page, ms.
+    pub push_ms: f64,
+    /// Digest of the image the source sent (hex).
+    pub source_digest: String,
+    /// What the destination measured.
+    pub destination: Received,
 }

@@ -57,6 +57,16 @@ pub enum Kind {
     /// Sender → receiver: a run the receiver's kept image already holds
     /// (region u32, offset u64, length u64).
     Same = 13,
+    /// Receiver → sender, post-copy: a page the destination's guests wait
+    /// for (region u32, offset u64, length u64).
+    Fetch = 14,
+    /// Sender → receiver, post-copy: the answer to a FETCH (as PAGES).
+    Fetched = 15,
+    /// Sender → receiver, post-copy: every page was sent (JSON: digest).
+    PushDone = 16,
+    /// Receiver → sender, post-copy: every page arrived (JSON: digest and
+    /// counts); the source may release its copy only after this.
+    Received = 17,
 }
 
 impl Kind {
@@ -75,6 +85,10 @@ impl Kind {
             11 => Kind::Hashes,
             12 => Kind::HashesEnd,
             13 => Kind::Same,
+            14 => Kind::Fetch,
+            15 => Kind::Fetched,
+            16 => Kind::PushDone,
+            17 => Kind::Received,
             _ => return None,
         })
     }

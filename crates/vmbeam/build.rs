@@ -125,6 +125,7 @@ fn main() {
         "hostile",
         "stress",
         "blkcheck",
+        "netecho",
         "rt",
     ] {
         println!("cargo:rerun-if-changed={}", guests.join(p).display());
@@ -173,6 +174,7 @@ fn main() {
         "hostile",
         "stress",
         "blkcheck",
+        "netecho",
     ] {
         std::fs::copy(bin.join(g), out.join(format!("{g}.elf")))
             .unwrap_or_else(|e| fail(format!("guest {g} was not built ({e})")));

@@ -5,6 +5,7 @@
 
 mod kvm;
 pub mod moves;
+pub mod netns;
 pub mod procfs;
 pub mod server;
 pub use kvm::kvm_or_skip;

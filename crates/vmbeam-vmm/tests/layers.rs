@@ -44,6 +44,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "devices::blk",
             "devices::tap",
             "devices::binding",
+            "devices::net",
         ],
     ),
     ("nesting", &["nesting", "nesting::nested", "nesting::table"]),

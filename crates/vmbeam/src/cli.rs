@@ -137,7 +137,7 @@ pub struct VmArgs {
     /// Nested workloads, assigned round-robin (memtouch, ticker, blkcheck, netecho).
     #[arg(long, default_value = "memtouch,ticker", value_delimiter = ',', value_parser = workload)]
     pub workload: Vec<Workload>,
-    /// memtouch, blkcheck: rounds before it halts (0 = forever); ticker: ticks before it faults on purpose (0 = never; with bit 63 set the fault is an AVX instruction).
+    /// memtouch, blkcheck: rounds before it halts (0 = forever); netecho: IPv4 address in bits 0-31 and prefix length in bits 32-39 (0 = 10.0.2.15/24); ticker: ticks before it faults on purpose (0 = never; with bit 63 set the fault is an AVX instruction).
     #[arg(long, default_value_t = 0)]
     pub workload_param: u64,
     /// Second workload parameter: blkcheck waits for its disk's interrupts (in hlt) instead of polling when bit 0 is set.

@@ -105,6 +105,29 @@ pub fn print_status(s: &Status) {
             );
             for d in &n.devices {
                 let c = &d.counters;
+                let last = d
+                    .last_error
+                    .as_ref()
+                    .map(|e| format!(" (last: {e})"))
+                    .unwrap_or_default();
+                if d.kind == "virtio-net" {
+                    println!(
+                        "       {} at {:#x} irq {}: {}; frames rx {} ({})  tx {} ({})  drops {}  errors {}  resets needed {}{}",
+                        d.kind,
+                        d.mmio_base,
+                        d.irq,
+                        d.backend,
+                        c.rx_frames,
+                        mib(c.bytes_in),
+                        c.tx_frames,
+                        mib(c.bytes_out),
+                        c.drops,
+                        c.errors,
+                        c.resets_needed,
+                        last
+                    );
+                    continue;
+                }
                 println!(
                     "       {} at {:#x} irq {}: {}; requests {}  read {}  written {}  errors {}  resets needed {}{}",
                     d.kind,
@@ -116,10 +139,7 @@ pub fn print_status(s: &Status) {
                     mib(c.bytes_out),
                     c.errors,
                     c.resets_needed,
-                    d.last_error
-                        .as_ref()
-                        .map(|e| format!(" (last: {e})"))
-                        .unwrap_or_default()
+                    last
                 );
             }
         }

@@ -21,6 +21,9 @@ pub const TICKER_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ticker.e
 /// The bundled blkcheck workload ELF (virtio-blk).
 pub const BLKCHECK_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blkcheck.elf"));
 
+/// The bundled netecho workload ELF (virtio-net).
+pub const NETECHO_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/netecho.elf"));
+
 /// The `error` sentence of an API error body (or the body itself).
 pub fn error_of(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
@@ -37,6 +40,7 @@ pub fn images(hypervisor: Option<Vec<u8>>) -> Result<Images, LoaderError> {
         TICKER_ELF,
     )?;
     i.add_module(workload::BLKCHECK, "blkcheck workload", BLKCHECK_ELF)?;
+    i.add_module(workload::NETECHO, "netecho workload", NETECHO_ELF)?;
     Ok(i)
 }
 

@@ -8,10 +8,12 @@
 //! transport keeps a consistent state: a bad queue setup or a bad chain
 //! sets DEVICE_NEEDS_RESET and stops the device until the driver resets it.
 
+use std::os::fd::RawFd;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
+
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -52,6 +54,16 @@ pub struct DeviceCounters {
     pub interrupts: u64,
     /// Register accesses served.
     pub mmio: u64,
+    /// Frames delivered to the guest (net).
+    #[serde(default)]
+    pub rx_frames: u64,
+    /// Frames the guest sent out (net).
+    #[serde(default)]
+    pub tx_frames: u64,
+    /// Frames lost: the backend refused a transmitted frame, or a received
+    /// frame did not fit the driver's buffer (net).
+    #[serde(default)]
+    pub drops: u64,
 }
 
 /// What a concrete device (blk, net) provides to the transport.
@@ -74,6 +86,21 @@ pub trait Backend: Send {
     ) -> Result<bool, QueueError>;
     /// Forgets per-session state (driver reset).
     fn reset(&mut self) {}
+    /// A file descriptor the worker waits on for input from the backend
+    /// (a TAP), while the device can take it.
+    fn input_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Items the device holds on behalf of the guest outside its rings
+    /// (a received frame waiting for a buffer).
+    fn held(&self) -> u64 {
+        0
+    }
+    /// Whether queue `qi` holds empty buffers the driver lends the device
+    /// (net receive) rather than requests.
+    fn lends_buffers(&self, _qi: usize) -> bool {
+        false
+    }
     /// One-line description for status.
     fn describe(&self) -> String;
 }
@@ -170,6 +197,32 @@ impl MmioDevice {
     /// Driver status register.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The backend's input descriptor, while the driver runs the device
+    /// with every queue ready (otherwise input waits in the backend).
+    pub fn input_fd(&self) -> Option<RawFd> {
+        (self.live() && self.queues.iter().all(|q| q.ready()))
+            .then(|| self.backend.input_fd())
+            .flatten()
+    }
+
+    /// Requests the driver made available that the device has not taken
+    /// yet (not counting empty receive buffers), plus what the device
+    /// holds outside the rings: the in-flight state a move carries.
+    pub fn in_flight(&self, mem: &GuestMemoryMmap) -> u64 {
+        let queued: u64 = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(i, q)| q.ready() && !self.backend.lends_buffers(*i))
+            .map(|(_, q)| {
+                q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                    .map(|a| a.0.wrapping_sub(q.next_avail()) as u64)
+                    .unwrap_or(0)
+            })
+            .sum();
+        queued + self.backend.held()
     }
 
     fn device_features(&self) -> u64 {

@@ -12,6 +12,7 @@
 pub mod binding;
 pub mod blk;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod tap;
 
@@ -223,6 +224,18 @@ impl DeviceSet {
         }
     }
 
+    /// Requests in flight and items held by every device (see
+    /// [`MmioDevice::in_flight`]); zero without a memory view.
+    pub fn in_flight(&self) -> u64 {
+        let Some(m) = self.mem.lock().unwrap().clone() else {
+            return 0;
+        };
+        self.placed
+            .iter()
+            .map(|p| p.dev.lock().unwrap().in_flight(&m.mem))
+            .sum()
+    }
+
     /// Whether the devices are paused.
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
@@ -309,9 +322,7 @@ impl DeviceSet {
                 ro,
                 size,
             } => Box::new(blk::Blk::new(file.clone(), path, *ro, *size, guest)),
-            Backend::Net { .. } => {
-                return Err(DeviceError::Kvm("a network device (not served yet)"))
-            }
+            Backend::Net { tap, name, mac } => Box::new(net::Net::new(tap.clone(), name, *mac)),
         };
         let kick = notify
             .try_clone()
@@ -380,7 +391,10 @@ impl Drop for DeviceSet {
     }
 }
 
-/// Serves a device's queues whenever the driver notifies it.
+/// Serves a device's queues whenever the driver notifies it, and, for a
+/// device with a backend that produces input (a TAP), whenever input
+/// arrives and the device can take it. Nothing is read or served while the
+/// devices are paused: input waits in the backend.
 fn worker(
     notify: EventFd,
     dev: Arc<RankedMutex<MmioDevice>>,
@@ -389,16 +403,41 @@ fn worker(
     mem: Arc<RankedMutex<Option<Arc<DeviceMemory>>>>,
 ) {
     let mut pending = false;
+    // After the input descriptor reported an error or hang-up, it is left
+    // alone until then (no busy loop on a broken TAP).
+    let mut input_quiet_until: Option<std::time::Instant> = None;
     while !stop.load(Ordering::SeqCst) {
-        let mut pfd = libc::pollfd {
-            fd: notify.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let now = std::time::Instant::now();
+        let input = if paused.load(Ordering::SeqCst) || input_quiet_until.is_some_and(|t| now < t) {
+            None
+        } else {
+            dev.lock().unwrap().input_fd()
         };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, WORKER_TICK.as_millis() as i32) };
-        if n > 0 && notify.read().is_ok() {
+        let mut pfds = [
+            libc::pollfd {
+                fd: notify.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: input.unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let nfds = if input.is_some() { 2 } else { 1 };
+        // SAFETY: `nfds` valid pollfds for the duration of the call.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), nfds, WORKER_TICK.as_millis() as i32) };
+        if n > 0 && pfds[0].revents & libc::POLLIN != 0 && notify.read().is_ok() {
             pending = true;
+        }
+        if n > 0 && nfds == 2 {
+            let r = pfds[1].revents;
+            if r & libc::POLLIN != 0 {
+                pending = true;
+            } else if r & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                input_quiet_until = Some(now + WORKER_TICK);
+            }
         }
         if !pending {
             continue;

@@ -244,6 +244,8 @@ struct Held {
     checksum: Option<u64>,
     hashing: Duration,
     copied: u64,
+    devices: u32,
+    device_in_flight: u64,
 }
 
 /// Grants nested VM `handle` of the aged VM `vm` to the successor: pauses
@@ -328,6 +330,8 @@ pub(crate) fn grant_or_offer(
         mem_bytes: held.mem_bytes,
         checksum_before: held.checksum,
         paused_at: held.paused_at,
+        devices: held.devices,
+        device_in_flight: held.device_in_flight,
         succ: None,
         batch: offer.map(|live| Batch {
             vm: n.clone(),
@@ -382,6 +386,7 @@ fn hold(s: &Session, n: &NestedRef, asked: Option<Instant>, freeze: bool) -> Res
     };
     // Its devices stop writing its memory too, until it runs again.
     n.devices.pause();
+    let (devices, device_in_flight) = (n.devices.len() as u32, n.devices.in_flight());
     let t = Instant::now();
     let checksum = (s.verify && freeze).then(|| n.checksum_all());
     let hashing = t.elapsed();
@@ -441,6 +446,8 @@ fn hold(s: &Session, n: &NestedRef, asked: Option<Instant>, freeze: bool) -> Res
         checksum,
         hashing,
         copied,
+        devices,
+        device_in_flight,
     })
 }
 

@@ -146,6 +146,11 @@ pub struct GuestMove {
     pub mem_bytes: u64,
     /// L0 checksum at grant time (paused), with `verify`.
     pub checksum_before: Option<u64>,
+    /// Virtio devices that move with the guest (their state stays in L0).
+    pub devices: u32,
+    /// Requests made available to them but not yet served, and frames
+    /// they held, at the pause: served after the move, exactly once.
+    pub device_in_flight: u64,
     /// Last exit under the aged L1.
     pub paused_at: Instant,
     /// The successor's nested VM for it, once it has one.

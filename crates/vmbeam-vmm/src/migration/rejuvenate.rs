@@ -1068,6 +1068,8 @@ impl<'a> Rejuvenation<'a> {
                             .map(|a| format!("{a:016x}")),
                         running_after: info.resumed_at.is_some() && info.bound_vm == succ.id,
                         moves: info.moves,
+                        devices: m.devices,
+                        device_in_flight: m.device_in_flight,
                     }
                 })
                 .collect(),

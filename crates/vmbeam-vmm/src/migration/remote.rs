@@ -916,6 +916,9 @@ pub fn migrate_out_with(
                             .map(|(_, c)| format!("{c:016x}")),
                         running_after: there.is_some_and(|g| g.running) && started.running,
                         moves: there.map(|g| g.moves).unwrap_or(0),
+                        // Guests with devices are refused by this move.
+                        devices: 0,
+                        device_in_flight: 0,
                     }
                 })
                 .collect(),
@@ -1053,6 +1056,9 @@ fn postcopy_out(
                     checksum_after: None,
                     running_after: there.is_some_and(|g| g.running) && sw.started.running,
                     moves: there.map(|g| g.moves).unwrap_or(0),
+                    // Guests with devices are refused by this move.
+                    devices: 0,
+                    device_in_flight: 0,
                 }
             })
             .collect(),

@@ -20,6 +20,14 @@ pub struct GuestReport {
     pub running_after: bool,
     /// Moves so far.
     pub moves: u32,
+    /// Virtio devices that moved with the guest.
+    #[serde(default)]
+    pub devices: u32,
+    /// Device requests in flight at the pause (made available by the
+    /// driver, not yet served) and frames the devices held: each is served
+    /// after the move, exactly once.
+    #[serde(default)]
+    pub device_in_flight: u64,
 }
 
 /// Result of a rejuvenation.

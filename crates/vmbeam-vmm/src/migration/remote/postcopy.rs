@@ -415,10 +415,23 @@ pub(crate) fn send(
             "post-copy to {addr}: {why}; this copy is kept stopped with all its memory"
         )));
     };
-    let started = match link.recv(remote::ANSWER) {
-        Ok((Kind::Started, p)) => serde_json::from_slice::<Started>(&p)
-            .map_err(|e| RemoteError::Refused(format!("unreadable STARTED: {e}"))),
-        other => Err(remote::peer_said(other)),
+    // The destination's vCPUs run (and may fault) before its STARTED is
+    // sent, so FETCH can come first: each is answered at once, and the
+    // wait for STARTED goes on (within the same deadline).
+    let started_by = Instant::now() + remote::ANSWER;
+    let started = loop {
+        match link.recv(started_by.saturating_duration_since(Instant::now())) {
+            Ok((Kind::Started, p)) => {
+                break serde_json::from_slice::<Started>(&p)
+                    .map_err(|e| RemoteError::Refused(format!("unreadable STARTED: {e}")))
+            }
+            Ok((Kind::Fetch, p)) => {
+                if let Err(e) = src.answer(link, &p) {
+                    break Err(e);
+                }
+            }
+            other => break Err(remote::peer_said(other)),
+        }
     };
     let downtime = t_pause.elapsed();
     let resumed = Instant::now();

@@ -105,7 +105,12 @@ fn a_host_vm_moves_by_postcopy_over_loopback() {
     let (dst, ddir, addr, outcomes, pages) = pc_destination("pc-lo", "127.0.0.1:0");
     let r = src
         .migrate_with(None, &format!("tcp://{addr}"), &postcopy())
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}; the destination: {:?}",
+                pages.recv_timeout(Duration::from_secs(30))
+            )
+        });
     assert_eq!(outcome(&outcomes).unwrap(), "hv0");
     let there = pages_outcome(&pages).unwrap();
     assert!(src.status().host_vms.is_empty(), "the source let the VM go");
@@ -226,7 +231,12 @@ fn a_host_vm_moves_by_postcopy_between_network_namespaces() {
     })
     .join()
     .unwrap()
-    .unwrap();
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}; the destination: {:?}",
+            pages.recv_timeout(Duration::from_secs(30))
+        )
+    });
     assert_eq!(outcome(&outcomes).unwrap(), "hv0");
     let there = pages_outcome(&pages).unwrap();
     check_moved(&r, &there, &dst, &ddir, &sdir);

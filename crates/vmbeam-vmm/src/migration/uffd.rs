@@ -348,7 +348,7 @@ impl Uffd {
         };
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EAGAIN) {
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
                 return Ok(None);
             }
             return Err(UffdError::Os {

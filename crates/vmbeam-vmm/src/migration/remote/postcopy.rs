@@ -40,9 +40,9 @@ use crate::migration::uffd::{self, Uffd};
 use crate::migration::wire::{self, Kind, WireError};
 
 /// A page the destination asked for must arrive within this.
-pub const FETCH_WAIT: Duration = Duration::from_secs(10);
+pub const FETCH_WAIT: Duration = Duration::from_secs(20);
 /// The destination gives up on a stream silent for this long.
-pub const SILENCE: Duration = Duration::from_secs(15);
+pub const SILENCE: Duration = Duration::from_secs(20);
 /// Either side's kernel aborts a connection whose sent data stays
 /// unacknowledged this long.
 pub const USER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -718,13 +718,6 @@ pub(crate) fn receive(
     let dest = Arc::new(Mutex::new(dest));
     let done = Arc::new(AtomicBool::new(false));
     let sender = link.sender()?;
-    let faults = {
-        let (u, dest, done) = (u.clone(), dest.clone(), done.clone());
-        std::thread::Builder::new()
-            .name(format!("vmbeam-{}-faults", hello.line))
-            .spawn(move || fault_loop(&u, &dest, &done, &sender))
-            .map_err(|e| RemoteError::Local(e.to_string()))?
-    };
     vm.start_vcpus(fds);
     let t_start = Instant::now();
     let started = Started {
@@ -738,6 +731,15 @@ pub(crate) fn receive(
             .unwrap_or_default()
             .as_bytes(),
     );
+    // Only now may FETCH frames follow (the source reads STARTED first);
+    // faults taken meanwhile wait in the userfaultfd queue.
+    let faults = {
+        let (u, dest, done) = (u.clone(), dest.clone(), done.clone());
+        std::thread::Builder::new()
+            .name(format!("vmbeam-{}-faults", hello.line))
+            .spawn(move || fault_loop(&u, &dest, &done, &sender))
+            .map_err(|e| RemoteError::Local(e.to_string()))?
+    };
     let vm2 = vm.clone();
     let line = hello.line.clone();
     std::thread::Builder::new()

@@ -16,7 +16,7 @@ use common::netns::{self, TapNs};
 use common::*;
 use vmbeam_vmm::config::{VmmConfig, Workload};
 use vmbeam_vmm::devices::binding::parse_net;
-use vmbeam_vmm::migration::rejuvenate::RejuvenateOptions;
+use vmbeam_vmm::migration::rejuvenate::{Mode, RejuvenateOptions};
 use vmbeam_vmm::vmm::Vmm;
 
 fn netecho_vmm(dir: &std::path::Path, tap: &str) -> Vmm {
@@ -74,6 +74,15 @@ fn netecho_answers_every_ping_and_keeps_its_tcp_connection_across_a_rejuvenation
     tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let before = b"opened before the rejuvenation\n";
     assert_eq!(echo(&mut tcp, before), before);
+
+    // Copy modes do not carry device state: refused, and nothing changes.
+    let copy = RejuvenateOptions {
+        mode: Mode::Copy,
+        ..Default::default()
+    };
+    let e = vmm.rejuvenate(None, &copy).unwrap_err().to_string();
+    assert!(e.contains("l2-0") && e.contains("zero-copy"), "{e}");
+    assert_eq!(echo(&mut tcp, b"still here\n"), b"still here\n");
 
     // 300 pings every 10 ms; `-w` only bounds the wait for late answers.
     let mut ping = net

@@ -403,6 +403,8 @@ fn worker(
     mem: Arc<RankedMutex<Option<Arc<DeviceMemory>>>>,
 ) {
     let mut pending = false;
+    // A notification from the driver (not only input) is waiting.
+    let mut notified = false;
     // After the input descriptor reported an error or hang-up, it is left
     // alone until then (no busy loop on a broken TAP).
     let mut input_quiet_until: Option<std::time::Instant> = None;
@@ -430,6 +432,7 @@ fn worker(
         let n = unsafe { libc::poll(pfds.as_mut_ptr(), nfds, WORKER_TICK.as_millis() as i32) };
         if n > 0 && pfds[0].revents & libc::POLLIN != 0 && notify.read().is_ok() {
             pending = true;
+            notified = true;
         }
         if n > 0 && nfds == 2 {
             let r = pfds[1].revents;
@@ -452,7 +455,9 @@ fn worker(
             continue;
         }
         pending = false;
-        d.counters.notifications += 1;
+        if std::mem::take(&mut notified) {
+            d.counters.notifications += 1;
+        }
         d.process(&m.mem);
     }
 }

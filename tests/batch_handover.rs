@@ -10,8 +10,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use vmbeam_vmm::api::parse_fault;
 use vmbeam_vmm::config::{VmmConfig, Workload};
-use vmbeam_vmm::control::api::parse_fault;
 use vmbeam_vmm::control::events::EventLog;
 use vmbeam_vmm::migration::rejuvenate::RejuvenateOptions;
 use vmbeam_vmm::vmm::Vmm;

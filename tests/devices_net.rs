@@ -117,10 +117,21 @@ fn netecho_answers_every_ping_and_keeps_its_tcp_connection_across_a_rejuvenation
     let _ = ping.stderr.take().unwrap().read_to_string(&mut err);
     let (sent, received, dups) =
         netns::ping_summary(&out).unwrap_or_else(|| panic!("no ping summary:\n{out}\n{err}"));
-    assert_eq!(
-        (sent, received, dups),
-        (300, 300, 0),
-        "packets lost or repeated across the rejuvenation (downtime {} µs):\n{out}{err}",
+    // With `-w`, ping keeps sending until it has `-c` answers, so a late
+    // answer can leave one or two extra requests unanswered at its exit:
+    // the judge is that each of the 300 requests was answered, once.
+    let mut answered = vec![0u32; 301];
+    for seq in netns::answered_seqs(&out) {
+        if let Some(n) = answered.get_mut(seq as usize) {
+            *n += 1;
+        }
+    }
+    let missing: Vec<usize> = (1..=300).filter(|&s| answered[s] == 0).collect();
+    let repeated: Vec<usize> = (1..=300).filter(|&s| answered[s] > 1).collect();
+    assert!(
+        missing.is_empty() && repeated.is_empty() && received == 300 && dups == 0 && sent >= 300,
+        "pings lost {missing:?} or repeated {repeated:?} across the rejuvenation \
+         ({sent} sent, {received} received, {dups} duplicates; downtime {} µs):\n{out}{err}",
         r.guests[0].downtime_us
     );
     assert!(status.success(), "{out}{err}");

@@ -238,3 +238,60 @@ fn virtio_queue_seeds_end_as_documented() {
     let o = run("all-features");
     assert!(o.status & 0x80 != 0 && o.requests == 0, "{o:?}");
 }
+
+/// The bad-driver seeds of `virtio_net` end the way docs/devices.md says:
+/// a frame delivered once behind a zeroed header, a frame dropped into a
+/// buffer too small or read-only, or DEVICE_NEEDS_RESET with the reason;
+/// a transmitted frame comes out on the TAP without its header.
+#[test]
+fn virtio_net_seeds_end_as_documented() {
+    let seeds = harness::seeds();
+    let run = |name: &str| {
+        let (_, _, bytes) = seeds
+            .iter()
+            .find(|(t, n, _)| *t == "virtio_net" && *n == name)
+            .unwrap_or_else(|| panic!("no seed {name}"));
+        harness::virtio_net_run(bytes).unwrap()
+    };
+    let o = run("rx-ok");
+    let c = o.counters;
+    assert_eq!((c.rx_frames, c.drops, c.errors), (1, 0, 0), "{o:?}");
+    assert_eq!(o.first_used.0, 12 + 60, "{o:?}");
+    let mut want = vec![0u8; 12];
+    want[10] = 1; // num_buffers
+    want.extend((0..60).map(|k| k as u8));
+    assert_eq!(&o.first_used.1[..72], &want[..], "{o:?}");
+    let o = run("rx-no-frame");
+    assert_eq!((o.counters.rx_frames, o.counters.requests), (0, 0), "{o:?}");
+    // Two frames, one buffer: one delivered, the other still waits.
+    let o = run("rx-two-frames-one-buffer");
+    assert_eq!((o.counters.rx_frames, o.counters.drops), (1, 0), "{o:?}");
+    for seed in ["rx-small-buffer", "rx-read-only-buffer"] {
+        let c = run(seed).counters;
+        assert_eq!((c.rx_frames, c.drops, c.errors), (0, 1, 1), "{seed}: {c:?}");
+    }
+    let o = run("tx-ok");
+    assert_eq!(o.sent, vec![vec![0xab; 60]], "{o:?}");
+    assert_eq!((o.counters.tx_frames, o.counters.bytes_out), (1, 60));
+    let o = run("tx-header-only");
+    assert!(o.sent.is_empty() && o.counters.errors == 1, "{o:?}");
+    for (seed, why) in [
+        ("rx-outside-memory", "outside guest memory"),
+        ("tx-outside-memory", "outside guest memory"),
+        ("tx-loop", "does not end"),
+        ("tx-oversized", "too long"),
+        ("bad-size", "not a power of two"),
+        ("avail-idx-jump", "avail ring index"),
+    ] {
+        let o = run(seed);
+        assert_eq!(o.counters.requests, 0, "{seed}: {o:?}");
+        assert!(o.sent.is_empty(), "{seed}: {o:?}");
+        let r = o.reset_reason.unwrap_or_default();
+        assert!(
+            r.contains(why),
+            "{seed}: reset reason {r:?}, expected {why:?}"
+        );
+    }
+    let o = run("all-features");
+    assert!(o.status & 0x80 != 0 && o.counters.requests == 0, "{o:?}");
+}

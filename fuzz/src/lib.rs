@@ -15,6 +15,7 @@
 //! | `guest_msg` | `from_bytes::<GuestMsg>` + `GuestMsg::validate`, compared with an oracle |
 //! | `api_request` | `vmbeam_vmm::control::api::parse_request`, then the JSON bodies the API accepts |
 //! | `virtio_queue` | a virtio-blk device (`vmbeam_vmm::devices`) programmed by a driver from the input: queue size, ring addresses and the contents of guest memory (descriptor table, rings, requests), then notified; bad sizes, descriptors outside memory, loops and oversized chains must end in an error status or DEVICE_NEEDS_RESET, never a panic, and the disk never grows |
+//! | `virtio_net` | a virtio-net device over a datagram socket pair standing in for its TAP, with its receive or transmit queue programmed by a driver from the input and frames waiting on the "TAP" side; the same bad-driver cases must end in a dropped frame, an error count or DEVICE_NEEDS_RESET, never a panic; a transmitted frame is what the chain held after its header, and no frame is delivered twice |
 //! | `wire_frame` | `vmbeam_vmm::migration::wire::read_frame` on a stream of migration frames (what `run --listen` reads from the network), then `parse_pages` |
 
 use vmbeam_abi::handover::{kind, GuestMsg, MsgError, MsgHeader, UartState, MAX_GUEST_RANGES};
@@ -40,6 +41,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("api_request", api_request),
     ("wire_frame", wire_frame),
     ("virtio_queue", virtio_queue),
+    ("virtio_net", virtio_net),
 ];
 
 /// Most slots of a nested VM (as `vmbeam_vmm::nesting::nested::MAX_SLOTS`).
@@ -775,6 +777,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     out.push((wf, "short-pages", frame(Kind::Pages, &[1, 2, 3])));
     out.push((wf, "truncated", stream[..stream.len() - 5].to_vec()));
     virtio_queue_seeds(&mut out);
+    virtio_net_seeds(&mut out);
     out
 }
 
@@ -1009,4 +1012,239 @@ fn virtio_queue_seeds(out: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
         }),
     ));
     out.push((vq, "all-features", input(16, 2, 0, &|_| {})));
+}
+
+/// Input layout of `virtio_net`: queue size (u16), flags (bit 0: program
+/// the transmit queue instead of the receive queue; bit 1: driver asks for
+/// every feature bit), frames waiting on the TAP side (`n % 4`, frame `i`
+/// is 60 + 200·i bytes), then the three ring addresses and the guest
+/// memory image as for `virtio_queue`.
+pub fn virtio_net(data: &[u8]) {
+    let _ = virtio_net_run(data);
+}
+
+/// What a `virtio_net` input did.
+#[derive(Debug)]
+pub struct VnOutcome {
+    /// Driver status register after the notifications.
+    pub status: u32,
+    /// The device's counters.
+    pub counters: vmbeam_vmm::devices::mmio::DeviceCounters,
+    /// Frames that came out on the TAP side.
+    pub sent: Vec<Vec<u8>>,
+    /// Why the device needs a reset, if it does.
+    pub reset_reason: Option<String>,
+    /// Length of the first used element and the 80 bytes at 0x1400 (where
+    /// the seeds put their first buffer).
+    pub first_used: (u32, Vec<u8>),
+}
+
+/// Runs one `virtio_net` input, checks the invariants, says what happened.
+pub fn virtio_net_run(data: &[u8]) -> Option<VnOutcome> {
+    use std::os::unix::net::UnixDatagram;
+    use vmbeam_vmm::devices::mmio::MmioDevice;
+    use vmbeam_vmm::devices::net::Net;
+    use vmbeam_vmm::devices::queue::DeviceMemory;
+    if data.len() < VQ_HEADER {
+        return None;
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(data[i..i + 8].try_into().unwrap());
+    let size = u16::from_le_bytes([data[0], data[1]]);
+    let flags = data[2];
+    let frames = data[3] % 4;
+    let addr = |raw: u64| {
+        if raw >> 63 != 0 {
+            raw
+        } else {
+            0x1000 + raw % 0x11000
+        }
+    };
+    let (desc, avail, used) = (addr(u64_at(4)), addr(u64_at(12)), addr(u64_at(20)));
+    let mem = DeviceMemory::anonymous(&VQ_RAM).unwrap();
+    let img = &data[VQ_HEADER..];
+    let (a, b) = img.split_at(img.len().min(VQ_RAM[0].1));
+    assert!(mem.write(VQ_RAM[0].0, a));
+    assert!(mem.write(VQ_RAM[1].0, &b[..b.len().min(VQ_RAM[1].1)]));
+    let (tap, wire) = UnixDatagram::pair().unwrap();
+    tap.set_nonblocking(true).unwrap();
+    wire.set_nonblocking(true).unwrap();
+    let sent_in: Vec<Vec<u8>> = (0..frames as usize)
+        .map(|i| (0..60 + 200 * i).map(|k| (k + i) as u8).collect())
+        .collect();
+    for f in &sent_in {
+        wire.send(f).unwrap();
+    }
+    let tap = std::sync::Arc::new(std::fs::File::from(std::os::fd::OwnedFd::from(tap)));
+    let net = Net::new(tap, "fuzz", [0x52, 0x54, 0, 0, 0, 1]);
+    let irq = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    let mut d = MmioDevice::new(0xd000_0000, 5, Box::new(net), irq);
+    let m = Some(&mem.mem);
+    let w = |d: &mut MmioDevice, off: u64, v: u32| {
+        d.write(off, &v.to_le_bytes(), m);
+    };
+    let r = |d: &mut MmioDevice, off: u64| {
+        let mut b = [0u8; 4];
+        d.read(off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    assert_eq!(r(&mut d, 8), 1, "a network card");
+    w(&mut d, 0x70, 1);
+    w(&mut d, 0x70, 3);
+    for sel in 0..2u32 {
+        w(&mut d, 0x14, sel);
+        let f = if flags & 2 != 0 {
+            u32::MAX
+        } else {
+            r(&mut d, 0x10)
+        };
+        w(&mut d, 0x24, sel);
+        w(&mut d, 0x20, f);
+    }
+    w(&mut d, 0x70, 0xb);
+    let qi = (flags & 1) as u32;
+    w(&mut d, 0x30, qi);
+    w(&mut d, 0x38, size as u32);
+    for (off, a) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
+        w(&mut d, off, a as u32);
+        w(&mut d, off + 4, (a >> 32) as u32);
+    }
+    w(&mut d, 0x44, 1);
+    w(&mut d, 0x70, 0xf);
+    // The MAC is in the configuration space.
+    let mut mac = [0u8; 6];
+    d.read(0x100, &mut mac);
+    assert_eq!(mac, [0x52, 0x54, 0, 0, 0, 1]);
+    for _ in 0..2 {
+        if d.write(0x50, &qi.to_le_bytes(), m) {
+            d.process(&mem.mem);
+        }
+    }
+    let st = d.status();
+    const NEEDS_RESET: u32 = 0x40;
+    let bad_size = size == 0 || !size.is_power_of_two() || size > 256;
+    if bad_size {
+        assert!(st & NEEDS_RESET != 0, "bad queue size {size} accepted");
+    }
+    if st & NEEDS_RESET != 0 {
+        assert!(d.last_error.is_some());
+    }
+    let c = d.counters;
+    if flags & 2 != 0 {
+        assert_eq!(st & 0x8, 0, "features the device does not offer accepted");
+        assert_eq!(c.requests, 0);
+    }
+    // A frame reaches the guest at most once.
+    assert!(c.rx_frames + c.drops <= frames as u64, "{c:?}");
+    let mut sent = Vec::new();
+    let mut buf = vec![0u8; 70000];
+    while let Ok(n) = wire.recv(&mut buf) {
+        sent.push(buf[..n].to_vec());
+    }
+    assert_eq!(sent.len() as u64, c.tx_frames, "{c:?}");
+    assert!(sent.iter().all(|f| f.len() <= 65535));
+    let mut len0 = [0u8; 4];
+    let mut at = vec![0u8; 80];
+    let _ = mem.read(used.wrapping_add(8), &mut len0);
+    let _ = mem.read(0x1400, &mut at);
+    let outcome = VnOutcome {
+        first_used: (u32::from_le_bytes(len0), at),
+        status: st,
+        counters: c,
+        sent,
+        reset_reason: (st & NEEDS_RESET != 0)
+            .then(|| d.last_error.as_ref().map(|e| e.to_string()))
+            .flatten(),
+    };
+    w(&mut d, 0x70, 0);
+    assert_eq!(r(&mut d, 0x70), 0);
+    assert_eq!(r(&mut d, 0x44), 0);
+    Some(outcome)
+}
+
+fn virtio_net_seeds(out: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
+    // Guest memory image (first range at 0x1000): descriptor table at
+    // 0x1000, avail ring at 0x1100, used ring at 0x1200, buffers from 0x1400.
+    let desc = |img: &mut [u8], i: usize, addr: u64, len: u32, fl: u16, next: u16| {
+        let o = i * 16;
+        img[o..o + 8].copy_from_slice(&addr.to_le_bytes());
+        img[o + 8..o + 12].copy_from_slice(&len.to_le_bytes());
+        img[o + 12..o + 14].copy_from_slice(&fl.to_le_bytes());
+        img[o + 14..o + 16].copy_from_slice(&next.to_le_bytes());
+    };
+    // `tx`: a transmit chain (12-byte header, then a 60-byte frame of
+    // 0xab); otherwise one 2 KiB receive buffer. `frames` wait on the TAP.
+    let input = |size: u16, tx: bool, frames: u8, f: &dyn Fn(&mut [u8])| {
+        let mut img = vec![0u8; 0x1000];
+        if tx {
+            desc(&mut img, 0, 0x1400, 12, 1, 1);
+            desc(&mut img, 1, 0x1500, 60, 0, 0);
+            img[0x500..0x500 + 60].fill(0xab);
+        } else {
+            desc(&mut img, 0, 0x1400, 2048, 2, 0);
+        }
+        img[0x102..0x104].copy_from_slice(&1u16.to_le_bytes()); // avail idx
+        f(&mut img);
+        let mut v = Vec::new();
+        v.extend_from_slice(&size.to_le_bytes());
+        v.push(tx as u8);
+        v.push(frames);
+        for a in [0u64, 0x100, 0x200] {
+            v.extend_from_slice(&a.to_le_bytes());
+        }
+        v.extend_from_slice(&img);
+        v
+    };
+    let vn = "virtio_net";
+    out.push((vn, "rx-ok", input(16, false, 1, &|_| {})));
+    out.push((vn, "rx-no-frame", input(16, false, 0, &|_| {})));
+    out.push((vn, "rx-two-frames-one-buffer", input(16, false, 2, &|_| {})));
+    out.push((
+        vn,
+        "rx-small-buffer",
+        input(16, false, 1, &|i| desc(i, 0, 0x1400, 64, 2, 0)),
+    ));
+    out.push((
+        vn,
+        "rx-read-only-buffer",
+        input(16, false, 1, &|i| desc(i, 0, 0x1400, 2048, 0, 0)),
+    ));
+    out.push((
+        vn,
+        "rx-outside-memory",
+        input(16, false, 1, &|i| desc(i, 0, 0x8000, 2048, 2, 0)),
+    ));
+    out.push((vn, "tx-ok", input(16, true, 0, &|_| {})));
+    out.push((
+        vn,
+        "tx-header-only",
+        input(16, true, 0, &|i| desc(i, 0, 0x1400, 12, 0, 0)),
+    ));
+    out.push((
+        vn,
+        "tx-loop",
+        input(16, true, 0, &|i| desc(i, 1, 0x1500, 60, 1, 0)),
+    ));
+    out.push((
+        vn,
+        "tx-oversized",
+        input(16, true, 0, &|i| desc(i, 1, 0x1500, 1 << 20, 0, 0)),
+    ));
+    out.push((
+        vn,
+        "tx-outside-memory",
+        input(16, true, 0, &|i| desc(i, 1, 0x8000, 60, 0, 0)),
+    ));
+    out.push((vn, "bad-size", input(512, false, 1, &|_| {})));
+    out.push((
+        vn,
+        "avail-idx-jump",
+        input(16, true, 0, &|i| {
+            i[0x102..0x104].copy_from_slice(&200u16.to_le_bytes())
+        }),
+    ));
+    out.push((vn, "all-features", {
+        let mut v = input(16, false, 1, &|_| {});
+        v[2] |= 2;
+        v
+    }));
 }

@@ -174,3 +174,15 @@ pub fn ping_summary(text: &str) -> Option<(u64, u64, u64)> {
         num_before("duplicates").unwrap_or(0),
     ))
 }
+
+/// The `icmp_seq` of every answer ping printed (duplicates included).
+pub fn answered_seqs(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("icmp_seq="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect()
+}

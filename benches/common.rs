@@ -11,6 +11,8 @@ mod kvm;
 pub use kvm::kvm_or_skip;
 #[path = "../tests/common/moves.rs"]
 pub mod moves;
+#[path = "../tests/common/netns.rs"]
+pub mod netns;
 #[path = "../tests/common/procfs.rs"]
 pub mod procfs;
 

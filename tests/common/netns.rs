@@ -134,20 +134,83 @@ impl TapNs {
     /// A TCP connection made from inside the namespace (a socket stays in
     /// the namespace it was made in; the calling thread does not move).
     pub fn connect(&self, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-        let path = format!("/run/netns/{}", self.ns);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let f = std::fs::File::open(&path)?;
-                // SAFETY: setns on a namespace file we opened; it changes
-                // only this short-lived thread's network namespace.
-                if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                TcpStream::connect_timeout(&to, timeout)
-            })
-            .join()
-            .unwrap()
+        in_ns(&self.ns, || TcpStream::connect_timeout(&to, timeout))
+    }
+}
+
+/// Runs `f` on a short-lived thread inside namespace `ns`: the sockets it
+/// makes belong to `ns` and may be used from any thread afterwards.
+pub fn in_ns<T: Send>(
+    ns: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(&path)?;
+            // SAFETY: setns on a namespace file we opened; it changes
+            // only this short-lived thread's network namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            f()
         })
+        .join()
+        .unwrap()
+    })
+}
+
+/// Two namespaces joined by a veth pair, `10.98.0.1` in the first and
+/// `10.98.0.2` in the second: the host talking to itself over a virtual
+/// wire, to compare a nested guest's network with. Drop deletes both.
+pub struct VethPair {
+    /// The first namespace.
+    pub a: String,
+    /// The second namespace.
+    pub b: String,
+}
+
+impl VethPair {
+    /// Address of the first end.
+    pub const A_IP: &'static str = "10.98.0.1";
+    /// Address of the second end.
+    pub const B_IP: &'static str = "10.98.0.2";
+
+    /// Makes the namespaces `vmbeam-<pid><tag>a`/`b` and the wire.
+    pub fn create(tag: &str) -> Result<VethPair, String> {
+        let id = format!("{:x}{tag}", std::process::id());
+        let v = VethPair {
+            a: format!("vmbeam-{id}a"),
+            b: format!("vmbeam-{id}b"),
+        };
+        let _ = ip(&["netns", "del", &v.a]);
+        let _ = ip(&["netns", "del", &v.b]);
+        ip(&["netns", "add", &v.a])?;
+        ip(&["netns", "add", &v.b])?;
+        let (ea, eb) = (format!("va{id}"), format!("vb{id}"));
+        ip(&[
+            "-n", &v.a, "link", "add", &ea, "type", "veth", "peer", "name", &eb, "netns", &v.b,
+        ])?;
+        for (ns, dev, addr) in [(&v.a, &ea, Self::A_IP), (&v.b, &eb, Self::B_IP)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(v)
+    }
+
+    /// A command run inside the first namespace.
+    pub fn exec_a(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.a, program]);
+        c
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.a]);
+        let _ = ip(&["netns", "del", &self.b]);
     }
 }
 
@@ -156,6 +219,20 @@ impl Drop for TapNs {
         let _ = ip(&["netns", "del", &self.ns]);
         let _ = ip(&["link", "del", &self.tap]);
     }
+}
+
+/// ping's `rtt min/avg/max/mdev` numbers, in ms.
+pub fn ping_rtt(text: &str) -> Option<(f64, f64, f64)> {
+    let line = text.lines().find(|l| l.starts_with("rtt "))?;
+    let nums: Vec<f64> = line
+        .split('=')
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .split('/')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    (nums.len() >= 3).then(|| (nums[0], nums[1], nums[2]))
 }
 
 /// `N packets transmitted, M received` (and `+D duplicates`) of ping's

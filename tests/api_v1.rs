@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use vmbeam_vmm::control::api;
+use vmbeam_vmm::api;
 
 fn start(dir: &Path, sock: &Path) -> Run {
     common::server::start_run(dir, sock, &["--nested", "1"], 1)

@@ -85,7 +85,7 @@ fn a_guest_the_successor_cannot_take_leaves_every_guest_with_the_aged_hypervisor
         .rejuvenate(
             None,
             &RejuvenateOptions {
-                fault: vmbeam_vmm::control::api::parse_fault("reject-first").unwrap(),
+                fault: vmbeam_vmm::api::parse_fault("reject-first").unwrap(),
                 timeout: Duration::from_secs(3),
                 ..batch()
             },

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::*;
 use vmbeam_vmm::config::VmmConfig;
-use vmbeam_vmm::host::hostvm::VmStatus;
 use vmbeam_vmm::host::loader::tiny_elf;
+use vmbeam_vmm::l1::hostvm::VmStatus;
 use vmbeam_vmm::vmm::{Vmm, VmmError};
 
 #[test]

@@ -201,7 +201,7 @@ fn out_of_descriptors_child(dir: &Path) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let v = Arc::new(common::vmm(dir, VmmConfig::default()));
     let sock = dir.join("api.sock");
-    let server = Arc::new(vmbeam_vmm::control::api::ApiServer::bind(&sock).unwrap());
+    let server = Arc::new(vmbeam_vmm::api::ApiServer::bind(&sock).unwrap());
     let serving = Arc::new(AtomicBool::new(false));
     let (s2, v2, on) = (server.clone(), v.clone(), serving.clone());
     std::thread::spawn(move || loop {

@@ -195,11 +195,10 @@ fn run_status_rejuvenate_shutdown_through_the_api() {
 
     // Malformed API requests get a clear error and change nothing.
     let (code, body) =
-        vmbeam_vmm::control::api::call(&sock, "POST", "/rejuvenate", Some("{\"mode\": 7}"))
-            .unwrap();
+        vmbeam_vmm::api::call(&sock, "POST", "/rejuvenate", Some("{\"mode\": 7}")).unwrap();
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("bad rejuvenate request"), "{body}");
-    let (code, _) = vmbeam_vmm::control::api::call(&sock, "GET", "/nowhere", None).unwrap();
+    let (code, _) = vmbeam_vmm::api::call(&sock, "GET", "/nowhere", None).unwrap();
     assert_eq!(code, 404);
 
     let out = bin()
@@ -242,7 +241,7 @@ fn the_api_answers_while_a_rejuvenation_runs() {
     for _attempt in 0..3 {
         let s2 = sock.clone();
         let slow = std::thread::spawn(move || {
-            vmbeam_vmm::control::api::call(
+            vmbeam_vmm::api::call(
                 &s2,
                 "POST",
                 "/rejuvenate",
@@ -254,13 +253,9 @@ fn the_api_answers_while_a_rejuvenation_runs() {
         // unknown host VM, 404) until the running rejuvenation makes it 409.
         let deadline = Instant::now() + Duration::from_secs(30);
         let probe = loop {
-            let (code, body) = vmbeam_vmm::control::api::call(
-                &sock,
-                "POST",
-                "/rejuvenate",
-                Some(r#"{"vm":"nope"}"#),
-            )
-            .unwrap();
+            let (code, body) =
+                vmbeam_vmm::api::call(&sock, "POST", "/rejuvenate", Some(r#"{"vm":"nope"}"#))
+                    .unwrap();
             if code != 404 || Instant::now() > deadline || slow.is_finished() {
                 break (code, body);
             }
@@ -277,7 +272,7 @@ fn the_api_answers_while_a_rejuvenation_runs() {
     };
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("already running"), "{body}");
-    let (code, body) = vmbeam_vmm::control::api::call(&sock, "GET", "/status", None).unwrap();
+    let (code, body) = vmbeam_vmm::api::call(&sock, "GET", "/status", None).unwrap();
     assert_eq!(code, 200, "{body}");
     let (code, body) = slow.join().unwrap();
     assert_eq!(code, 500, "{body}");
@@ -312,13 +307,9 @@ fn an_interrupted_rejuvenate_client_loses_no_guest() {
         // idle (a probe that changes nothing stops answering 409).
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let (code, _) = vmbeam_vmm::control::api::call(
-                &sock,
-                "POST",
-                "/rejuvenate",
-                Some(r#"{"vm":"nope"}"#),
-            )
-            .unwrap();
+            let (code, _) =
+                vmbeam_vmm::api::call(&sock, "POST", "/rejuvenate", Some(r#"{"vm":"nope"}"#))
+                    .unwrap();
             if code == 404 {
                 break;
             }
@@ -326,7 +317,7 @@ fn an_interrupted_rejuvenate_client_loses_no_guest() {
             std::thread::sleep(Duration::from_millis(20));
         }
         // Every guest runs under exactly one guest hypervisor, the current one.
-        let (code, body) = vmbeam_vmm::control::api::call(&sock, "GET", "/status", None).unwrap();
+        let (code, body) = vmbeam_vmm::api::call(&sock, "GET", "/status", None).unwrap();
         assert_eq!(code, 200);
         let st: serde_json::Value = serde_json::from_str(&body).unwrap();
         let vms = st["host_vms"].as_array().unwrap();

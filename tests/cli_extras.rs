@@ -81,8 +81,7 @@ fn the_log_file_has_a_line_per_request_phase_and_failure() {
     common::wait_console(&dir, "l2-0", Duration::from_secs(60), |t| {
         t.lines().count() >= 2
     });
-    let call =
-        |m: &str, p: &str, b: Option<&str>| vmbeam_vmm::control::api::call(&sock, m, p, b).unwrap();
+    let call = |m: &str, p: &str, b: Option<&str>| vmbeam_vmm::api::call(&sock, m, p, b).unwrap();
     assert_eq!(call("GET", "/api/v1/status", None).0, 200);
     assert_eq!(call("POST", "/rejuvenate", Some("{}")).0, 200);
     assert_eq!(

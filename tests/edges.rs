@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmbeam_vmm::control::api::{self, ApiError};
+use vmbeam_vmm::api::{self, ApiError};
 use vmbeam_vmm::vmm::Status;
 
 fn start_run(dir: &Path, sock: &Path) -> Run {

@@ -11,8 +11,8 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::*;
+use vmbeam_vmm::api::parse_fault;
 use vmbeam_vmm::config::{VmmConfig, Workload};
-use vmbeam_vmm::control::api::parse_fault;
 use vmbeam_vmm::control::events::EventLog;
 use vmbeam_vmm::migration::rejuvenate::{RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::Vmm;

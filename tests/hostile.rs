@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmbeam_vmm::config::VmmConfig;
-use vmbeam_vmm::host::hostvm::{HostVm, HostVmSpec};
 use vmbeam_vmm::host::memory::MemFile;
+use vmbeam_vmm::l1::hostvm::{HostVm, HostVmSpec};
 use vmbeam_vmm::migration::rejuvenate::{RejuvenateError, RejuvenateOptions};
 use vmbeam_vmm::vmm::{Vmm, VmmError};
 
@@ -242,14 +242,11 @@ fn hostile_guest_does_not_disturb_a_neighbour() {
     let during = wait_progress(&vmm, at_done, "while the hostile VM runs");
     assert!(during.0 > before.0 && during.1 > before.1);
     assert_eq!(vmm.failure(), None);
-    assert_eq!(
-        hostile.status(),
-        vmbeam_vmm::host::hostvm::VmStatus::Running
-    );
+    assert_eq!(hostile.status(), vmbeam_vmm::l1::hostvm::VmStatus::Running);
 
     // ...and after it is stopped.
     hostile.stop_vcpus();
-    hostile.set_status(vmbeam_vmm::host::hostvm::VmStatus::Stopped);
+    hostile.set_status(vmbeam_vmm::l1::hostvm::VmStatus::Stopped);
     drop(hostile.drop_nested());
     let gone = nested_lines(&vmm);
     wait_progress(&vmm, gone, "after the hostile VM stopped");

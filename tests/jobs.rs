@@ -17,9 +17,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmbeam_vmm::control::api;
+use vmbeam_vmm::api;
+use vmbeam_vmm::base::progress::Phase;
 use vmbeam_vmm::control::jobs::JobView;
-use vmbeam_vmm::progress::Phase;
 use vmbeam_vmm::vmm::Status;
 
 fn start(dir: &Path, sock: &Path, extra: &[&str]) -> Run {

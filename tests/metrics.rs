@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use vmbeam_vmm::control::api;
+use vmbeam_vmm::api;
 
 /// The parser: every sample as `name{labels} value`, one JSON list.
 const PARSE: &str = r#"

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use migrate::{destination, outcome, source};
-use vmbeam_vmm::migration::postcopy::{PostcopyOutcome, Received};
+use vmbeam_vmm::migration::remote::postcopy::{PostcopyOutcome, Received};
 use vmbeam_vmm::migration::remote::{MigrateOptions, ReceiveOptions, RemoteError};
 use vmbeam_vmm::vmm::{Vmm, VmmError};
 

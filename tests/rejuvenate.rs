@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use common::{moves, procfs};
 use vmbeam_vmm::config::{VmmConfig, Workload};
-use vmbeam_vmm::host::hostvm::HostVm;
+use vmbeam_vmm::l1::hostvm::HostVm;
 use vmbeam_vmm::migration::rejuvenate::{RejuvenateError, RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::{Vmm, VmmError};
 
@@ -169,7 +169,7 @@ fn rollback_case(test: &str, fault: &str, expect: &str) {
     assert!(aged_files >= 2, "ram and pool files of {line}/g1");
     let base = progress(&dir, 2);
     let opts = RejuvenateOptions {
-        fault: vmbeam_vmm::control::api::parse_fault(fault).unwrap(),
+        fault: vmbeam_vmm::api::parse_fault(fault).unwrap(),
         timeout: Duration::from_secs(5),
         ..Default::default()
     };
@@ -229,7 +229,7 @@ fn a_second_rejuvenation_while_one_runs_is_refused() {
         v2.rejuvenate(
             None,
             &RejuvenateOptions {
-                fault: vmbeam_vmm::control::api::parse_fault("hang-at-boot").unwrap(),
+                fault: vmbeam_vmm::api::parse_fault("hang-at-boot").unwrap(),
                 timeout: Duration::from_secs(3),
                 ..Default::default()
             },
@@ -339,7 +339,7 @@ fn an_aged_hypervisor_dying_mid_handover_is_finished_by_l0() {
         .rejuvenate(
             None,
             &RejuvenateOptions {
-                fault: vmbeam_vmm::control::api::parse_fault("aged-crash-after-first").unwrap(),
+                fault: vmbeam_vmm::api::parse_fault("aged-crash-after-first").unwrap(),
                 ..Default::default()
             },
         )
@@ -399,7 +399,7 @@ fn a_guest_changed_during_the_move_rolls_the_move_back() {
     let before = boot_pages(&aged);
     let base = progress(&dir, 2);
     let opts = RejuvenateOptions {
-        fault: vmbeam_vmm::control::api::parse_fault("flip-byte-before-verify").unwrap(),
+        fault: vmbeam_vmm::api::parse_fault("flip-byte-before-verify").unwrap(),
         ..Default::default()
     };
     let e = vmm.rejuvenate(Some(test), &opts).unwrap_err();

@@ -49,7 +49,7 @@ fn code(first: u64, count: u32) -> Vec<u8> {
 /// `PAGES` pages) over pages `first..first+count`; returns what the guest
 /// read and how long KVM_RUN took.
 fn run_guest(data: &Region, first: u64, count: u32) -> (Vec<u8>, Duration) {
-    let kvm = vmbeam_vmm::shared::open_kvm().unwrap();
+    let kvm = vmbeam_vmm::l1::shared::open_kvm().unwrap();
     let vm = kvm.create_vm().unwrap();
     let _ = vm.set_tss_address(0xfffb_d000);
     let file = MemFile::new("uffd-probe-ram", 4 << 20).unwrap();

@@ -10,10 +10,10 @@
 //!
 //! | target | what it feeds |
 //! |---|---|
-//! | `hypercall_page` | `from_bytes::<HypercallPage>`, then the pure argument checks of the op it names (`vmbeam_vmm::nesting::hypercall::{check_name, console_len, check_map_args, nested_memory_region, check_fill_args}`) |
+//! | `hypercall_page` | `from_bytes::<HypercallPage>`, then the pure argument checks of the op it names (`vmbeam_vmm::host::names::check_name`, `vmbeam_vmm::hypercall::handlers::{console_len, check_map_args, nested_memory_region, check_fill_args}`) |
 //! | `vm_map_sequence` | a sequence of VM_MAP / FILL_PATTERN calls against a model guest hypervisor with three nested VMs, built from the same checks; after each call the isolation invariants must hold |
 //! | `guest_msg` | `from_bytes::<GuestMsg>` + `GuestMsg::validate`, compared with an oracle |
-//! | `api_request` | `vmbeam_vmm::control::api::parse_request`, then the JSON bodies the API accepts |
+//! | `api_request` | `vmbeam_vmm::api::parse_request`, then the JSON bodies the API accepts |
 //! | `virtio_queue` | a virtio-blk device (`vmbeam_vmm::devices`) programmed by a driver from the input: queue size, ring addresses and the contents of guest memory (descriptor table, rings, requests), then notified; bad sizes, descriptors outside memory, loops and oversized chains must end in an error status or DEVICE_NEEDS_RESET, never a panic, and the disk never grows |
 //! | `virtio_net` | a virtio-net device over a datagram socket pair standing in for its TAP, with its receive or transmit queue programmed by a driver from the input and frames waiting on the "TAP" side; the same bad-driver cases must end in a dropped frame, an error count or DEVICE_NEEDS_RESET, never a panic; a transmitted frame is what the chain held after its header, and no frame is delivered twice |
 //! | `wire_frame` | `vmbeam_vmm::migration::wire::read_frame` on a stream of migration frames (what `run --listen` reads from the network), then `parse_pages` |
@@ -24,10 +24,11 @@ use vmbeam_abi::hypercall::*;
 use vmbeam_abi::layout::{self, EXTENT_SIZE};
 use vmbeam_abi::state::VcpuState;
 use vmbeam_abi::NAME_LEN;
-use vmbeam_vmm::control::api;
+use vmbeam_vmm::api;
 use vmbeam_vmm::host::memory::RegionKind;
-use vmbeam_vmm::nesting::hypercall::{
-    check_fill_args, check_map_args, check_name, console_len, nested_memory_region, ranges_overlap,
+use vmbeam_vmm::host::names::check_name;
+use vmbeam_vmm::hypercall::handlers::{
+    check_fill_args, check_map_args, console_len, nested_memory_region, ranges_overlap,
 };
 
 /// A harness: takes any bytes, panics only on a broken invariant.

@@ -9,7 +9,7 @@
 /// Why /dev/kvm cannot be used here, or `None` when it can: it must open,
 /// answer `KVM_GET_API_VERSION` with 12 and create a VM.
 pub fn kvm_unusable() -> Option<String> {
-    let kvm = match vmbeam_vmm::shared::open_kvm() {
+    let kvm = match vmbeam_vmm::l1::shared::open_kvm() {
         Ok(k) => k,
         Err(e) => return Some(e.to_string()),
     };

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 
 use super::procfs::{self, Backing};
 use vmbeam_abi::handover::{MailboxHeader, MsgHeader, MAILBOX_TO_AGED, MAILBOX_TO_SUCCESSOR};
-use vmbeam_vmm::host::hostvm::HostVm;
+use vmbeam_vmm::l1::hostvm::HostVm;
 
 /// One slot of a guest before the move.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use vmbeam_vmm::control::api;
+use vmbeam_vmm::api;
 
 /// A running `vmbeam run` child, killed on drop if it is still running.
 pub struct Run(pub Child);

@@ -25,22 +25,10 @@ pub enum ConfigError {
 
 /// Checks a host VM line name: 1 to 16 bytes (it is written into the boot
 /// information's name field) of `[A-Za-z0-9_-]`. The one rule for
-/// `vmbeam run --name`, [`crate::vmm::Vmm::start`] and a host VM arriving
+/// `vmbeam run --name`, `Vmm::start` and a host VM arriving
 /// by migration.
 pub fn check_line_name(name: &str) -> Result<(), ConfigError> {
-    if name.is_empty()
-        || name.len() > vmbeam_abi::NAME_LEN
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(ConfigError::Range(format!(
-            "bad host VM name '{}': use 1 to {} letters, digits, '-' or '_'",
-            name.escape_debug(),
-            vmbeam_abi::NAME_LEN
-        )));
-    }
-    Ok(())
+    crate::host::names::check_line_name(name).map_err(ConfigError::Range)
 }
 
 /// Parses `--duration`: seconds (a non-negative number), or `inf` /
@@ -66,32 +54,7 @@ pub fn parse_run_duration(s: &str) -> Result<Option<std::time::Duration>, Config
 
 /// Parses `64M`, `4G`, `512k`, `1048576`.
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let t = s.trim();
-    let bad = || ConfigError::BadSize(s.to_string());
-    if t.is_empty() {
-        return Err(bad());
-    }
-    // `MiB`, `GiB`, … and `MB`, `GB` mean the same as `M`, `G` (binary).
-    let unit = |r: &str| r.ends_with(|c: char| "kKmMgGtT".contains(c));
-    let t = ["iB", "ib", "B", "b"]
-        .iter()
-        .find_map(|suf| t.strip_suffix(suf).filter(|r| unit(r)))
-        .unwrap_or(t);
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(bad()),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| bad())?;
-    n.checked_mul(mult).ok_or_else(bad)
+    crate::base::size::parse_size(s).ok_or_else(|| ConfigError::BadSize(s.to_string()))
 }
 
 /// A nested workload.

@@ -4,26 +4,28 @@
 //! the status tree with each line's history of retired generations, and the
 //! events file those operations report to.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use vmbeam_abi::boot::{NestedSpec, ROLE_PRIMARY};
 
+use crate::base::sync::{Rank, RankedMutex};
 use crate::config::{ConfigError, VmmConfig};
 use crate::control::events::{unix_ms, EventLog};
 use crate::control::inspect::{self, InspectError, Inspection, Registers};
 use crate::control::policy::Trigger;
+pub use crate::control::status::{HostVmStatus, NestedStatus, RetiredGeneration, Status};
 use crate::devices::binding::{BindError, Bindings};
 use crate::host::console::ConsoleTarget;
-use crate::host::hostvm::{HostVm, HostVmError, HostVmSpec, VmStatus};
 use crate::host::images::Images;
 use crate::host::memory::MemFile;
+use crate::l1::hostvm::Shared;
+use crate::l1::hostvm::{HostVm, HostVmError, HostVmSpec, VmStatus};
+use crate::l1::shared::KvmError;
 use crate::migration::rejuvenate::{self, Mode, RejuvenateError, RejuvenateOptions, Report};
 use crate::nesting::nested::NestedRef;
-use crate::shared::{KvmError, Shared};
-use crate::sync::{Rank, RankedMutex};
 
 /// Errors of VMM operations.
 #[derive(Debug, thiserror::Error)]
@@ -106,25 +108,6 @@ pub const BUSY_RETRY: Duration = Duration::from_millis(200);
 /// Retired generations kept per line.
 pub const HISTORY_LEN: usize = 16;
 
-/// A guest hypervisor generation that was replaced.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct RetiredGeneration {
-    /// Its generation.
-    pub generation: u32,
-    /// How long it ran before it was retired, ms.
-    pub uptime_ms: u64,
-    /// `manual` or `policy`.
-    pub reason: String,
-    /// The policy's reason in words (policy only).
-    #[serde(default)]
-    pub detail: Option<String>,
-    /// When it was retired, ms since the Unix epoch.
-    pub retired_at_ms: u64,
-    /// Its last health report (empty if it never reported).
-    #[serde(default)]
-    pub health: BTreeMap<String, u64>,
-}
-
 /// A host VM line: a name whose guest hypervisor is replaced over time.
 pub struct Line {
     /// Name.
@@ -133,95 +116,6 @@ pub struct Line {
     pub current: RankedMutex<Arc<HostVm>>,
     /// The last [`HISTORY_LEN`] retired generations, oldest first.
     pub retired: RankedMutex<VecDeque<RetiredGeneration>>,
-}
-
-/// Status of a nested guest.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct NestedStatus {
-    /// Name.
-    pub name: String,
-    /// Handle in its guest hypervisor.
-    pub handle: u32,
-    /// RAM.
-    pub mem_bytes: u64,
-    /// created/running/halted/crashed.
-    pub state: String,
-    /// vCPUs.
-    pub vcpus: usize,
-    /// RUN calls.
-    pub runs: u64,
-    /// Exits returned to L1.
-    pub exits: u64,
-    /// Times moved.
-    pub moves: u32,
-    /// Console lines so far.
-    pub console_lines: u64,
-    /// Console bytes dropped by the console's rate limit.
-    #[serde(default)]
-    pub console_dropped_bytes: u64,
-    /// Generation of the guest hypervisor running it.
-    pub generation: u32,
-    /// Host VM line whose guest hypervisor runs it now.
-    #[serde(default)]
-    pub host_vm: String,
-    /// Its virtio devices with their counters.
-    #[serde(default)]
-    pub devices: Vec<crate::devices::DeviceStatus>,
-}
-
-/// Status of a host VM.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct HostVmStatus {
-    /// Line name.
-    pub name: String,
-    /// Generation.
-    pub generation: u32,
-    /// Status.
-    pub status: String,
-    /// Uptime.
-    pub uptime_ms: u64,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// RAM.
-    pub ram_bytes: u64,
-    /// Pool.
-    pub pool_bytes: u64,
-    /// Hypercalls served.
-    pub hypercalls: u64,
-    /// Last health report of L1 (named counters).
-    pub health: BTreeMap<String, u64>,
-    /// Health reports received from this generation.
-    #[serde(default)]
-    pub health_reports: u64,
-    /// Aging injector: pool pages L1 leaks per nested RUN (0 = off).
-    #[serde(default)]
-    pub age_leak_pages: u32,
-    /// Bytes of the guest hypervisor's own console dropped by its rate limit.
-    #[serde(default)]
-    pub console_dropped_bytes: u64,
-    /// Bounds its guest hypervisor hit, with how often (absent if none).
-    #[serde(default)]
-    pub limits: BTreeMap<String, u64>,
-    /// Nested guests.
-    pub nested: Vec<NestedStatus>,
-    /// Earlier generations of this line, oldest first (at most [`HISTORY_LEN`]).
-    #[serde(default)]
-    pub retired: Vec<RetiredGeneration>,
-}
-
-/// The status tree.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Status {
-    /// vmbeam version.
-    pub version: String,
-    /// Rejuvenation policy (`manual`, `free<10%`, `every 30s`, …).
-    #[serde(default)]
-    pub policy: String,
-    /// Host VMs.
-    pub host_vms: Vec<HostVmStatus>,
-    /// Jobs running now (a rejuvenation or migration started through the API).
-    #[serde(default)]
-    pub jobs: Vec<crate::control::jobs::JobView>,
 }
 
 /// What [`Vmm::start_with`] changes from the configuration.
@@ -305,7 +199,7 @@ impl Vmm {
             ConsoleTarget::Terminal
         };
         raise_fd_limit();
-        let shared = Shared::new(target)?;
+        let shared = Shared::new(target, Arc::new(crate::hypercall::handlers::Handlers))?;
         let names: Vec<String> = (0..config.nested).map(|i| format!("l2-{i}")).collect();
         shared.set_bindings(Bindings::open(&config.devices, &names)?);
         Ok(Vmm {
@@ -456,7 +350,11 @@ impl Vmm {
     ) -> Result<Report, VmmError> {
         let res = self.rejuvenate_inner(name, opts, trigger);
         drop(excl);
-        self.metrics.rejuvenation(&res);
+        self.metrics.rejuvenation(match &res {
+            Ok(r) => Ok(r),
+            Err(VmmError::Rejuvenate(e)) => Err(Some(e)),
+            Err(_) => Err(None),
+        });
         let mut fields = serde_json::json!({
             "vm": name,
             "trigger": trigger.as_str(),

@@ -10,10 +10,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use vmbeam_vmm::control::api;
+use vmbeam_vmm::api;
+use vmbeam_vmm::base::progress::Phase;
 use vmbeam_vmm::control::jobs::JobView;
 use vmbeam_vmm::migration::rejuvenate::Report;
-use vmbeam_vmm::progress::Phase;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 

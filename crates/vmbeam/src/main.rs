@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use clap::{CommandFactory, Parser};
 use vmbeam::cli::{Cli, Command};
 use vmbeam::follow::{self, Followed};
-use vmbeam_vmm::control::api;
+use vmbeam_vmm::api;
 use vmbeam_vmm::control::inspect::Inspection;
 use vmbeam_vmm::control::jobs::JobView;
 use vmbeam_vmm::migration::rejuvenate::{Mode, Report};

@@ -12,10 +12,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use vmbeam_vmm::control::api::ApiServer;
+use vmbeam_vmm::api::ApiServer;
 use vmbeam_vmm::control::events::{EventLog, EventsError};
 use vmbeam_vmm::control::policy::{Backoff, Observation, Policy, PolicyError, PoolHealth, Trigger};
-use vmbeam_vmm::host::hostvm::{HostVm, VmStatus};
+use vmbeam_vmm::l1::hostvm::{HostVm, VmStatus};
 use vmbeam_vmm::migration::rejuvenate::RejuvenateOptions;
 use vmbeam_vmm::vmm::Vmm;
 use vmm_sys_util::eventfd::EventFd;
@@ -30,7 +30,7 @@ pub enum RunError {
     Vmm(#[from] vmbeam_vmm::vmm::VmmError),
     /// The API socket failed.
     #[error(transparent)]
-    Api(#[from] vmbeam_vmm::control::api::ApiError),
+    Api(#[from] vmbeam_vmm::api::ApiError),
     /// Listening for migrations is not possible or not allowed.
     #[error("{0}")]
     Listen(String),

@@ -99,7 +99,7 @@ impl EventLog {
     }
 }
 
-impl crate::shared::EventSink for EventLog {
+impl crate::l1::shared::EventSink for EventLog {
     fn event(&self, event: &str, fields: serde_json::Value) {
         if let Err(e) = self.log(event, fields) {
             eprintln!("vmbeam: {e}");

@@ -6,7 +6,7 @@
 //! the nested VM's lock, which the L1 vCPU thread holds for at most one
 //! RUN time slice. Registers come from a read-only query
 //! ([`crate::nesting::nested::NestedVm::peek_regs`]) that never completes a pending
-//! exit; while one is pending, [`crate::vmm::Vmm::inspect`] looks again at
+//! exit; while one is pending, `Vmm::inspect` looks again at
 //! the guest's next stops for a short while and then answers "busy".
 //! Everything here is read-only, and one request reads at most
 //! [`MAX_LEN`] bytes.

@@ -11,9 +11,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::base::progress::{Phase, Progress, Snapshot};
 use crate::control::events::unix_ms;
 use crate::migration::rejuvenate::Report;
-use crate::progress::{Phase, Progress, Snapshot};
 
 /// Finished jobs kept for `GET /api/v1/jobs/{id}`.
 pub const FINISHED_KEPT: usize = 16;

@@ -8,8 +8,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::control::status::Status;
 use crate::migration::rejuvenate::{RejuvenateError, Report};
-use crate::vmm::{Status, VmmError};
 
 /// Upper bounds (seconds) of the downtime histogram's buckets.
 pub const DOWNTIME_BUCKETS: [f64; 10] = [
@@ -47,8 +47,10 @@ impl Counters {
         }
     }
 
-    /// Counts a rejuvenation's outcome.
-    pub fn rejuvenation(&self, res: &Result<Report, VmmError>) {
+    /// Counts a rejuvenation's outcome: its report, or why it failed
+    /// (`None`: refused before it began, e.g. busy or an unknown line,
+    /// which is not a rejuvenation).
+    pub fn rejuvenation(&self, res: Result<&Report, Option<&RejuvenateError>>) {
         match res {
             Ok(r) => {
                 self.rejuvenations_ok.fetch_add(1, Ordering::Relaxed);
@@ -59,14 +61,13 @@ impl Counters {
                 }
                 self.downtimes(r);
             }
-            // Refusals (busy, unknown line) are not rejuvenations.
-            Err(VmmError::Rejuvenate(e)) => {
+            Err(Some(e)) => {
                 self.rejuvenations_failed.fetch_add(1, Ordering::Relaxed);
                 if matches!(e, RejuvenateError::RolledBack { .. }) {
                     self.rollbacks.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Err(_) => {}
+            Err(None) => {}
         }
     }
 

@@ -19,7 +19,7 @@
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use crate::config::parse_size;
+use crate::base::size::parse_size;
 
 /// A generation must be this old before the policy may replace it.
 pub const MIN_AGE: Duration = Duration::from_secs(2);
@@ -87,7 +87,7 @@ impl FromStr for Condition {
             }
             Ok(Condition::FreeBelowPercent(p))
         } else {
-            let b = parse_size(rhs).map_err(|_| bad())?;
+            let b = parse_size(rhs).ok_or_else(bad)?;
             if b == 0 {
                 return Err(threshold("the size must be above 0"));
             }

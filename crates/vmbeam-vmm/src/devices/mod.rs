@@ -25,10 +25,10 @@ use std::time::Duration;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::base::sync::{Rank, RankedMutex};
 use crate::devices::binding::Backend;
 use crate::devices::mmio::{DeviceCounters, MmioDevice, QUEUE_NOTIFY};
 use crate::devices::queue::DeviceMemory;
-use crate::sync::{Rank, RankedMutex};
 
 /// Size of a device window.
 pub const WINDOW: u64 = vmbeam_abi::hypercall::DEVICE_WINDOW;
@@ -269,7 +269,7 @@ impl DeviceSet {
         }
         if base
             .checked_add(WINDOW)
-            .is_none_or(|e| e > crate::nesting::nested::MAX_L2_GPA)
+            .is_none_or(|e| e > vmbeam_abi::l2::MAX_GIB << 30)
         {
             return Err(DeviceError::OutOfRange(base));
         }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use crate::sync::{Rank, RankedMutex};
+use crate::base::sync::{Rank, RankedMutex};
 
 /// Where consoles are written.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,13 +1,13 @@
-//! A host VM and the machine under it: guest memory (memfds), boot (page
-//! tables, ELF loading, workload images), the L1 console, the vCPU threads
-//! and the kick that bounds a nested RUN. Nothing here knows about nesting
-//! policy or rejuvenation.
+//! The machine under a host VM: guest memory (memfds), boot (page tables,
+//! ELF loading, workload images), the console, the kick that bounds a
+//! nested RUN, the per-VM bounds and the rules for names. Nothing here
+//! knows about devices, nesting or rejuvenation.
 
 pub mod arch;
 pub mod bounds;
 pub mod console;
-pub mod hostvm;
 pub mod images;
 pub mod kick;
 pub mod loader;
 pub mod memory;
+pub mod names;

@@ -23,10 +23,10 @@ use vmbeam_abi::handover::{GuestLive, UART_LINE};
 use vmbeam_abi::hypercall::{HypercallPage, Status, OP_CONSOLE_WRITE};
 use vmbeam_abi::NAME_LEN;
 
-use crate::host::hostvm::HostVm;
 use crate::host::memory::RegionKind;
+use crate::l1::dispatch::{HcOutcome, HcResult};
+use crate::l1::hostvm::HostVm;
 use crate::migration::handover::{grant_or_offer, BatchStep, Phase, Session, SuccSide};
-use crate::nesting::hypercall::{HcOutcome, HcResult};
 use crate::nesting::nested::NestedState;
 
 /// Longest slice a guest gets while guests move: the aged L1 must reach
@@ -37,7 +37,7 @@ pub const MOVING_SLICE: Duration = Duration::from_micros(500);
 const ADOPT_WAIT: Duration = Duration::from_millis(20);
 
 fn session_of(vm: &HostVm) -> Option<Arc<Session>> {
-    vm.session.lock().unwrap().clone()
+    crate::migration::handover::attached(vm)
 }
 
 /// The batch session `vm` is the aged side of.

@@ -191,9 +191,9 @@ pub fn precopy_live(
 pub fn precopy_live_with(
     vms: &[NestedRef],
     budget: Duration,
-    progress: Option<&Arc<crate::progress::Progress>>,
+    progress: Option<&Arc<crate::base::progress::Progress>>,
 ) -> Result<(Vec<GuestCopy>, PrecopyStats), CopyError> {
-    let cancelled = || crate::progress::check(progress).map_err(|_| CopyError::Cancelled);
+    let cancelled = || crate::base::progress::check(progress).map_err(|_| CopyError::Cancelled);
     let mut copies = Vec::new();
     let mut stats = PrecopyStats::default();
     // Round 0: log on, copy everything.

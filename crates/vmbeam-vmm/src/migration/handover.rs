@@ -21,16 +21,16 @@ use vmbeam_abi::handover::{MailboxHeader, MAILBOX_TO_AGED, MAILBOX_TO_SUCCESSOR}
 use vmbeam_abi::hypercall::{GrantRange, HypercallPage, Status, MAX_GRANT_RANGES};
 use vmbeam_abi::layout;
 
-use crate::host::hostvm::HostVm;
+use crate::base::sync::{Rank, RankedCondvar, RankedMutex};
 use crate::host::memory::{MemFile, Region, RegionKind};
+use crate::l1::dispatch::{HcOutcome, HcResult};
+use crate::l1::hostvm::{Attachment, HostVm};
 use crate::migration::copy::{GuestCopy, SlotCopy};
 pub use crate::migration::handover_state::{
     Batch, BatchStep, GuestMove, Handover, Phase, SuccSide,
 };
-use crate::migration::rejuvenate::Mode;
-use crate::nesting::hypercall::{HcOutcome, HcResult};
+use crate::migration::mode::Mode;
 use crate::nesting::nested::{NestedRef, NestedState, NestedVm};
-use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
 /// How long after the handover's deadline an aged L1 waiting inside
 /// HANDOVER_DONE gives up on L0's decision (L0 decides well before).
@@ -176,12 +176,20 @@ impl Session {
     }
 }
 
+/// The session attached to `vm`, if any: the host VM layer keeps it as an
+/// [`Attachment`] without knowing its type.
+pub fn attached(vm: &HostVm) -> Option<Arc<Session>> {
+    let a = vm.session.lock().unwrap().clone()?;
+    a.downcast::<Session>().ok()
+}
+
+/// Attaches `session` to `vm` (or, with `None`, detaches what is there).
+pub fn attach(vm: &HostVm, session: Option<Arc<Session>>) {
+    *vm.session.lock().unwrap() = session.map(|s| s as Attachment);
+}
+
 fn session_of(vm: &HostVm) -> Result<Arc<Session>, Status> {
-    vm.session
-        .lock()
-        .unwrap()
-        .clone()
-        .ok_or(Status::NotPermitted)
+    attached(vm).ok_or(Status::NotPermitted)
 }
 
 /// The session `vm` is the successor in, if any.

@@ -28,21 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::migration::wire::{self, Kind, WireError, HEADER};
 
-/// A connected stream, plain or inside TLS.
-pub enum Transport {
-    /// Plain TCP.
-    Plain(TcpStream),
-    /// TLS over TCP; the handshake is complete.
-    Tls(TcpStream, Box<rustls::Connection>),
-}
-
-impl Transport {
-    fn sock(&self) -> &TcpStream {
-        match self {
-            Transport::Plain(s) | Transport::Tls(s, _) => s,
-        }
-    }
-}
+pub use crate::migration::transport::Transport;
 
 enum Out {
     Frame(Vec<u8>),

@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use vmbeam_abi::boot::{control, fault, ROLE_SUCCESSOR};
 
-use crate::host::hostvm::{HostVm, VmStatus};
+use crate::base::progress::{Phase as JobPhase, Progress};
 use crate::host::loader::FlatImage;
 use crate::host::memory::Region;
+use crate::l1::hostvm::Shared;
+use crate::l1::hostvm::{HostVm, VmStatus};
 use crate::migration::handover::{self, GuestMove, Phase, Session};
 use crate::nesting::nested::NestedState;
-use crate::progress::{Phase as JobPhase, Progress};
-use crate::shared::Shared;
 
 /// Batch: how long the next guest may wait for its last run under the aged
 /// L1 before L0 moves it itself.
@@ -33,28 +33,7 @@ const FORCE_AFTER: Duration = Duration::from_millis(100);
 /// behind the events file (`Vmm::event`).
 pub type EventSink<'a> = &'a (dyn Fn(&str, serde_json::Value) + Sync);
 
-/// How nested memory moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// Pages are remapped into the successor; nothing is copied.
-    ZeroCopy,
-    /// Stop-and-copy through L0.
-    Copy,
-    /// Iterative pre-copy with dirty logging.
-    Precopy,
-}
-
-impl Mode {
-    /// Name as on the command line.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Mode::ZeroCopy => "zero-copy",
-            Mode::Copy => "copy",
-            Mode::Precopy => "precopy",
-        }
-    }
-}
+pub use crate::migration::mode::Mode;
 
 /// Options of one rejuvenation.
 #[derive(Debug, Clone)]
@@ -148,102 +127,7 @@ pub enum RejuvenateError {
     },
 }
 
-/// Per-guest part of the report.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct GuestReport {
-    /// Name.
-    pub name: String,
-    /// RAM bytes.
-    pub mem_bytes: u64,
-    /// The guest-visible pause: last exit under the aged L1 → first entry
-    /// under the successor, nothing subtracted.
-    pub downtime_us: u64,
-    /// L0 hash of the whole guest memory when paused (hex).
-    pub checksum_before: Option<String>,
-    /// L0 hash of the whole guest memory before resuming (hex).
-    pub checksum_after: Option<String>,
-    /// Ran under the successor.
-    pub running_after: bool,
-    /// Moves so far.
-    pub moves: u32,
-    /// Virtio devices that moved with the guest.
-    #[serde(default)]
-    pub devices: u32,
-    /// Device requests in flight at the pause (made available by the
-    /// driver, not yet served) and frames the devices held: each is served
-    /// after the move, exactly once.
-    #[serde(default)]
-    pub device_in_flight: u64,
-}
-
-/// Result of a rejuvenation.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Report {
-    /// Mode.
-    pub mode: String,
-    /// Host VM line.
-    pub vm: String,
-    /// Generation retired.
-    pub from_generation: u32,
-    /// Generation now running.
-    pub to_generation: u32,
-    /// Successor boot, ms.
-    pub boot_ms: f64,
-    /// Handover (ask → commit), ms.
-    pub handover_ms: f64,
-    /// Whole operation, ms.
-    pub total_ms: f64,
-    /// Bytes of nested memory copied.
-    pub bytes_copied: u64,
-    /// Bytes the guest hypervisors exchanged on the channel.
-    pub channel_bytes: u64,
-    /// Host memory returned when the aged VM was released.
-    pub released_bytes: u64,
-    /// Resident set of L0 before.
-    pub host_rss_before: u64,
-    /// Resident set of L0 after.
-    pub host_rss_after: u64,
-    /// CPU time of L0 (all threads, including guest time) during the operation, ms.
-    pub cpu_ms: f64,
-    /// Time spent hashing for verification, ms (inside the pause in the
-    /// channel protocol, outside every pause in a batch).
-    pub verify_ms: f64,
-    /// Per guest.
-    pub guests: Vec<GuestReport>,
-    /// Pre-copy rounds (precopy mode only).
-    pub precopy: Option<crate::migration::copy::PrecopyStats>,
-    /// Guests L0 offered itself because the aged guest hypervisor died
-    /// mid-handover (absent when it did not).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rescued: Option<usize>,
-    /// How memory crossed the network (host-to-host migration only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub transfer: Option<crate::migration::remote::Transfer>,
-}
-
-/// Resident set size of this process in bytes.
-pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
-/// CPU time of this process (user + system), in ms.
-pub fn cpu_ms() -> f64 {
-    // SAFETY: an all-zero rusage is valid; getrusage fills it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF with a valid out pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let t = |tv: libc::timeval| tv.tv_sec as f64 * 1000.0 + tv.tv_usec as f64 / 1000.0;
-    t(ru.ru_utime) + t(ru.ru_stime)
-}
+pub use crate::migration::report::{cpu_ms, rss_bytes, GuestReport, Report};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -419,7 +303,7 @@ impl<'a> Rejuvenation<'a> {
 
     /// Why to stop now, if the job was cancelled.
     fn cancelled(&self) -> Option<String> {
-        crate::progress::check(self.opts.progress.as_ref())
+        crate::base::progress::check(self.opts.progress.as_ref())
             .err()
             .map(|e| e.to_string())
     }

@@ -11,6 +11,8 @@
 //! resumes and keeps running. The receiver validates every frame and never
 //! runs anything until commit.
 
+pub mod postcopy;
+
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,18 +20,18 @@ use std::time::{Duration, Instant};
 use vmbeam_abi::layout;
 use vmbeam_abi::state::VcpuState;
 
+use crate::base::progress::{Phase, Progress};
 use crate::host::arch;
-use crate::host::hostvm::{HostVm, HostVmSpec, VmStatus};
 use crate::host::memory::{GuestRam, MemFile, Region, RegionKind};
+use crate::l1::hostvm::Shared;
+use crate::l1::hostvm::{HostVm, HostVmSpec, VmStatus};
 use crate::migration::copy::{dirty_page_numbers, dirty_pages, PrecopyStats, PAGE};
 use crate::migration::link::{self, Link, Transport};
-use crate::migration::rejuvenate::{cpu_ms, rss_bytes, GuestReport, Report};
+use crate::migration::report::{cpu_ms, rss_bytes, GuestReport, Report};
 use crate::migration::reuse::{self, ReuseCache};
 use crate::migration::tls::{self, TlsDir};
 use crate::migration::wire::{self, Kind, WireError};
 use crate::nesting::nested::{NestedSlot, NestedState, NestedVm};
-use crate::progress::{Phase, Progress};
-use crate::shared::Shared;
 
 /// Errors of host-to-host migration.
 #[derive(Debug, thiserror::Error)]
@@ -80,18 +82,7 @@ pub enum RemoteError {
     PostcopyBroken(String),
 }
 
-/// One region of the host VM's memory.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct RegionDesc {
-    /// ram, pool, channel or grant.
-    pub kind: String,
-    /// Guest name for grant regions.
-    pub guest: Option<String>,
-    /// Guest-physical start.
-    pub gpa: u64,
-    /// Size.
-    pub size: u64,
-}
+pub use crate::migration::region_desc::{region_desc, RegionDesc};
 
 /// First frame: the host VM being sent.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -136,17 +127,6 @@ pub struct ReuseAnswer {
     pub why: Option<String>,
     /// Seed of the page hashes.
     pub seed: u64,
-}
-
-/// The description of a region as HELLO carries it.
-pub fn region_desc(r: &Region) -> RegionDesc {
-    let (k, g) = kind_name(&r.kind);
-    RegionDesc {
-        kind: k.into(),
-        guest: g,
-        gpa: r.gpa,
-        size: r.size,
-    }
 }
 
 /// A nested VM's state.
@@ -216,48 +196,7 @@ pub struct Started {
     pub resume_ms: Option<f64>,
 }
 
-/// How the memory crossed (TCP migration reports only). Every field is
-/// measured on this run.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct Transfer {
-    /// "precopy" or "postcopy".
-    pub mode: String,
-    /// The stream was mutual TLS.
-    pub tls: bool,
-    /// Guest memory sent as page data.
-    pub page_bytes: u64,
-    /// Guest memory sent as zero-page markers (no data).
-    pub zero_bytes: u64,
-    /// The destination had kept an image of this VM and it was used.
-    pub reuse: bool,
-    /// Guest memory not sent because the destination's kept image held
-    /// the same page (what reuse saved).
-    pub reused_bytes: u64,
-    /// Host memory this side keeps after the move for the VM's return.
-    pub kept_bytes: u64,
-    /// Frame bytes written to the connection (headers, markers, state).
-    pub wire_bytes_sent: u64,
-    /// Frame bytes the destination sent back.
-    pub wire_bytes_received: u64,
-    /// Hashing of the nested guests on the source, at pause, ms.
-    pub source_verify_ms: f64,
-    /// Hashing of the nested guests on the destination, ms.
-    pub destination_verify_ms: f64,
-    /// Building the VM on the destination, ms.
-    pub destination_build_ms: f64,
-    /// Pause → COMMIT queued for sending, ms (the downtime ends later,
-    /// when the destination's STARTED arrives).
-    pub pause_to_commit_ms: f64,
-    /// Start of the migration → the destination's STARTED arrived (the VM
-    /// runs there), ms. Pre-copy: grows with memory; post-copy: does not.
-    pub time_to_resume_ms: f64,
-    /// Post-copy: how the pages crossed after the switch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub postcopy: Option<crate::migration::postcopy::PostcopyReport>,
-    /// Guest memory covered (pages and zero markers) per second of the
-    /// whole migration, GB/s.
-    pub memory_gbps: f64,
-}
+pub use crate::migration::report::Transfer;
 
 const MAX_REGIONS: usize = 64;
 
@@ -265,15 +204,6 @@ const MAX_REGIONS: usize = 64;
 /// checksum) of each nested guest at pause, the receiver's verdict and the
 /// time spent hashing here.
 type FinalPhase = (Sent, Vec<(String, u64, u64)>, Verdict, Duration);
-
-fn kind_name(k: &RegionKind) -> (&'static str, Option<String>) {
-    match k {
-        RegionKind::Ram => ("ram", None),
-        RegionKind::Pool => ("pool", None),
-        RegionKind::Channel => ("channel", None),
-        RegionKind::Grant { guest } => ("grant", Some(guest.clone())),
-    }
-}
 
 fn set_l1_logging(vm: &HostVm, on: bool) {
     let flags = if on {
@@ -283,7 +213,7 @@ fn set_l1_logging(vm: &HostVm, on: bool) {
     };
     for r in vm.mem.read().unwrap().regions.iter() {
         // Same slot and live mapping as installed; only the flags change.
-        let _ = crate::host::hostvm::set_slot_flags(&vm.vm, r, flags);
+        let _ = crate::l1::hostvm::set_slot_flags(&vm.vm, r, flags);
     }
 }
 
@@ -1067,7 +997,7 @@ fn postcopy_out(
             (n.name.clone(), n.mem_bytes())
         })
         .collect();
-    let sw = match crate::migration::postcopy::send(vm, link, addr, progress) {
+    let sw = match crate::migration::remote::postcopy::send(vm, link, addr, progress) {
         Ok(s) => s,
         Err(e) => {
             phase(if matches!(e, RemoteError::Cancelled) {
@@ -1178,7 +1108,7 @@ mod erased {
 
 fn check_hello(h: &Hello) -> Result<(), RemoteError> {
     let bad = |m: String| Err(RemoteError::Invalid(m));
-    if let Err(e) = crate::config::check_line_name(&h.line) {
+    if let Err(e) = crate::host::names::check_line_name(&h.line) {
         return bad(e.to_string());
     }
     if h.ram < layout::MIN_RAM || h.ram > layout::MAX_RAM || h.pool > layout::MAX_POOL {
@@ -1330,7 +1260,7 @@ pub struct ReceiveOptions {
     pub reuse: Option<Arc<ReuseCache>>,
     /// Where the outcome of each post-copy (after the switch) is sent.
     pub postcopy_outcome:
-        Option<std::sync::mpsc::Sender<crate::migration::postcopy::PostcopyOutcome>>,
+        Option<std::sync::mpsc::Sender<crate::migration::remote::postcopy::PostcopyOutcome>>,
 }
 
 /// How long the receiver waits for each frame of the sender.
@@ -1471,7 +1401,7 @@ pub fn receive_with(
                 "post-copy does not use a kept image".into(),
             )));
         }
-        return crate::migration::postcopy::receive(
+        return crate::migration::remote::postcopy::receive(
             shared,
             link,
             &hello,
@@ -1617,7 +1547,7 @@ pub(crate) fn build(
     let _ = vm.set_tss_address(0xfffb_d000);
     for r in &regions {
         // The mappings live in `regions`, which the host VM keeps.
-        crate::host::hostvm::set_slot_flags(&vm, r, 0)
+        crate::l1::hostvm::set_slot_flags(&vm, r, 0)
             .map_err(|e| local(format!("memory slot: {e}")))?;
     }
     let mut fds = Vec::new();
@@ -1667,7 +1597,7 @@ pub(crate) fn build(
             )));
         }
         if d.name.len() > vmbeam_abi::NAME_LEN
-            || crate::nesting::hypercall::check_name(&vmbeam_abi::name_to_bytes(&d.name))
+            || crate::host::names::check_name(&vmbeam_abi::name_to_bytes(&d.name))
                 != Ok(d.name.as_str())
         {
             return Err(RemoteError::Invalid(format!(
@@ -1676,7 +1606,7 @@ pub(crate) fn build(
             )));
         }
         let rec = shared.claim_record(&d.name).map_err(|e| match e {
-            crate::shared::ClaimError::Taken(_) => {
+            crate::l1::shared::ClaimError::Taken(_) => {
                 RemoteError::Invalid(format!("a nested guest named {} already runs here", d.name))
             }
             e => local(e.to_string()),

@@ -22,7 +22,7 @@ use vmbeam_abi::hypercall::GrantRange;
 use vmbeam_abi::layout::CHANNEL_BASE;
 use vmbeam_abi::state::VcpuState;
 
-use crate::host::hostvm::HostVm;
+use crate::l1::hostvm::HostVm;
 use crate::migration::handover::{grant_guest, Session};
 use crate::nesting::nested::NestedState;
 
@@ -65,7 +65,7 @@ fn reply(aged: &HostVm, succ: &HostVm, seen: u32) -> Result<MsgHeader, String> {
         if h.seq != seen {
             return Ok(m);
         }
-        if !matches!(succ.status(), crate::host::hostvm::VmStatus::Running) {
+        if !matches!(succ.status(), crate::l1::hostvm::VmStatus::Running) {
             return Err("the successor stopped".into());
         }
         if Instant::now() >= deadline {

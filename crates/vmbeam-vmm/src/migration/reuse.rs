@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::host::memory::Region;
 use crate::migration::copy::PAGE;
-use crate::migration::remote::RegionDesc;
+use crate::migration::region_desc::{region_desc, RegionDesc};
 
 /// A kept image.
 struct Entry {
@@ -114,10 +114,7 @@ impl ReuseCache {
         if bytes > self.max_bytes || self.ttl.is_zero() {
             return false;
         }
-        let layout = regions
-            .iter()
-            .map(crate::migration::remote::region_desc)
-            .collect();
+        let layout = regions.iter().map(region_desc).collect();
         {
             let mut es = self.entries.lock().unwrap();
             es.retain(|e| e.line != line);

@@ -18,7 +18,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, CertificateError, Error as TlsErr};
 
-use crate::migration::link::Transport;
+use crate::migration::transport::Transport;
 use crate::migration::wire;
 
 /// Errors loading TLS material or shaking hands.

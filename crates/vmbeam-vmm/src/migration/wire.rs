@@ -28,7 +28,7 @@ pub const HEADER: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
 pub enum Kind {
-    /// Sender → receiver: what is coming (JSON [`crate::migration::remote::Hello`]).
+    /// Sender → receiver: what is coming (JSON: the sender's `Hello`).
     Hello = 1,
     /// Sender → receiver: pages of one region (binary).
     Pages = 2,

@@ -20,6 +20,7 @@ use vmbeam_abi::checksum;
 use vmbeam_abi::hypercall::{exit, NestedExit, Status};
 use vmbeam_abi::state::VcpuState;
 
+use crate::base::sync::{Rank, RankedGuard, RankedMutex};
 use crate::devices::binding::Backend;
 use crate::devices::queue::DeviceMemory;
 use crate::devices::{DeviceError, DeviceSet};
@@ -27,7 +28,6 @@ use crate::host::arch;
 use crate::host::console::Console;
 use crate::host::kick::SliceTimer;
 use crate::host::memory::MemFile;
-use crate::sync::{Rank, RankedGuard, RankedMutex};
 
 /// Most memory slots per nested VM.
 pub const MAX_SLOTS: usize = vmbeam_abi::handover::MAX_GUEST_RANGES;

@@ -16,18 +16,17 @@ use vm_superio::Serial;
 use vmbeam_abi::boot::{BootInfo, Module, NestedSpec, CONTROL_OFFSET};
 use vmbeam_abi::layout;
 
+use crate::base::sync::{Rank, RankedCondvar, RankedMutex};
 use crate::host::arch;
 use crate::host::bounds::{Bound, Refusals};
 use crate::host::console::{Console, LineWriter};
 use crate::host::kick::{self, SliceTimer};
 use crate::host::loader::{self, FlatImage};
 use crate::host::memory::{GuestRam, MemFile, Region, RegionKind};
-use crate::migration::handover::Session;
-use crate::nesting::hypercall::{self, HcOutcome};
+use crate::l1::dispatch::{HcOutcome, Hypercalls};
+use crate::l1::shared::Services;
 use crate::nesting::nested::NestedRef;
 use crate::nesting::table::NestedTable;
-use crate::shared::Shared;
-use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
 /// How long stopping a VM waits for each vCPU thread before leaving it.
 /// A vCPU thread blocks at most in a nested RUN (≤ 1 s slice) or a bounded
@@ -218,6 +217,14 @@ impl vm_superio::Trigger for NoIrq {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The host-wide services of host VMs.
+pub type Shared = Services<HostVm>;
+
+/// What a handover a host VM takes part in attaches to it. Its type is
+/// migration's (a layer up); this layer only keeps it, and migration
+/// downcasts it back.
+pub type Attachment = Arc<dyn std::any::Any + Send + Sync>;
+
 /// A host VM.
 pub struct HostVm {
     /// Unique id in this process.
@@ -235,8 +242,11 @@ pub struct HostVm {
     pub nested: RankedMutex<NestedTable>,
     /// L1's doorbell.
     pub doorbell: Doorbell,
-    /// Handover in progress, if any.
-    pub session: RankedMutex<Option<Arc<Session>>>,
+    /// Handover in progress, if any (see [`Attachment`]).
+    pub session: RankedMutex<Option<Attachment>>,
+    /// Serves the hypercalls of this VM's vCPUs (handed over with the
+    /// host-wide services when the VM was built).
+    dispatcher: Arc<dyn Hypercalls<HostVm>>,
     /// Health reported by L1.
     pub health: RankedMutex<Health>,
     status: RankedMutex<VmStatus>,
@@ -278,7 +288,7 @@ impl HostVm {
         hypervisor: &[u8],
         modules: &[(u32, FlatImage)],
         channel: Arc<MemFile>,
-        session: Option<Arc<Session>>,
+        session: Option<Attachment>,
     ) -> Result<Arc<HostVm>, HostVmError> {
         let name = format!("{}/g{}", spec.line, spec.generation);
         let cfg = |msg: String| HostVmError::Config {
@@ -480,6 +490,7 @@ impl HostVm {
                 msg: e.to_string(),
             })?;
         let next_slot = ram.regions.iter().map(|r| r.slot + 1).max().unwrap_or(0);
+        let dispatcher = shared.hypercalls();
         Ok(Arc::new(HostVm {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             spec,
@@ -490,6 +501,7 @@ impl HostVm {
             nested: RankedMutex::new(Rank::NestedTable, NestedTable::default()),
             doorbell: Doorbell::default(),
             session: RankedMutex::new(Rank::VmSession, None),
+            dispatcher,
             health: RankedMutex::new(Rank::Health, Health::default()),
             status: RankedMutex::new(Rank::VmLeaf, VmStatus::Booting),
             status_cv: RankedCondvar::new(),
@@ -511,7 +523,7 @@ impl HostVm {
     /// Starts (or resumes) the vCPU threads, in vCPU index order.
     pub fn start_vcpus(self: &Arc<Self>, fds: Vec<VcpuFd>) {
         // Let a nested guest's record lead to this VM (inspect follows moves).
-        self.shared.register_host_vm(self);
+        self.shared.register_host_vm(self.id, self);
         kick::install_handler();
         self.stop.store(false, Ordering::SeqCst);
         for (i, fd) in fds.into_iter().enumerate() {
@@ -577,7 +589,7 @@ impl HostVm {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if port == layout::HYPERCALL_PORT && data.len() == 4 {
                         let op = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-                        match hypercall::dispatch(self, idx, op, timer) {
+                        match self.dispatcher.dispatch(self, idx, op, timer) {
                             HcOutcome::Continue => {}
                             HcOutcome::Retire => return Ok(()),
                         }

@@ -1,4 +1,5 @@
-//! Executes the hypercalls a guest hypervisor issues.
+//! Executes the hypercalls a guest hypervisor issues: [`Handlers`] is the
+//! dispatcher every host VM's vCPU loop is handed.
 //!
 //! Every argument comes from a guest we do not trust: each op checks
 //! handles, ranges (overflow, alignment, ownership), counts and roles, and
@@ -12,26 +13,26 @@ use vmbeam_abi::hypercall::*;
 use vmbeam_abi::layout::{self, EXTENT_SIZE};
 
 use crate::host::bounds::{Bound, MAX_NESTED_VMS};
-use crate::host::hostvm::HostVm;
 use crate::host::kick::SliceTimer;
 use crate::host::memory::RegionKind;
+use crate::host::names::check_name;
+use crate::l1::dispatch::{HcOutcome, HcResult, Hypercalls};
+use crate::l1::hostvm::HostVm;
+use crate::l1::shared::ClaimError;
 use crate::migration::{batch, handover};
 use crate::nesting::nested::{NestedCell, NestedRef, NestedSlot, NestedVm};
-use crate::shared::ClaimError;
-
-/// What the vCPU loop does after a hypercall.
-#[derive(Debug, PartialEq, Eq)]
-pub enum HcOutcome {
-    /// Resume L1.
-    Continue,
-    /// L1 handed everything over; end this vCPU thread.
-    Retire,
-}
-
-/// Result of one op.
-pub type HcResult = Result<HcOutcome, Status>;
 
 const OK: HcResult = Ok(HcOutcome::Continue);
+
+/// The hypercall handlers, as the dispatcher host VMs are handed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Handlers;
+
+impl Hypercalls<HostVm> for Handlers {
+    fn dispatch(&self, vm: &HostVm, vcpu: u32, op: u32, timer: &SliceTimer) -> HcOutcome {
+        dispatch(vm, vcpu, op, timer)
+    }
+}
 
 /// Reads the hypercall page of `vcpu`, runs `op`, writes the answer back.
 pub fn dispatch(vm: &HostVm, vcpu: u32, op: u32, timer: &SliceTimer) -> HcOutcome {
@@ -469,25 +470,6 @@ fn map_claimed(
 // call these functions first, at the point where they used to check inline.
 // ---------------------------------------------------------------------------
 
-/// Checks a nested VM name as VM_CREATE receives it (`data[..16]`):
-/// NUL-padded, non-empty, UTF-8, and only `[A-Za-z0-9._-]`; it may not
-/// start with '.' nor end in `.l1`, the form of host VM console file
-/// names, so a guest hypervisor cannot write into a host VM's console.
-pub fn check_name(raw: &[u8; vmbeam_abi::NAME_LEN]) -> Result<&str, Status> {
-    let n = vmbeam_abi::name_from_bytes(raw).ok_or(Status::BadArg)?;
-    if !n
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        || n.starts_with('.')
-    {
-        return Err(Status::BadArg);
-    }
-    if n.ends_with(crate::host::console::L1_SUFFIX) {
-        return Err(Status::BadArg);
-    }
-    Ok(n)
-}
-
 /// Bytes of `data` a CONSOLE_WRITE may print: `args[1]`, at most [`DATA_LEN`].
 pub fn console_len(arg: u64) -> Result<usize, Status> {
     match usize::try_from(arg) {
@@ -556,34 +538,6 @@ pub fn check_fill_args(l2_gpa: u64, len: u64) -> Result<u64, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_are_checked() {
-        let n = |s: &[u8]| {
-            let mut b = [0u8; vmbeam_abi::NAME_LEN];
-            b[..s.len()].copy_from_slice(s);
-            b
-        };
-        assert_eq!(check_name(&n(b"l2-0")), Ok("l2-0"));
-        assert_eq!(check_name(&n(b"a.b_c-D9")), Ok("a.b_c-D9"));
-        assert_eq!(check_name(&[b'x'; 16]), Ok("xxxxxxxxxxxxxxxx"));
-        assert_eq!(check_name(&n(b"l2-gx")), Ok("l2-gx"));
-        assert_eq!(check_name(&n(b"hv0-g2")), Ok("hv0-g2"));
-        assert_eq!(check_name(&n(b"a.l12")), Ok("a.l12"));
-        for bad in [
-            &b""[..],
-            b"a b",
-            b"a/b",
-            b"a\n",
-            b"\xff",
-            b"\xc3\xa9",
-            b"hv0.l1",
-            b".l1",
-            b".hidden",
-        ] {
-            assert_eq!(check_name(&n(bad)), Err(Status::BadArg), "{bad:?}");
-        }
-    }
 
     #[test]
     fn console_lengths_are_bounded() {

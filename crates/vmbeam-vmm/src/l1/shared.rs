@@ -1,7 +1,11 @@
 //! Host-wide services every host VM uses: the KVM handle, the CPUID given
-//! to every vCPU, the consoles, the registry of nested guest identities, and
-//! the event that wakes whoever waits for a VM to stop, and the sink that
-//! control events (a bound hit by a guest hypervisor) go to.
+//! to every vCPU, the consoles, the registry of nested guest identities and
+//! of live host VMs, the dispatcher that serves their hypercalls, the event
+//! that wakes whoever waits for a VM to stop, and the sink that control
+//! events (a bound hit by a guest hypervisor) go to.
+//!
+//! [`Services`] is generic over the host VM type `V` (the host VM layer
+//! names it `Shared`), so this file needs no import of the host VM.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, Weak};
@@ -10,11 +14,11 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 
+use crate::base::sync::{Rank, RankedCondvar, RankedMutex};
 use crate::devices::binding::Bindings;
 use crate::host::console::{ConsoleError, ConsoleHub, ConsoleTarget};
-use crate::host::hostvm::HostVm;
+use crate::l1::dispatch::Hypercalls;
 use crate::nesting::nested::{GuestRecord, RecordInfo};
-use crate::sync::{Rank, RankedCondvar, RankedMutex};
 
 /// Why L0 cannot use KVM.
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +74,8 @@ struct LimitLog {
     suppressed: u64,
 }
 
-/// Host-wide services.
-pub struct Shared {
+/// Host-wide services for host VMs of type `V`.
+pub struct Services<V: 'static> {
     /// KVM.
     pub kvm: Kvm,
     /// CPUID for every vCPU.
@@ -85,7 +89,8 @@ pub struct Shared {
     records: RankedMutex<HashMap<String, Weak<GuestRecord>>>,
     /// Every live host VM by id (weak: lines and handovers own them), so a
     /// record's `bound_vm` leads to the VM that runs the guest now.
-    host_vms: RankedMutex<HashMap<u64, Weak<HostVm>>>,
+    host_vms: RankedMutex<HashMap<u64, Weak<V>>>,
+    hypercalls: Arc<dyn Hypercalls<V>>,
     bindings: RankedMutex<Arc<Bindings>>,
     events: RankedMutex<u64>,
     events_cv: RankedCondvar,
@@ -93,19 +98,24 @@ pub struct Shared {
     limit_log: RankedMutex<HashMap<(String, &'static str), LimitLog>>,
 }
 
-impl Shared {
-    /// Opens KVM and sets up consoles.
-    pub fn new(consoles: ConsoleTarget) -> Result<Arc<Shared>, KvmError> {
+impl<V: 'static> Services<V> {
+    /// Opens KVM and sets up consoles; every host VM's hypercalls will be
+    /// served by `hypercalls`.
+    pub fn new(
+        consoles: ConsoleTarget,
+        hypercalls: Arc<dyn Hypercalls<V>>,
+    ) -> Result<Arc<Self>, KvmError> {
         let kvm = open_kvm()?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(KvmError::Cpuid)?;
-        Ok(Arc::new(Shared {
+        Ok(Arc::new(Services {
             kvm,
             cpuid,
             consoles: ConsoleHub::new(consoles)?,
             records: RankedMutex::new(Rank::Records, HashMap::new()),
             host_vms: RankedMutex::new(Rank::HostVms, HashMap::new()),
+            hypercalls,
             bindings: RankedMutex::new(Rank::Bindings, Arc::new(Bindings::default())),
             events: RankedMutex::new(Rank::Signal, 0),
             events_cv: RankedCondvar::new(),
@@ -210,15 +220,21 @@ impl Shared {
         self.bindings.lock().unwrap().clone()
     }
 
-    /// Remembers a newly built host VM (and forgets dropped ones).
-    pub fn register_host_vm(&self, vm: &Arc<HostVm>) {
+    /// The dispatcher that serves every host VM's hypercalls.
+    pub fn hypercalls(&self) -> Arc<dyn Hypercalls<V>> {
+        self.hypercalls.clone()
+    }
+
+    /// Remembers a newly built host VM `vm` with id `id` (and forgets
+    /// dropped ones).
+    pub fn register_host_vm(&self, id: u64, vm: &Arc<V>) {
         let mut vms = self.host_vms.lock().unwrap();
         vms.retain(|_, w| w.strong_count() > 0);
-        vms.insert(vm.id, Arc::downgrade(vm));
+        vms.insert(id, Arc::downgrade(vm));
     }
 
     /// The host VM with id `id`, if it still exists.
-    pub fn host_vm(&self, id: u64) -> Option<Arc<HostVm>> {
+    pub fn host_vm(&self, id: u64) -> Option<Arc<V>> {
         self.host_vms
             .lock()
             .unwrap()

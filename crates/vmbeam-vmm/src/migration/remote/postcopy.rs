@@ -30,14 +30,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::host::hostvm::{HostVm, VmStatus};
+use crate::base::progress::Progress;
 use crate::host::memory::Region;
+use crate::l1::hostvm::{HostVm, VmStatus};
 use crate::migration::copy::PAGE;
 use crate::migration::link::{Link, LinkSender};
 use crate::migration::remote::{self, RemoteError, Started, StateMsg, Verdict};
 use crate::migration::uffd::{self, Uffd};
 use crate::migration::wire::{self, Kind, WireError};
-use crate::progress::Progress;
 
 /// A page the destination asked for must arrive within this.
 pub const FETCH_WAIT: Duration = Duration::from_secs(20);
@@ -59,51 +59,7 @@ pub struct PushDone {
     pub digest: String,
 }
 
-/// What the destination says when every page arrived (or why not).
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct Received {
-    /// Every page arrived and the digests agree.
-    pub ok: bool,
-    /// Why not.
-    pub error: Option<String>,
-    /// Digest of the image as placed here (hex).
-    pub digest: String,
-    /// Pages placed from the background stream.
-    pub pushed_pages: u64,
-    /// Pages placed because a guest (or L0) waited for them.
-    pub fetched_pages: u64,
-    /// Zero pages placed because something touched them.
-    pub zero_placed_pages: u64,
-    /// Faults taken on pages that had not arrived.
-    pub faults: u64,
-    /// Mean time from a fault to its page placed, µs.
-    pub fault_wait_mean_us: f64,
-    /// Longest such time, µs.
-    pub fault_wait_max_us: f64,
-    /// From the vCPUs' start here to the last page placed, ms.
-    pub complete_ms: f64,
-}
-
-/// How the memory of a post-copy migration crossed (in the report's
-/// `transfer.postcopy`); every field is measured on this run.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct PostcopyReport {
-    /// Pages first sent because the destination asked (FETCH).
-    pub fetched_pages: u64,
-    /// FETCH requests answered (a page requested while already on its way
-    /// is answered again).
-    pub fetch_requests: u64,
-    /// Pages first sent by the background stream as data.
-    pub pushed_pages: u64,
-    /// Pages sent as zero markers (zero pages and holes).
-    pub zero_pages: u64,
-    /// Destination's vCPUs running → its confirmation of the last page, ms.
-    pub push_ms: f64,
-    /// Digest of the image the source sent (hex).
-    pub source_digest: String,
-    /// What the destination measured.
-    pub destination: Received,
-}
+pub use crate::migration::report::{PostcopyReport, Received};
 
 /// The destination's outcome of a post-copy, once the last page arrived
 /// or the migration failed after the switch.
@@ -497,10 +453,23 @@ pub(crate) fn send(
             "post-copy to {addr}: {why}; this copy is kept stopped with all its memory"
         )));
     };
-    let started = match link.recv(remote::ANSWER) {
-        Ok((Kind::Started, p)) => serde_json::from_slice::<Started>(&p)
-            .map_err(|e| RemoteError::Refused(format!("unreadable STARTED: {e}"))),
-        other => Err(remote::peer_said(other)),
+    // The destination's vCPUs run (and may fault) before its STARTED is
+    // sent, so FETCH can come first: each is answered at once, and the
+    // wait for STARTED goes on (within the same deadline).
+    let started_by = Instant::now() + remote::ANSWER;
+    let started = loop {
+        match link.recv(started_by.saturating_duration_since(Instant::now())) {
+            Ok((Kind::Started, p)) => {
+                break serde_json::from_slice::<Started>(&p)
+                    .map_err(|e| RemoteError::Refused(format!("unreadable STARTED: {e}")))
+            }
+            Ok((Kind::Fetch, p)) => {
+                if let Err(e) = src.answer(link, &p) {
+                    break Err(e);
+                }
+            }
+            other => break Err(remote::peer_said(other)),
+        }
     };
     let downtime = t_pause.elapsed();
     let resumed = Instant::now();
@@ -514,7 +483,7 @@ pub(crate) fn send(
         }
     };
     if let Some(p) = progress {
-        p.set_phase(crate::progress::Phase::Committing);
+        p.set_phase(crate::base::progress::Phase::Committing);
     }
     let t_push = Instant::now();
     let received = match src.serve(link, progress) {
@@ -704,7 +673,7 @@ impl Dest {
 /// fault thread asks for the ones guests wait on. Returns the running VM;
 /// the rest is reported through `outcome` and the log.
 pub(crate) fn receive(
-    shared: &Arc<crate::shared::Shared>,
+    shared: &Arc<crate::l1::hostvm::Shared>,
     link: Link,
     hello: &remote::Hello,
     regions: Vec<Region>,

@@ -1,7 +1,7 @@
 //! The control API: HTTP/1.1 with JSON bodies on a Unix socket (like
 //! Firecracker and Cloud Hypervisor), its routes, and the small client the
 //! CLI uses. `docs/api.yaml` is its OpenAPI description; the framing is in
-//! [`crate::control::http`].
+//! [`crate::api::http`].
 //!
 //! Routes live under `/api/v1/`; the unversioned paths of earlier releases
 //! (`/status`, `/rejuvenate`, …) remain as aliases, and their `POST
@@ -12,6 +12,8 @@
 //! `inspect` (reading guest memory and registers) to the user who runs
 //! vmbeam.
 
+pub mod http;
+
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -21,14 +23,14 @@ use std::time::Duration;
 
 use vmbeam_abi::boot::fault;
 
-use crate::control::http::{self, HttpError, Request, Response};
+use crate::api::http::{HttpError, Request, Response};
 use crate::control::jobs::{Job, JobError, JobKind};
 use crate::migration::rejuvenate::{Mode, RejuvenateOptions};
 use crate::migration::remote::MigrateOptions;
 use crate::migration::tls::TlsDir;
 use crate::vmm::{Vmm, VmmError};
 
-pub use crate::control::http::{MAX_BODY, MAX_HEAD, MAX_HEADERS};
+pub use crate::api::http::{MAX_BODY, MAX_HEAD, MAX_HEADERS};
 
 /// Errors of the API server and client.
 #[derive(Debug, thiserror::Error)]

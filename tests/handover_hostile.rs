@@ -5,16 +5,18 @@
 //! when it has to finish the handover of a dead guest hypervisor itself.
 
 mod common;
+mod stresskit;
 
 use std::path::Path;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::*;
+use vmbeam_abi::boot::stress;
 use vmbeam_vmm::api::parse_fault;
 use vmbeam_vmm::config::{VmmConfig, Workload};
 use vmbeam_vmm::control::events::EventLog;
-use vmbeam_vmm::migration::rejuvenate::{RejuvenateOptions, Report};
+use vmbeam_vmm::migration::rejuvenate::{self, RejuvenateOptions, Report};
 use vmbeam_vmm::vmm::Vmm;
 
 fn started(test: &str, line: &str, nested: u32) -> (Arc<Vmm>, common::TempDir) {
@@ -279,4 +281,111 @@ fn a_refused_grant_leaves_the_grant_window_as_it_was() {
         lines.join("\n")
     );
     assert!(vmm.failure().is_none());
+}
+
+/// Between revocation and commit a guest on its way is in no guest
+/// hypervisor's table: the aged one's nested VMs are gone and the
+/// successor has not been told to run it yet. A neighbour host VM in the
+/// same process (the stress guest hypervisor in `STEAL` mode, VM_CREATE of
+/// the moving guest's name over and over, then CONSOLE_WRITE into it when
+/// it wins) must be refused all along, and the moving guest's console must
+/// not get its bytes. The rejuvenation's phase events hold the window open
+/// until the neighbour has made hundreds of hypercalls inside it.
+#[test]
+fn a_neighbour_cannot_take_a_moving_guests_name_before_commit() {
+    if !kvm_or_skip("steal_between_revoke_and_commit") {
+        return;
+    }
+    let dir = temp_dir("steal");
+    let v = stresskit::vmm(&dir, 2, 2);
+    v.start("hv0").unwrap();
+    for i in 0..2 {
+        wait_console(&dir, &format!("l2-{i}"), Duration::from_secs(60), |t| {
+            t.lines().count() >= 3
+        });
+    }
+    stresskit::start_stress(&v, stress::STEAL);
+    stresskit::wait_stress(
+        &v,
+        &dir,
+        "steal: 1000 tries, 0 taken",
+        Duration::from_secs(60),
+    );
+    let thief = v.current(Some("stress")).unwrap();
+    let aged = v.current(Some("hv0")).unwrap();
+    let base = progress(&dir, 2);
+    // In the window: wait until the neighbour has made this many more
+    // hypercalls (each a VM_CREATE of the moving guest's name).
+    const IN_WINDOW: u64 = 300;
+    let held = std::sync::Mutex::new(None::<u64>);
+    let events = |event: &str, fields: serde_json::Value| {
+        if event != "handover" || fields["phase"] != "revoked" {
+            return;
+        }
+        let from = thief.hypercalls.load(std::sync::atomic::Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = thief.hypercalls.load(std::sync::atomic::Ordering::Relaxed);
+            if now >= from + IN_WINDOW {
+                *held.lock().unwrap() = Some(now - from);
+                return;
+            }
+            if Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let (report, succ) = rejuvenate::rejuvenate(
+        &v.shared,
+        &v.images.hypervisor,
+        &v.images.modules,
+        &aged,
+        &RejuvenateOptions::default(),
+        &events,
+    )
+    .expect("the rejuvenation commits");
+    let calls = held
+        .lock()
+        .unwrap()
+        .expect("the neighbour made no hypercalls between revocation and commit");
+    println!("the neighbour made {calls} hypercalls between revocation and commit");
+    check_moved(&report, 2, 2);
+    // The neighbour kept trying after the window, and never got the name.
+    let tries = |l: &str| -> u64 {
+        l.split_whitespace()
+            .skip_while(|w| *w != "steal:")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let most = |text: &str| {
+        text.lines()
+            .filter(|l| l.contains("steal:"))
+            .map(tries)
+            .max()
+            .unwrap_or(0)
+    };
+    let before = most(&console(&dir, stresskit::STRESS));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = console(&dir, stresskit::STRESS);
+        assert!(!text.contains("UNEXPECTED"), "{text}");
+        if most(&text) > before + 1000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the neighbour stopped:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for i in 0..2 {
+        wait_beyond(&dir, i, base[i as usize]);
+        let c = console(&dir, &format!("l2-{i}"));
+        assert!(
+            !c.contains("STOLEN"),
+            "l2-{i}'s console got the neighbour's bytes:\n{c}"
+        );
+    }
+    assert_eq!(succ.nested.lock().unwrap().count(), 2);
+    assert!(v.failure().is_none());
+    drop(succ);
 }

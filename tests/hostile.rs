@@ -1,4 +1,4 @@
-//! Issue: a guest hypervisor that throws malformed, out-of-range and
+//! A guest hypervisor that throws malformed, out-of-range and
 //! out-of-role hypercalls at L0 must get a clean refusal for each, must not
 //! be able to crash or wedge L0, and must not disturb a well-behaved host VM
 //! running next to it in the same process.
@@ -446,4 +446,80 @@ fn guests_given_back_by_a_hostile_successor_can_still_migrate() {
     // Every word of memtouch's bulk arrived, read from outside L0.
     common::moves::check_bulk(&dst.current(None).unwrap(), "l2-0", 0x5eed_0000);
     assert_eq!(dst.failure(), None);
+}
+
+/// Every vCPU of a hostile successor VM_CREATEs the name of the guest it
+/// was offered at the same moment, while the guest is being adopted: L0
+/// moves the guest into the successor's table for exactly one of them and
+/// refuses the others (a table never holds a name twice), and the
+/// rejuvenation still ends cleanly (here: rolled back, since the hostile
+/// successor then gives the guest back and lies to the aged side) with
+/// every guest running.
+#[test]
+fn racing_vm_creates_of_an_offered_guest_adopt_it_once() {
+    if !common::kvm_or_skip("racing_vm_creates_of_an_offered_guest_adopt_it_once") {
+        return;
+    }
+    let dir = common::temp_dir("adopt-race");
+    let vmm = common::vmm(
+        &dir,
+        VmmConfig {
+            vcpus: vmbeam_abi::layout::MAX_VCPUS,
+            ..Default::default()
+        },
+    );
+    vmm.start("hv0").unwrap();
+    wait_progress(&vmm, (0, 0), "at start");
+    let opts = RejuvenateOptions {
+        successor_image: Some(vmbeam::HOSTILE_ELF.to_vec()),
+        timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let e = vmm
+        .rejuvenate(None, &opts)
+        .expect_err("a hostile successor must not get the guests");
+    let msg = e.to_string();
+    assert!(
+        matches!(
+            e,
+            VmmError::Rejuvenate(RejuvenateError::RolledBack { guests: 2, .. })
+        ),
+        "{msg}"
+    );
+    let text = common::wait_console(&dir, SUCCESSOR_CONSOLE, Duration::from_secs(60), |t| {
+        t.lines().any(|l| l.starts_with("hostile-successor: done"))
+    });
+    let n = vmbeam_abi::layout::MAX_VCPUS;
+    assert!(
+        text.contains(&format!(
+            "(VM_CREATE of the offered name raced by {n} vCPUs: 1 adopted it, {} refused)",
+            n - 1
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("VM_CREATE of the offered name raced by every vCPU, one adopts it -> Ok ok"),
+        "{text}"
+    );
+    let unexpected: Vec<&str> = text.lines().filter(|l| l.contains("UNEXPECTED")).collect();
+    assert!(unexpected.is_empty(), "{}", unexpected.join("\n"));
+    // No guest was lost: both stay with generation 1 and keep running.
+    let after = nested_lines(&vmm);
+    wait_progress(&vmm, after, "after the adoption race");
+    assert_eq!(vmm.failure(), None);
+    let st = vmm.status();
+    assert_eq!(st.host_vms.len(), 1, "{st:?}");
+    let hv = &st.host_vms[0];
+    assert_eq!((hv.generation, hv.status.as_str()), (1, "running"));
+    let mut names: Vec<&str> = hv.nested.iter().map(|n| n.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["l2-0", "l2-1"], "{:?}", hv.nested);
+    assert!(
+        hv.nested
+            .iter()
+            .all(|n| n.generation == 1 && n.state != "crashed"),
+        "{:?}",
+        hv.nested
+    );
+    common::assert_memtouch_clean(&dir, "l2-0", "after the adoption race");
 }

@@ -94,6 +94,12 @@ pub mod stress {
     /// vCPU 0 runs a nested guest with an IDT that counts interrupts, and
     /// injects them with INJECT_IRQ, with interrupts enabled and disabled.
     pub const IRQ: u64 = 1 << 36;
+    /// vCPU 0 tries, over and over, to take the name [`STEAL_NAME`]
+    /// (VM_CREATE) and, whenever it gets it, writes `STOLEN` into that
+    /// guest's console (CONSOLE_WRITE); it reports every 1000 tries.
+    pub const STEAL: u64 = 1 << 37;
+    /// The name `STEAL` tries to take: the first nested guest of a line.
+    pub const STEAL_NAME: &str = "l2-0";
 }
 
 /// Kinds of workload images.

@@ -38,19 +38,23 @@ mod aged;
 mod successor;
 
 // Entry from L0: rdi = boot info, rsi = vCPU index, rsp = this vCPU's stack.
-// Only vCPU 0 runs; the others halt. The stack is re-aligned for the SysV ABI.
+// vCPU 0 runs the script; the others wait to race a VM_CREATE for it (see
+// `successor::racer`). The stack is re-aligned for the SysV ABI.
 core::arch::global_asm!(
     ".section .text._start, \"ax\"",
     ".global _start",
     "_start:",
-    "    test rsi, rsi",
-    "    jnz 2f",
     "    and rsp, -16",
+    "    test rsi, rsi",
+    "    jnz 3f",
     "    call {main}",
     "2:  cli",
     "    hlt",
     "    jmp 2b",
+    "3:  call {racer}",
+    "    jmp 2b",
     main = sym hostile_main,
+    racer = sym successor::racer,
 );
 
 /// 2 MiB: the extent size every nested mapping must be aligned to.

@@ -8,8 +8,9 @@
 //!    side's ops (GRANT, HANDOVER_DONE, HANDOVER_ABORT) and mapping the grant
 //!    window into a VM of its own (nothing is mapped there yet);
 //! 2. HELLO on the channel; when the aged L1 offers its first guest:
-//!    VM_CREATE of that name (L0 moves the aged L1's nested VM to this
-//!    table, frozen), VM_MAP of each offered range at a wrong nested address
+//!    VM_CREATE of that name from every vCPU at once (L0 moves the aged
+//!    L1's nested VM to this table, frozen, for exactly one of them and
+//!    refuses the others: a table never holds a name twice), VM_MAP of each offered range at a wrong nested address
 //!    or length, of its own pool into the guest and of the offered pages into
 //!    another VM, RUN, FILL_PATTERN and INJECT_IRQ before commit, a bogus
 //!    SET_STATE (accepted: adopting needs it, but L0 must undo it if the
@@ -35,7 +36,7 @@ use vmbeam_abi::hypercall::*;
 use vmbeam_abi::layout::{self, EXTENT_SIZE};
 use vmbeam_abi::name_from_bytes;
 
-use crate::{Got, Run, Want, OK};
+use crate::{Got, Hc, Run, Want, OK};
 
 /// Prefix of every console line of the successor script.
 pub const TAG: &str = "hostile-successor";
@@ -179,7 +180,7 @@ fn script(r: &mut Run, boot: &BootInfo) -> Option<u32> {
         name_from_bytes(&msg.name).unwrap_or("?"),
         msg.mem_bytes >> 20
     );
-    let (g, h) = r.hc.create(&msg.name);
+    let (g, h) = race_create(r, boot, &msg.name);
     r.check("VM_CREATE of the offered name (adopts it)", g, Want::Is(Ok));
     let ranges = &msg.ranges[..n];
     if let Some(gr) = ranges.first() {
@@ -308,4 +309,145 @@ fn garbage(r: &mut Run, ch: u64, index: u32) {
     wrong.index = index.wrapping_add(1);
     out.put(&wrong);
     let _: Got = r.hc.call(OP_NOTIFY, &[]);
+}
+
+/// Most vCPUs that race (one slot each below).
+const RACERS: usize = layout::MAX_VCPUS as usize;
+/// Polls (of 1 ms) vCPU 0 waits for the other racers before giving up.
+const RACE_POLLS: u32 = 10_000;
+
+/// Words the vCPUs share for the adoption race. `go` and `name` are
+/// written by vCPU 0 only; each racer writes only its own slots.
+struct Board {
+    go: u64,
+    name: [u8; vmbeam_abi::NAME_LEN],
+    status: [i64; RACERS],
+    handle: [u64; RACERS],
+    done: [u64; RACERS],
+}
+
+static mut BOARD: Board = Board {
+    go: 0,
+    name: [0; vmbeam_abi::NAME_LEN],
+    status: [0; RACERS],
+    handle: [0; RACERS],
+    done: [0; RACERS],
+};
+
+/// The board. Only its address is taken here; every access through it is
+/// a volatile read or write of one aligned field.
+fn board() -> *mut Board {
+    core::ptr::addr_of_mut!(BOARD)
+}
+
+/// What `got` is as a raw status word.
+fn raw(got: Got) -> i64 {
+    match got {
+        Got::S(s) => s as i32 as i64,
+        Got::Raw(v) => v as i64,
+    }
+}
+
+/// Entry of every vCPU but 0: waits (in OP_WAIT, so it costs L0 nothing)
+/// for vCPU 0 to post a name, VM_CREATEs it once on its own hypercall
+/// page, posts the result, and waits for good.
+pub extern "C" fn racer(boot_addr: u64, vcpu: u64) -> ! {
+    // SAFETY: as in `hostile_main`.
+    let boot: BootInfo = unsafe { core::ptr::read_volatile(boot_addr as *const BootInfo) };
+    let me = vcpu as usize;
+    let mut hc = Hc {
+        page: layout::hypercall_page(vcpu as u32) as *mut HypercallPage,
+    };
+    if boot.role != vmbeam_abi::boot::ROLE_SUCCESSOR || me >= RACERS {
+        guest_rt::halt_forever();
+    }
+    let b = board();
+    // SAFETY: `b` points at BOARD; aligned word reads (see `board`).
+    while unsafe { core::ptr::addr_of!((*b).go).read_volatile() } == 0 {
+        let _ = hc.call(OP_WAIT, &[2_000]);
+    }
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: as above; vCPU 0 wrote the name before `go`.
+    let name = unsafe { core::ptr::addr_of!((*b).name).read_volatile() };
+    let (g, h) = hc.create(&name);
+    // SAFETY: as above; slot `me` is this vCPU's only.
+    unsafe {
+        core::ptr::addr_of_mut!((*b).status[me]).write_volatile(raw(g));
+        core::ptr::addr_of_mut!((*b).handle[me]).write_volatile(h);
+        compiler_fence(Ordering::SeqCst);
+        core::ptr::addr_of_mut!((*b).done[me]).write_volatile(1);
+    }
+    loop {
+        let _ = hc.call(OP_WAIT, &[1_000_000]);
+    }
+}
+
+/// VM_CREATE of the offered `name` from every vCPU at once: vCPU 0 posts
+/// it and makes its own call while the others make theirs. Exactly one
+/// call may adopt the guest; every other must be refused. Checked as a
+/// case; returns the status and handle of the one that adopted it (or of
+/// vCPU 0's call if none did).
+fn race_create(r: &mut Run, boot: &BootInfo, name: &[u8; vmbeam_abi::NAME_LEN]) -> (Got, u64) {
+    let n = (boot.vcpus as usize).clamp(1, RACERS);
+    if n == 1 {
+        return r.hc.create(name);
+    }
+    let b = board();
+    // SAFETY: `b` points at BOARD; aligned word writes (see `board`).
+    unsafe {
+        core::ptr::addr_of_mut!((*b).name).write_volatile(*name);
+        compiler_fence(Ordering::SeqCst);
+        core::ptr::addr_of_mut!((*b).go).write_volatile(1);
+    }
+    let (g0, h0) = r.hc.create(name);
+    let mut polls = 0;
+    let all_done = |b: *mut Board| {
+        // SAFETY: as above; reads of the racers' own slots.
+        (1..n).all(|j| unsafe { core::ptr::addr_of!((*b).done[j]).read_volatile() } == 1)
+    };
+    while !all_done(b) && polls < RACE_POLLS {
+        let _ = r.hc.call(OP_WAIT, &[1_000]);
+        polls += 1;
+    }
+    compiler_fence(Ordering::SeqCst);
+    let mut results = [(g0, h0); RACERS];
+    for (j, slot) in results.iter_mut().enumerate().take(n).skip(1) {
+        // SAFETY: as above.
+        let (st, h) = unsafe {
+            (
+                core::ptr::addr_of!((*b).status[j]).read_volatile(),
+                core::ptr::addr_of!((*b).handle[j]).read_volatile(),
+            )
+        };
+        let g = match Status::from_i32(st as i32) {
+            Some(s) => Got::S(s),
+            None => Got::Raw(st as i32),
+        };
+        *slot = (g, h);
+    }
+    let won = results[..n].iter().filter(|(g, _)| *g == OK).count();
+    let refused = results[..n]
+        .iter()
+        .filter(|(g, _)| matches!(g, Got::S(s) if *s != Status::Ok))
+        .count();
+    let finished = all_done(b);
+    let pass = finished && won == 1 && refused == n - 1;
+    say!(
+        "{TAG}: (VM_CREATE of the offered name raced by {n} vCPUs: {won} adopted it, \
+         {refused} refused{})",
+        if finished {
+            ""
+        } else {
+            ", some never answered"
+        }
+    );
+    r.tally(
+        "VM_CREATE of the offered name raced by every vCPU, one adopts it",
+        if won == 1 { OK } else { Got::Raw(won as i32) },
+        pass,
+    );
+    *results[..n]
+        .iter()
+        .find(|(g, _)| *g == OK)
+        .unwrap_or(&results[0])
 }

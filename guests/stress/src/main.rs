@@ -15,6 +15,9 @@
 //! - `IRQ` (vCPU 0): a nested guest whose IDT counts interrupts: it
 //!   injects vectors while the guest has interrupts disabled and enabled,
 //!   and reads back what the guest counted.
+//! - `STEAL` (vCPU 0): tries, over and over, to take another host VM's
+//!   guest's name (`stress::STEAL_NAME`) with VM_CREATE, and writes
+//!   `STOLEN` into its console whenever it gets it.
 //!
 //! Every vCPU reports with CONSOLE_WRITE to its own console, one whole
 //! line per call, prefixed `stress: `; a line containing `UNEXPECTED`
@@ -288,9 +291,10 @@ extern "C" fn stress_main(boot_addr: u64, vcpu: u64) -> ! {
     if f & stress::RACE != 0 {
         race(&mut hc, me, n, pool);
     }
-    let alone = f & (stress::CHURN | stress::FLOOD | stress::IRQ) == 0;
+    let alone = f & (stress::CHURN | stress::FLOOD | stress::IRQ | stress::STEAL) == 0;
     match me {
         0 if f & stress::IRQ != 0 => irq::run(&mut hc, pool),
+        0 if f & stress::STEAL != 0 => steal(&mut hc),
         0 if f & stress::CHURN != 0 => churn(&mut hc),
         1 if f & stress::FLOOD != 0 => flood(&mut hc),
         _ if f & stress::SPIN != 0 && (alone || me >= 2) => spin(&mut hc, me, pool),
@@ -354,6 +358,29 @@ fn race(hc: &mut Hc, me: usize, n: usize, pool: u64) {
             worst_dup,
             if bad == 0 { "" } else { " UNEXPECTED" }
         );
+    }
+}
+
+fn steal(hc: &mut Hc) -> ! {
+    let mut victim = [0u8; NAME_LEN];
+    victim[..stress::STEAL_NAME.len()].copy_from_slice(stress::STEAL_NAME.as_bytes());
+    let (mut tries, mut taken) = (0u64, 0u64);
+    loop {
+        tries += 1;
+        if let Ok(h) = hc.create(&victim) {
+            taken += 1;
+            let _ = hc.console(h, b"STOLEN by the stress guest hypervisor");
+            let _ = hc.call(OP_VM_DESTROY, &[h]);
+        }
+        if tries % 1000 == 0 {
+            say!(
+                hc,
+                "steal: {} tries, {} taken{}",
+                tries,
+                taken,
+                if taken == 0 { "" } else { " UNEXPECTED" }
+            );
+        }
     }
 }
 

@@ -38,6 +38,23 @@ pub mod control {
     /// right after one of its exits, and RUN of a moved guest answers
     /// `Status::Moved`.
     pub const HANDOVER_BATCH: u32 = 7;
+    /// Test only: like HANDOVER_BATCH, but the aged L1 runs only its first
+    /// guest (so the others move only when L0 forces them) and crashes when
+    /// it learns that this guest has moved (exercises L0 moving the rest
+    /// itself).
+    pub const HANDOVER_BATCH_THEN_CRASH: u32 = 8;
+    /// Test only: like HANDOVER_BATCH, but the aged L1 runs only its first
+    /// guest (so the others move only when L0 forces them, 100 ms apart,
+    /// and a successor that dies after the first move dies during Moving).
+    pub const HANDOVER_BATCH_FIRST_ONLY: u32 = 9;
+
+    /// True for every control word that asks for a batch handover.
+    pub const fn is_batch(c: u32) -> bool {
+        matches!(
+            c,
+            HANDOVER_BATCH | HANDOVER_BATCH_THEN_CRASH | HANDOVER_BATCH_FIRST_ONLY
+        )
+    }
 }
 
 /// Protocol flags (`BootInfo::flags`, above the fault-injection bits).
@@ -75,6 +92,11 @@ pub mod fault {
     /// Successor repeats every VM_MAP of an adoption many times (each
     /// repeat is refused), to widen races with the aged side.
     pub const SPAM_MAP: u64 = 1 << 10;
+    /// Batch: the successor runs the first guest it adopted once (its RUN
+    /// waits until the guest has moved to it), then triple-faults; the aged
+    /// L1 runs only that guest meanwhile (`control::HANDOVER_BATCH_FIRST_ONLY`),
+    /// so the others are still on their way when it dies.
+    pub const CRASH_AFTER_MOVES: u64 = 1 << 11;
 }
 
 /// Modes of the test-only stress guest hypervisor (`guests/stress`), in

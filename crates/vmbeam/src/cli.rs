@@ -288,7 +288,7 @@ pub struct RejuvenateArgs {
     /// Pre-copy: downtime budget in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
-    /// Inject a fault (testing): reject-first, crash-before-adopt, crash-after-first, hang-at-boot, aged-crash-after-first, flip-byte-before-verify.
+    /// Inject a fault (testing): reject-first, crash-before-adopt, crash-after-first, hang-at-boot, aged-crash-after-first, flip-byte-before-verify, crash-after-moves (batch).
     #[arg(long)]
     pub fault: Option<String>,
 }

@@ -340,6 +340,24 @@ pub fn aged_batch(hv: &mut Hv) {
     }
 }
 
+/// The batch handover ended without this guest hypervisor being destroyed
+/// (the control word left `HANDOVER_BATCH`): it rolled back, and L0 gave
+/// every guest that had moved back to this table under its old handle,
+/// with its live state written back in place. They run here again. (Had
+/// one not come back, its next RUN fails and it is released as usual.)
+pub fn batch_ended(hv: &mut Hv) {
+    let mut back = 0;
+    for g in hv.guests[..hv.n_guests].iter_mut() {
+        if g.state == GuestState::Away {
+            g.state = GuestState::Running;
+            back += 1;
+        }
+    }
+    if back > 0 {
+        say!("handover: rolled back, {back} moved guests run here again");
+    }
+}
+
 /// Successor side of a batch handover: takes every offered guest from L0
 /// (each one arrives, with its live state, when L0 moves it; RUN waits for
 /// it) and schedules them at once.
@@ -391,6 +409,13 @@ fn successor_batch(hv: &mut Hv) -> ! {
         "adopted {taken} nested guests from generation {}",
         hv.boot.generation.saturating_sub(1)
     );
+    if hv.boot.flags & fault::CRASH_AFTER_MOVES != 0 && hv.n_guests > 0 {
+        // Fault injection: run the first adopted guest once (the RUN waits
+        // until it has moved here), then die while the others move.
+        sched::step(hv, 0);
+        say!("fault: crashing after the first guest moved here");
+        guest_rt::crash();
+    }
     sched::run(hv)
 }
 

@@ -27,8 +27,11 @@ pub enum GuestState {
     Crashed,
     /// Taken over from a predecessor, not yet resumed.
     Adopted,
-    /// Moved to a successor (batch handover); nothing left to release.
-    Gone,
+    /// Moved to the successor in a batch handover that has not ended: not
+    /// scheduled, its table slot (memory, handle) kept. If the handover
+    /// rolls back, L0 gives it back and it runs here again; if it commits,
+    /// this guest hypervisor is destroyed with the slot.
+    Away,
 }
 
 /// One nested guest.

@@ -20,15 +20,25 @@ pub fn run(hv: &mut Hv) -> ! {
     let mut last_control = control::NONE;
     loop {
         let mut ran = false;
-        for i in 0..hv.n_guests {
+        // Fault injection: only the first guest runs here, so it moves
+        // while L0 has to force the others' moves, 100 ms apart.
+        let n = match last_control {
+            control::HANDOVER_BATCH_THEN_CRASH | control::HANDOVER_BATCH_FIRST_ONLY => 1,
+            _ => hv.n_guests,
+        };
+        for i in 0..n {
             if hv.guests[i].state == GuestState::Running {
                 ran = true;
                 step(hv, i);
             }
         }
         let c = hv.control();
-        if c == control::HANDOVER_BATCH && last_control != c {
-            handover::aged_batch(hv);
+        if last_control != c {
+            if control::is_batch(c) {
+                handover::aged_batch(hv);
+            } else if control::is_batch(last_control) {
+                handover::batch_ended(hv);
+            }
         }
         if let Some(fault) = handover::AgedFault::of_control(c) {
             if last_control != c {
@@ -44,7 +54,7 @@ pub fn run(hv: &mut Hv) -> ! {
 }
 
 /// Runs guest `i` for one slice and handles its exit.
-fn step(hv: &mut Hv, i: usize) {
+pub fn step(hv: &mut Hv, i: usize) {
     let g = &mut hv.guests[i];
     let answer = g.take_pending().unwrap_or(0);
     let slice = match hv.boot.slice_us {
@@ -56,10 +66,15 @@ fn step(hv: &mut Hv, i: usize) {
     match res {
         Ok(e) => handle_exit(hv, i, &e),
         // Batch handover: L0 moved the guest to the successor, with the
-        // state kept in `live`; nothing of it is left here.
+        // state kept in `live`. Its slot stays until the handover ends: a
+        // rollback gives it back (`handover::batch_ended`).
         Err(Status::Moved) => {
-            hv.guests[i].state = GuestState::Gone;
+            hv.guests[i].state = GuestState::Away;
             say!("{} moved to the successor", hv.name(i));
+            if hv.control() == control::HANDOVER_BATCH_THEN_CRASH {
+                say!("fault: crashing after the first move");
+                guest_rt::crash();
+            }
         }
         Err(s) => {
             say!("nested guest {} run failed: {s:?}", hv.name(i));

@@ -122,7 +122,7 @@ pub struct RejuvenateRequest {
     pub batch: Option<bool>,
     /// Fault to inject into the successor (tests): reject-first,
     /// crash-before-adopt, crash-after-first, hang-at-boot,
-    /// aged-crash-after-first; `null` is refused.
+    /// aged-crash-after-first, crash-after-moves (batch); `null` is refused.
     #[serde(default, deserialize_with = "present")]
     pub fault: Option<String>,
     /// Give up after this many seconds (default 60).
@@ -227,6 +227,7 @@ pub fn parse_fault(s: &str) -> Option<u64> {
         "aged-lie-state" => fault::AGED_LIE_STATE,
         "aged-spam-done" => fault::AGED_SPAM_DONE,
         "spam-map" => fault::SPAM_MAP,
+        "crash-after-moves" => fault::CRASH_AFTER_MOVES,
         _ => return None,
     })
 }

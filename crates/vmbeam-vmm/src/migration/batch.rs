@@ -15,6 +15,10 @@
 //! successor's addresses, rebinds the record and releases the successor's
 //! waiting RUN. No page is copied and nothing is frozen while other guests
 //! move; each guest's pause is one exit handling plus one wake-up.
+//!
+//! Until the handover ends, a moved guest can still go back: if the
+//! successor dies during Moving, L0 moves each moved guest back to the aged
+//! L1 the same way ([`move_back`]), so no guest is lost with it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -381,8 +385,12 @@ pub fn run_gate(vm: &HostVm, handle: u32) -> Result<Gate, Status> {
 /// RUN of it proceeds. Nothing of the guest's memory is touched.
 pub fn complete_move(s: &Session, i: usize) -> Result<(), String> {
     let succ = s.successor().ok_or("no successor")?;
-    // Claim the move: exactly one thread switches a guest over.
+    // Claim the move: exactly one thread switches a guest over, and only
+    // while moving (a rollback that began stops every further move).
     let claimed = s.with(|h| {
+        if h.phase != Phase::Moving {
+            return None;
+        }
         let b = h.moves.get_mut(i)?.batch.as_mut()?;
         if matches!(b.step, BatchStep::Taken | BatchStep::LastRun) {
             b.step = BatchStep::Switching;
@@ -412,6 +420,7 @@ pub fn complete_move(s: &Session, i: usize) -> Result<(), String> {
     let mut live = read_live(&s.aged, live_aged).unwrap_or_default();
     let asked = s.with(|h| h.asked_at);
     let paused_at;
+    let aged_l1;
     {
         // The switch-over itself, under the VM's own lock. Everything L0
         // keeps for the guest lives in this `NestedVm` (KVM VM, vCPUs,
@@ -424,6 +433,7 @@ pub fn complete_move(s: &Session, i: usize) -> Result<(), String> {
         if live.pending_valid != 0 {
             n.answer_pending(live.pending_in);
         }
+        aged_l1 = n.slots.iter().map(|x| x.l1_gpa).collect::<Vec<u64>>();
         for (k, r) in ranges.iter().enumerate() {
             n.set_slot_l1(k, r.succ_gpa);
         }
@@ -464,9 +474,89 @@ pub fn complete_move(s: &Session, i: usize) -> Result<(), String> {
         if let Some(b) = m.batch.as_mut() {
             b.step = BatchStep::Moved;
             b.moved_at = Some(Instant::now());
+            b.aged_l1 = aged_l1;
         }
         if h.head == i {
             h.advance();
+        }
+    });
+    Ok(())
+}
+
+/// Gives moved guest `i` back to the aged L1 after the successor died
+/// during Moving: the reverse of [`complete_move`], at host speed. Callers
+/// have begun the rollback (no move is claimed any more) and stopped the
+/// successor's vCPUs; its RAM (and the guest's `GuestLive` there, at the
+/// address OP_ADOPT named) is still mapped. Invariant after: the record is
+/// bound to the aged L1 under its old handle, the aged L1's `GuestLive`
+/// holds the successor's (an owed read answered, `moves` as before), the
+/// slots name the aged L1's addresses, the nested VM is in the aged table
+/// and no longer in the successor's, and the move is `Failed`, so the aged
+/// L1's RUN of it proceeds. Nothing of the guest's memory is touched.
+pub fn move_back(s: &Session, i: usize) -> Result<(), String> {
+    let succ = s.successor().ok_or("no successor")?;
+    let (nvm, live_aged, live_succ, aged_handle, side, record, aged_l1) = s
+        .with(|h| {
+            let m = h.moves.get(i)?;
+            let b = m.batch.as_ref()?;
+            (b.step == BatchStep::Moved).then_some(())?;
+            Some((
+                b.vm.clone(),
+                b.live_aged,
+                b.live_succ,
+                m.aged_handle,
+                m.succ.clone(),
+                m.record.clone(),
+                b.aged_l1.clone(),
+            ))
+        })
+        .ok_or("not moved")?;
+    // Unreadable (the successor named an address it cannot have, or its
+    // memory is gone): the guest goes back with default live state, as
+    // when L0 offers for a dead aged L1.
+    let mut live = read_live(&succ, live_succ).unwrap_or_default();
+    {
+        let mut n = nvm.lock().unwrap();
+        if n.state == NestedState::Crashed {
+            return Err(format!("{} crashed under the successor", record.name));
+        }
+        if live.pending_valid != 0 {
+            n.answer_pending(live.pending_in);
+        }
+        for (k, l1) in aged_l1.iter().enumerate() {
+            n.set_slot_l1(k, *l1);
+        }
+        n.handle = aged_handle;
+        let mut info = record.info.lock().unwrap();
+        info.bound_vm = s.aged.id;
+        info.handle = aged_handle;
+        info.host_vm = s.aged.spec.line.clone();
+        info.generation = s.aged.spec.generation;
+        info.moves = info.moves.saturating_sub(1);
+        info.paused_at = None;
+        info.resumed_at = None;
+    }
+    live.pending_valid = 0;
+    live.moves = live.moves.saturating_sub(1);
+    live.uart.line_len = live.uart.line_len.min(UART_LINE as u32);
+    if live_aged != 0 && !write_live(&s.aged, live_aged, &live) {
+        s.aged.console().write_line(
+            format!(
+                "vmbeam: cannot write back the live state of {}",
+                record.name
+            )
+            .as_bytes(),
+        );
+    }
+    if let Some(side) = side {
+        succ.nested.lock().unwrap().vms.remove(&side.handle);
+    }
+    s.aged.nested.lock().unwrap().vms.insert(aged_handle, nvm);
+    s.with(|h| {
+        let m = &mut h.moves[i];
+        m.succ = None;
+        if let Some(b) = m.batch.as_mut() {
+            b.step = BatchStep::Failed;
         }
     });
     Ok(())

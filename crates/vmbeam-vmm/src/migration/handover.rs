@@ -339,6 +339,7 @@ pub(crate) fn grant_or_offer(
             live_succ: 0,
             step: BatchStep::Offered,
             moved_at: None,
+            aged_l1: Vec::new(),
         }),
     };
     let recorded = s.with(|h| {

@@ -96,7 +96,8 @@ pub enum BatchStep {
     /// Being moved right now by one thread (the aged L1's hook or the
     /// orchestrator): nobody else moves it, and neither L1 runs it.
     Switching,
-    /// Moved: it belongs to the successor.
+    /// Moved: it belongs to the successor (until the handover ends: a
+    /// successor that dies during Moving gives it back, and it is `Failed`).
     Moved,
     /// The move failed; it stays with the aged L1.
     Failed,
@@ -115,6 +116,9 @@ pub struct Batch {
     pub step: BatchStep,
     /// When it moved.
     pub moved_at: Option<Instant>,
+    /// The L1 address of each slot under the aged L1, in slot order, kept
+    /// when it moves: a successor that dies during Moving gives it back.
+    pub aged_l1: Vec<u64>,
 }
 
 impl std::fmt::Debug for Batch {

@@ -429,7 +429,14 @@ impl<'a> Rejuvenation<'a> {
             return Err(self.rollback("cannot hand over".into()));
         }
         self.event("handing_over", serde_json::json!({"batch": true}));
-        self.aged.set_control(control::HANDOVER_BATCH);
+        self.aged
+            .set_control(if self.opts.fault & fault::AGED_CRASH_AFTER_FIRST != 0 {
+                control::HANDOVER_BATCH_THEN_CRASH
+            } else if self.opts.fault & fault::CRASH_AFTER_MOVES != 0 {
+                control::HANDOVER_BATCH_FIRST_ONLY
+            } else {
+                control::HANDOVER_BATCH
+            });
         let deadline = Instant::now() + self.opts.timeout;
         // Offers and takes: nothing is paused yet.
         loop {
@@ -494,6 +501,11 @@ impl<'a> Rejuvenation<'a> {
                 }
             }
             self.session.wait_change(Duration::from_millis(2));
+        }
+        // The last guests may have moved to a successor that died meanwhile:
+        // they go back rather than being committed to it.
+        if let Some(m) = self.succ_dead() {
+            return Err(self.successor_lost(m));
         }
         self.session.with(|h| h.aged_done());
         self.event("aged_done", serde_json::json!({"guests": n}));
@@ -608,47 +620,83 @@ impl<'a> Rejuvenation<'a> {
         self.session.with(|h| h.verify_time += t.elapsed());
     }
 
-    /// Batch: the successor died while guests were moving. The ones moved
-    /// are lost with it (an event each); the others never stopped running
-    /// under the aged L1 and stay there. The successor is destroyed.
+    /// Batch: the successor died while guests were moving. No guest is
+    /// lost with it: the rollback begins (no further move is claimed), an
+    /// in-flight move finishes, the successor's vCPUs stop, and L0 moves
+    /// every moved guest back to the aged L1 (`batch::move_back`: its
+    /// `GuestLive` read from the dead successor's RAM, which stays mapped
+    /// until the successor is dropped below). The others never stopped
+    /// running under the aged L1. Then the control word says ABORT, which
+    /// makes the aged L1 run its moved guests again, and the successor is
+    /// destroyed. A guest that cannot go back (it crashed under the
+    /// successor) is reported with a `guest_lost` event.
     fn successor_lost(&mut self, why: String) -> RejuvenateError {
         use crate::migration::batch;
         use crate::migration::handover::BatchStep;
-        let steps: Vec<(usize, BatchStep, String)> = self.session.with(|h| {
+        self.progress(JobPhase::RollingBack);
+        self.session.with(|h| h.begin_abort(&why));
+        // A move claimed before the rollback began completes at host speed
+        // (no L1 code runs inside it); bounded all the same.
+        let settle = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < settle
+            && self.session.with(|h| {
+                h.moves.iter().any(|m| {
+                    m.batch
+                        .as_ref()
+                        .is_some_and(|b| b.step == BatchStep::Switching)
+                })
+            })
+        {
+            self.session.wait_change(Duration::from_millis(2));
+        }
+        if let Some(s) = &self.succ {
+            s.stop_vcpus();
+        }
+        let steps: Vec<(usize, Option<BatchStep>, String)> = self.session.with(|h| {
             h.moves
                 .iter()
                 .enumerate()
-                .map(|(i, m)| {
-                    (
-                        i,
-                        m.batch
-                            .as_ref()
-                            .map(|b| b.step)
-                            .unwrap_or(BatchStep::Failed),
-                        m.guest.clone(),
-                    )
-                })
+                .map(|(i, m)| (i, m.batch.as_ref().map(|b| b.step), m.guest.clone()))
                 .collect()
         });
         let mut lost = 0;
+        let mut back = 0;
         for (i, step, name) in steps {
-            if step == BatchStep::Moved {
-                lost += 1;
-                (self.events)(
-                    "guest_lost",
-                    serde_json::json!({"vm": self.line, "guest": name, "error": why}),
-                );
-            } else {
+            if step != Some(BatchStep::Moved) {
                 batch::fail_move(&self.session, i, &why);
+                continue;
+            }
+            match batch::move_back(&self.session, i) {
+                Ok(()) => {
+                    back += 1;
+                    (self.events)(
+                        "moved_back",
+                        serde_json::json!({"vm": self.line, "guest": name, "error": why}),
+                    );
+                }
+                Err(e) => {
+                    lost += 1;
+                    (self.events)(
+                        "guest_lost",
+                        serde_json::json!({"vm": self.line, "guest": name, "error": format!("{why}; {e}")}),
+                    );
+                }
             }
         }
-        self.session.with(|h| {
-            h.begin_abort(&why);
-            h.aborted();
-        });
+        if self.opts.verify {
+            let vms: Vec<_> = self.session.with(|h| {
+                h.moves
+                    .iter()
+                    .filter_map(|m| m.batch.as_ref().map(|b| b.vm.clone()))
+                    .collect()
+            });
+            for v in vms {
+                let _ = v.lock().unwrap().set_dirty_logging(false);
+            }
+        }
+        self.session.with(|h| h.aborted());
         self.aged.set_control(control::ABORT);
         if let Some(s) = self.succ.take() {
-            s.stop_vcpus();
             drop(s.drop_nested());
             drop(s.drop_memory());
             *s.session.lock().unwrap() = None;
@@ -658,11 +706,11 @@ impl<'a> Rejuvenation<'a> {
         *self.session.successor.lock().unwrap() = None;
         self.event(
             "successor_lost",
-            serde_json::json!({"error": why, "lost": lost}),
+            serde_json::json!({"error": why, "moved_back": back, "lost": lost}),
         );
         RejuvenateError::RolledBack {
             vm: self.line.clone(),
-            msg: format!("{why}; {lost} guests had moved and are lost"),
+            msg: format!("{why}; {back} guests that had moved were moved back"),
             guests: self.guests_now - lost,
             generation: self.generation,
         }
@@ -1102,7 +1150,7 @@ impl<'a> Rejuvenation<'a> {
         self.progress(JobPhase::RollingBack);
         self.session.with(|h| h.begin_abort(&msg));
         handover::give_back(&self.session, self.aged);
-        if self.opts.mode == Mode::Precopy {
+        if self.opts.mode == Mode::Precopy || self.batch() {
             let vms = self.aged.nested.lock().unwrap().snapshot();
             for v in vms {
                 let _ = v.lock().unwrap().set_dirty_logging(false);

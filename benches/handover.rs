@@ -225,7 +225,16 @@ fn guest_counts() -> Vec<u32> {
         .collect()
 }
 
+/// The 1-minute load average (other work sharing the cores).
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn count_table(reps: usize) -> String {
+    let load_before = load();
     let mut rows: Vec<CountRow> = Vec::new();
     for n in guest_counts() {
         eprintln!("bench: {n} guests of 16 MiB ...");
@@ -241,8 +250,10 @@ fn count_table(reps: usize) -> String {
     }
     let mut t = String::new();
     t += &format!(
-        "Machine: {}. One run of `cargo bench --bench handover` ({} rejuvenations per line, medians; verification hashing off in the timed runs; downtime is the guest-visible pause, from the guest's last exit under the aged guest hypervisor to its first entry under the successor, nothing subtracted).\n\n",
+        "Machine: {}; load average {} at the start and {} at the end of the run. One run of `cargo bench --bench handover` ({} rejuvenations per line, medians; verification hashing off in the timed runs; downtime is the guest-visible pause, from the guest's last exit under the aged guest hypervisor to its first entry under the successor, nothing subtracted).\n\n",
         machine(),
+        load_before,
+        load(),
         reps
     );
     t += "| guests (16 MiB each) | protocol | successor boot (ms) | total (ms) | longest pause (ms) | median pause (ms) | longest pause vs 1 guest | all moved, 0 bytes copied |\n";

@@ -2,8 +2,9 @@
 //! migration of a paused VM whose RAM is a shared file-backed memory
 //! backend filled with the same pattern, once normally (every page is sent)
 //! and once with the `x-ignore-shared` capability (the shared RAM is not
-//! sent; QEMU's closest feature to zero-copy). Used by `migration.rs` only
-//! where `qemu-system-x86_64` is installed.
+//! sent; QEMU's closest feature to zero-copy), and for `remote.rs` with
+//! `postcopy-ram` (QEMU's post-copy: `migrate-start-postcopy` right after
+//! `migrate`). Used only where `qemu-system-x86_64` is installed.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -15,10 +16,16 @@ use std::time::{Duration, Instant};
 /// One QEMU migration.
 #[derive(Debug, Clone)]
 pub struct QemuRun {
-    /// `normal` or `x-ignore-shared`.
+    /// `normal`, `x-ignore-shared` or `postcopy-ram`.
     pub variant: &'static str,
     /// Wall time from `migrate` to completion, ms.
     pub total_ms: f64,
+    /// Wall time from `migrate` to the switch (status `postcopy-active`
+    /// first seen; without post-copy, or if QEMU finished by pre-copy
+    /// first, the completion), ms.
+    pub resume_ms: f64,
+    /// The migration went through `postcopy-active`.
+    pub switched: bool,
     /// QEMU's reported downtime, ms.
     pub downtime_ms: f64,
     /// RAM bytes QEMU sent.
@@ -140,6 +147,16 @@ fn start(q: &Path, dir: &Path, name: &str, size: u64, file: &Path, incoming: boo
 /// Migrates a paused QEMU VM of `size` bytes (RAM file filled by `fill`)
 /// locally over a Unix socket, normally and with x-ignore-shared.
 pub fn measure(size: u64, fill: &dyn Fn(&Path, u64)) -> Vec<QemuRun> {
+    measure_variants(size, fill, &["normal", "x-ignore-shared"])
+}
+
+/// [`measure`] for the given variants (`normal`, `x-ignore-shared`,
+/// `postcopy-ram`).
+pub fn measure_variants(
+    size: u64,
+    fill: &dyn Fn(&Path, u64),
+    variants: &[&'static str],
+) -> Vec<QemuRun> {
     let Some(q) = qemu() else { return Vec::new() };
     let dir = std::env::temp_dir().join(format!("vmbeam-qemu-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -149,8 +166,9 @@ pub fn measure(size: u64, fill: &dyn Fn(&Path, u64)) -> Vec<QemuRun> {
     let dst_ram = shm.with_extension("dst");
     fill(&src_ram, size);
     let mut out = Vec::new();
-    for variant in ["normal", "x-ignore-shared"] {
+    for &variant in variants {
         let shared = variant == "x-ignore-shared";
+        let postcopy = variant == "postcopy-ram";
         // With x-ignore-shared both sides use the same file, as in a local
         // update of QEMU itself; normally the destination has its own RAM.
         let dst_file = if shared {
@@ -161,7 +179,7 @@ pub fn measure(size: u64, fill: &dyn Fn(&Path, u64)) -> Vec<QemuRun> {
         let (mut s, mut sq) = start(&q, &dir, "src", size, &src_ram, false);
         let (mut d, mut dq) = start(&q, &dir, "dst", size, &dst_file, true);
         let caps = format!(
-            r#"{{"execute":"migrate-set-capabilities","arguments":{{"capabilities":[{{"capability":"x-ignore-shared","state":{shared}}}]}}}}"#
+            r#"{{"execute":"migrate-set-capabilities","arguments":{{"capabilities":[{{"capability":"x-ignore-shared","state":{shared}}},{{"capability":"postcopy-ram","state":{postcopy}}}]}}}}"#
         );
         sq.cmd(&caps);
         dq.cmd(&caps);
@@ -177,9 +195,19 @@ pub fn measure(size: u64, fill: &dyn Fn(&Path, u64)) -> Vec<QemuRun> {
             r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#,
             mig.display()
         ));
+        if postcopy {
+            sq.cmd(r#"{"execute":"migrate-start-postcopy"}"#);
+        }
+        let mut resumed = None;
+        let deadline = Instant::now() + Duration::from_secs(600);
         let info = loop {
+            assert!(
+                Instant::now() < deadline,
+                "QEMU migration {variant} took over 600 s"
+            );
             let v = sq.cmd(r#"{"execute":"query-migrate"}"#);
             match v.get("status").and_then(|s| s.as_str()) {
+                Some("postcopy-active") if resumed.is_none() => resumed = Some(t.elapsed()),
                 Some("completed") => break v,
                 Some("failed") | Some("cancelled") => panic!("QEMU migration {variant}: {v}"),
                 _ => std::thread::sleep(Duration::from_millis(2)),
@@ -190,6 +218,10 @@ pub fn measure(size: u64, fill: &dyn Fn(&Path, u64)) -> Vec<QemuRun> {
         out.push(QemuRun {
             variant,
             total_ms,
+            resume_ms: resumed
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or(total_ms),
+            switched: resumed.is_some(),
             downtime_ms: info.get("downtime").and_then(|x| x.as_f64()).unwrap_or(0.0),
             transferred: info
                 .get("ram")

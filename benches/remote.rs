@@ -5,10 +5,13 @@
 //! `VMBEAM_BENCH_SIZES`) one host VM with one idle nested guest (memtouch
 //! that halts after its first round, so its whole memory holds data) moves
 //! A → B in plain TCP, B → A with mutual TLS (A kept the image, so only
-//! changed pages go back), and then QEMU migrates a
-//! paused VM of the same size whose RAM holds the same pattern (normally,
-//! every page sent). Every vmbeam move compares the guests' checksums on
-//! both sides. The table goes to `docs/benchmarks.md`.
+//! changed pages go back), then by post-copy (the VM runs on the
+//! destination at once, its pages follow), and then QEMU migrates a
+//! paused VM of the same size whose RAM holds the same pattern, normally
+//! (every page sent before the switch) and with `postcopy-ram`. Every
+//! pre-copy move compares the guests' checksums on both sides, every
+//! post-copy move the image digests each side computed. The table goes to
+//! `docs/benchmarks.md`.
 //!
 //! Run: `cargo bench --bench remote` (QEMU rows need `qemu-system-x86_64`).
 
@@ -159,16 +162,20 @@ fn run_size(size: u64, tls: Option<&TlsDir>) -> Vec<Row> {
             size,
             what: what.into(),
             total_ms: r.total_ms,
-            resume_ms: r.total_ms,
+            resume_ms: t.time_to_resume_ms,
             downtime_ms: r.handover_ms,
             sent: t.page_bytes,
             reused: t.reused_bytes,
             wire: t.wire_bytes_sent,
             gbps: t.memory_gbps,
-            ok: r
-                .guests
-                .iter()
-                .all(|g| g.checksum_before == g.checksum_after && g.running_after),
+            ok: r.guests.iter().all(|g| g.running_after)
+                && match &t.postcopy {
+                    Some(p) => p.source_digest == p.destination.digest,
+                    None => r
+                        .guests
+                        .iter()
+                        .all(|g| g.checksum_before == g.checksum_after),
+                },
         });
     };
     let budget = Duration::from_millis(300);
@@ -190,6 +197,31 @@ fn run_size(size: u64, tls: Option<&TlsDir>) -> Vec<Row> {
         wait_line(&a, "bench");
         row("vmbeam pre-copy back, mutual TLS, reuse", &r);
     }
+    // Post-copy from wherever the VM is now to the other side.
+    // (The listener of A wants TLS when the bench has certificates.)
+    let (from, to, there, with) = if a.has_line("bench") {
+        (&a, &to_b, &b, None)
+    } else {
+        (&b, &to_a, &a, tls.cloned())
+    };
+    let what = if with.is_some() {
+        "vmbeam post-copy, mutual TLS"
+    } else {
+        "vmbeam post-copy, TCP"
+    };
+    let r = from
+        .migrate_with(
+            None,
+            to,
+            &MigrateOptions {
+                postcopy: true,
+                tls: with,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    wait_line(there, "bench");
+    row(what, &r);
     a.shutdown();
     b.shutdown();
     rows
@@ -215,15 +247,18 @@ fn main() {
                     .unwrap();
             }
         };
-        for q in qemu::measure(size, &fill) {
-            if q.variant != "normal" {
-                continue;
-            }
+        for q in qemu::measure_variants(size, &fill, &["normal", "postcopy-ram"]) {
             rows.push(Row {
                 size,
-                what: "QEMU, paused VM (unix socket)".into(),
+                what: if q.variant == "normal" {
+                    "QEMU, paused VM (unix socket)".into()
+                } else if q.switched {
+                    "QEMU postcopy-ram, paused VM (unix socket)".into()
+                } else {
+                    "QEMU postcopy-ram, paused VM (finished before the switch)".into()
+                },
                 total_ms: q.total_ms,
-                resume_ms: q.total_ms,
+                resume_ms: q.resume_ms,
                 downtime_ms: q.downtime_ms,
                 sent: q.transferred,
                 reused: 0,
@@ -236,7 +271,7 @@ fn main() {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "Machine: {}. One run of `cargo bench --bench remote`, one move per row, over loopback. vmbeam rows: an idle nested guest whose whole memory holds data; total = connect → the destination's STARTED; time-to-resume = when the guests run on the destination, which for pre-copy is the end of the move; downtime = pause → STARTED (includes hashing every nested guest on both sides). QEMU rows: a paused VM of the same size, RAM holding the same pattern, QEMU's own migration.\n",
+        "Machine: {}. One run of `cargo bench --bench remote`, one move per row, over loopback. vmbeam rows: an idle nested guest whose whole memory holds data; total = connect → the destination's STARTED; time-to-resume = connect → the guests run on the destination (STARTED), which for pre-copy is the end of the move and for post-copy comes before the memory; total for post-copy = connect → the destination confirmed the last page; downtime = pause → STARTED (pre-copy: includes hashing every nested guest on both sides). QEMU rows: a paused VM of the same size, RAM holding the same pattern, QEMU's own migration; for postcopy-ram, time-to-resume = `migrate` → status `postcopy-active` first seen.\n",
         machine()
     );
     t += "| memory | what | total (ms) | time-to-resume (ms) | downtime (ms) | memory sent | not sent (reuse) | bytes on the wire | GB/s of guest memory | checksums equal |\n|---|---|---|---|---|---|---|---|---|---|\n";
@@ -268,6 +303,27 @@ fn main() {
                 human(size),
                 v.gbps,
                 v.total_ms / q.total_ms
+            );
+        }
+        if let (Some(v), Some(p)) = (get("vmbeam pre-copy, TCP"), get("vmbeam post-copy")) {
+            let _ = writeln!(
+                t,
+                "At {}: vmbeam post-copy resumes the VM after {:.4}x the time pre-copy takes ({:.1} vs {:.1} ms), with {:.2}x its downtime, and takes {:.2}x its total time.",
+                human(size),
+                p.resume_ms / v.resume_ms,
+                p.resume_ms,
+                v.resume_ms,
+                p.downtime_ms / v.downtime_ms.max(1e-9),
+                p.total_ms / v.total_ms
+            );
+        }
+        if let (Some(p), Some(q)) = (get("vmbeam post-copy"), get("QEMU postcopy-ram")) {
+            let _ = writeln!(
+                t,
+                "At {}: vmbeam post-copy's time-to-resume is {:.3}x QEMU postcopy-ram's, its total time {:.2}x.",
+                human(size),
+                p.resume_ms / q.resume_ms.max(1e-9),
+                p.total_ms / q.total_ms
             );
         }
         if let (Some(v), Some(b)) = (get("vmbeam pre-copy, TCP"), get("vmbeam pre-copy back")) {

@@ -527,12 +527,20 @@ impl HostVm {
         kick::install_handler();
         self.stop.store(false, Ordering::SeqCst);
         for (i, fd) in fds.into_iter().enumerate() {
-            self.spawn_vcpu(i as u32, fd);
+            if let Err(e) = self.spawn_vcpu(i as u32, fd) {
+                // The host is out of threads: the VM fails with the reason
+                // (its waiters see `Failed`), the vCPUs started so far stop.
+                self.stop.store(true, Ordering::SeqCst);
+                self.set_status(VmStatus::Failed(format!(
+                    "cannot start the thread of vCPU {i}: {e}"
+                )));
+                return;
+            }
         }
         self.set_status(VmStatus::Running);
     }
 
-    fn spawn_vcpu(self: &Arc<Self>, idx: u32, mut fd: VcpuFd) {
+    fn spawn_vcpu(self: &Arc<Self>, idx: u32, mut fd: VcpuFd) -> std::io::Result<()> {
         let (tx, rx) = std::sync::mpsc::channel();
         let me = self.clone();
         let ie = &mut fd.get_kvm_run().immediate_exit as *mut u8 as usize;
@@ -557,15 +565,18 @@ impl HostVm {
                 // Hand the vCPU back so its kvm_run mapping outlives any kick
                 // until the thread is joined.
                 fd
-            })
-            .expect("spawn vCPU thread");
-        let thread = rx.recv().expect("vCPU thread reports its id");
+            })?;
+        // The thread's first act is to send its id; it cannot end before.
+        let Ok(thread) = rx.recv() else {
+            return Err(std::io::Error::other("the vCPU thread ended at once"));
+        };
         self.vcpus.lock().unwrap().push(VcpuThread {
             idx,
             thread,
             immediate_exit: ie,
             join: Some(join),
         });
+        Ok(())
     }
 
     fn vcpu_loop(&self, idx: u32, fd: &mut VcpuFd, timer: &SliceTimer) -> Result<(), HostVmError> {

@@ -779,9 +779,19 @@ pub fn migrate_out_with(
                     sent.add(out.range(i, &regions[i], gpa - regions[i].gpa, len)?);
                 }
             }
-            let (state, before, hash) = save_state(&fds, &nested, true)?;
+            let (state, guests) = save_state(&fds, &nested)?;
             out.send(Kind::State, json(&state).as_bytes())?;
             out.send(Kind::Done, &[])?;
+            // Hash the guests here while the I/O thread sends the state and
+            // the destination builds and hashes its copy: the memory does
+            // not change while paused, so the sums are those of the pause.
+            let th = Instant::now();
+            let before: Vec<(String, u64, u64)> = guests
+                .into_iter()
+                .zip(&nested)
+                .map(|((name, mem), n)| (name, mem, n.lock().unwrap().checksum_all()))
+                .collect();
+            let hash = th.elapsed();
             link.flush(ANSWER).map_err(|e| refusal_or(&link, e))?;
             phase(Phase::Verifying);
             let verdict = match link.recv(ANSWER) {
@@ -1168,16 +1178,13 @@ pub(crate) fn started_guests(vm: &HostVm) -> Vec<StartedGuest> {
         .collect()
 }
 
-/// Saves the L1 vCPUs (`fds`, paused) and every nested VM's state; with
-/// `checksums`, also hashes each nested guest's memory. Returns the state,
-/// (name, bytes, checksum) of each guest (checksum 0 without hashing) and
-/// the time spent hashing.
+/// Saves the L1 vCPUs (`fds`, paused) and every nested VM's state. Returns
+/// the state and (name, memory bytes) of each guest, in `nested` order.
 #[allow(clippy::type_complexity)]
 pub(crate) fn save_state(
     fds: &[kvm_ioctls::VcpuFd],
     nested: &[crate::nesting::nested::NestedRef],
-    checksums: bool,
-) -> Result<(StateMsg, Vec<(String, u64, u64)>, Duration), RemoteError> {
+) -> Result<(StateMsg, Vec<(String, u64)>), RemoteError> {
     let mut l1_vcpus = Vec::new();
     for fd in fds {
         let st = arch::get_state(fd).map_err(|e| RemoteError::Local(e.to_string()))?;
@@ -1185,16 +1192,12 @@ pub(crate) fn save_state(
     }
     let mut descs = Vec::new();
     let mut before = Vec::new();
-    let mut hash = Duration::ZERO;
     for n in nested {
         let mut n = n.lock().unwrap();
         let states = n
             .save_vcpus()
             .map_err(|s| RemoteError::Local(format!("{}: {s:?}", n.name)))?;
-        let th = Instant::now();
-        let sum = if checksums { n.checksum_all() } else { 0 };
-        hash += th.elapsed();
-        before.push((n.name.clone(), n.mem_bytes(), sum));
+        before.push((n.name.clone(), n.mem_bytes()));
         descs.push(NestedDesc {
             handle: n.handle,
             name: n.name.clone(),
@@ -1219,7 +1222,7 @@ pub(crate) fn save_state(
         l1_vcpus,
         nested: descs,
     };
-    Ok((state, before, hash))
+    Ok((state, before))
 }
 
 /// Sends REFUSE with the reason of `e`, then keeps reading for a while so

@@ -3,9 +3,8 @@
 //!
 //! Pre-copy pauses a VM for as long as its last dirty pages take and sends
 //! every page before the switch, so its time-to-resume grows with memory
-//! size. Post-copy pauses the source, sends only the state and the map of
-//! the memory's holes (cheap: SEEK_HOLE extents, no page read), and the
-//! destination resumes at once on empty memory registered with userfaultfd
+//! size. Post-copy pauses the source, sends only the vCPU and nested
+//! state (no page is read or scanned), and the destination resumes at once on empty memory registered with userfaultfd
 //! (migration/uffd.rs). A page a vCPU, a nested VM (whose KVM slots map
 //! the same memory) or L0 touches before it arrived faults; the fault
 //! thread asks the source for it (FETCH), and the source answers that page
@@ -26,6 +25,7 @@
 //! destination over the bytes it placed; they must agree.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -142,36 +142,60 @@ struct Source<'r> {
 }
 
 impl<'r> Source<'r> {
-    /// Marks the holes of every region (pages never written: zero) and
-    /// tells the destination, before it resumes, so it never asks for them.
-    fn new(link: &Link, regions: &'r [Region]) -> Result<Source<'r>, RemoteError> {
-        let mut s = Source {
+    /// Nothing is read or scanned here: the pause must not grow with
+    /// memory size. Holes are found by the stream as it goes.
+    fn new(regions: &'r [Region]) -> Source<'r> {
+        Source {
             regions,
             sent: regions.iter().map(|r| Bits::new(r.size / PAGE)).collect(),
             holes: regions.iter().map(|r| Bits::new(r.size / PAGE)).collect(),
             unsent: regions.iter().map(|r| r.size / PAGE).sum(),
             digest: 0,
             rep: PostcopyReport::default(),
+        }
+    }
+
+    /// If page `p` of region `ri` is a hole of its memfd (never written:
+    /// zero, and reading it would allocate it), the page where data
+    /// starts again (or the region's end). One SEEK_DATA: constant time on
+    /// data, and a hole costs its own length once.
+    fn hole_end(&self, ri: usize, p: u64) -> Option<u64> {
+        let r = &self.regions[ri];
+        let end = r.size / PAGE;
+        // SAFETY: lseek on the memfd only reports an offset.
+        let d = unsafe {
+            libc::lseek(
+                r.file.file.as_raw_fd(),
+                (r.offset + p * PAGE) as libc::off_t,
+                libc::SEEK_DATA,
+            )
         };
-        for (i, r) in regions.iter().enumerate() {
-            for (off, len, data) in r.file.extents(r.offset, r.size) {
-                if data {
-                    continue;
-                }
-                let (first, n) = ((off - r.offset) / PAGE, len.div_ceil(PAGE));
-                for p in first..(first + n).min(r.size / PAGE) {
-                    s.holes[i].set(p);
-                    s.sent[i].set(p);
-                    s.unsent -= 1;
-                    s.rep.zero_pages += 1;
-                }
-                link.send(
-                    Kind::Zero,
-                    &wire::range_payload(i as u32, first * PAGE, n * PAGE),
-                )?;
+        if d < 0 {
+            // ENXIO: no data after this offset; any other error: treat the
+            // page as data (it is read, which is always correct).
+            let e = std::io::Error::last_os_error().raw_os_error();
+            return (e == Some(libc::ENXIO)).then_some(end);
+        }
+        let d = (d as u64).saturating_sub(r.offset) / PAGE;
+        (d > p).then_some(d.min(end))
+    }
+
+    /// Sends the hole `[p, end)` of region `ri` as one ZERO marker and
+    /// marks its pages not sent yet.
+    fn send_hole(&mut self, link: &Link, ri: usize, p: u64, end: u64) -> Result<(), RemoteError> {
+        for q in p..end {
+            if !self.sent[ri].get(q) {
+                self.sent[ri].set(q);
+                self.holes[ri].set(q);
+                self.unsent -= 1;
+                self.rep.zero_pages += 1;
             }
         }
-        Ok(s)
+        link.send(
+            Kind::Zero,
+            &wire::range_payload(ri as u32, p * PAGE, (end - p) * PAGE),
+        )?;
+        Ok(())
     }
 
     /// Sends pages `[first, first+n)` of region `ri` (all unsent): zero
@@ -255,6 +279,8 @@ impl<'r> Source<'r> {
                 f[6..8].copy_from_slice(&(Kind::Fetched as u16).to_le_bytes());
                 link.send_encoded(f)?;
             }
+        } else if self.hole_end(ri, page).is_some() {
+            self.send_hole(link, ri, page, page + 1)?;
         } else {
             self.send_run(link, ri, page, 1, Kind::Fetched)?;
         }
@@ -311,9 +337,21 @@ impl<'r> Source<'r> {
                 }
             }
             let Some((ri, p)) = found else { break };
+            if let Some(he) = self.hole_end(ri, p) {
+                self.send_hole(link, ri, p, he)?;
+                if let Some(pr) = progress {
+                    pr.add_bytes((he - p) * PAGE);
+                }
+                cur = (ri, he);
+                continue;
+            }
             let end = self.regions[ri].size / PAGE;
             let mut n = 1;
-            while n < PUSH_CHUNK / PAGE && p + n < end && !self.sent[ri].get(p + n) {
+            while n < PUSH_CHUNK / PAGE
+                && p + n < end
+                && !self.sent[ri].get(p + n)
+                && self.hole_end(ri, p + n).is_none()
+            {
                 n += 1;
             }
             self.send_run(link, ri, p, n, Kind::Pages)?;
@@ -381,8 +419,8 @@ pub(crate) fn send(
     let t_pause = Instant::now();
     let fds = vm.pause_vcpus();
     let before = (|| -> Result<(Source<'_>, Verdict), RemoteError> {
-        let src = Source::new(link, &regions)?;
-        let (state, _, _) = remote::save_state(&fds, &nested, false)?;
+        let src = Source::new(&regions);
+        let (state, _) = remote::save_state(&fds, &nested)?;
         link.send(
             Kind::State,
             serde_json::to_string(&state).unwrap_or_default().as_bytes(),

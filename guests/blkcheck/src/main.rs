@@ -24,7 +24,7 @@ use vmbeam_abi::l2::{
     VIRTIO_MMIO_SIZE,
 };
 
-mod hal;
+use guest_rt::virtio_hal as hal;
 mod irq;
 
 /// Sectors per request.

@@ -30,7 +30,7 @@ use vmbeam_abi::l2::{
     VIRTIO_MMIO_SIZE,
 };
 
-mod hal;
+use guest_rt::virtio_hal as hal;
 
 /// Ring size the driver asks for.
 const QUEUE: usize = 16;

@@ -6,6 +6,9 @@
 use core::arch::asm;
 use core::fmt;
 
+#[cfg(feature = "virtio")]
+pub mod virtio_hal;
+
 /// Writes a byte to an I/O port.
 #[inline(always)]
 pub fn outb(port: u16, v: u8) {

@@ -1,7 +1,8 @@
 //! DMA for `virtio-drivers` without a heap: the guest is identity-mapped,
 //! so a physical address is its virtual address, and queue memory comes
 //! from a bump allocator over a fixed, otherwise unused area of guest RAM
-//! (the rings, and the frame buffers netecho takes at start).
+//! (the rings, and buffers a workload takes at start). Shared by the
+//! nested workloads that drive virtio devices (feature `virtio`).
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};

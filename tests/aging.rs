@@ -1,4 +1,4 @@
-//! Issue: aging is visible and rejuvenation is automatic. With the aging
+//! Aging is visible and rejuvenation is automatic. With the aging
 //! injector on, the guest hypervisor's free pool falls, the policy fires on
 //! its own, the guests move without copying, the successor starts fresh,
 //! and the events file, `vmbeam status` and `vmbeam inspect` tell the story

@@ -1,4 +1,4 @@
-//! Issue: the host VMM boots the bundled guest hypervisor; broken images
+//! The host VMM boots the bundled guest hypervisor; broken images
 //! and faulting guests give clear errors.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Issue: nested guests run inside the guest hypervisor through the
+//! Nested guests run inside the guest hypervisor through the
 //! paravirtual interface, each with its own console.
 
 mod common;

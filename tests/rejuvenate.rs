@@ -1,4 +1,4 @@
-//! Issue: zero-copy rejuvenation moves every nested guest to a fresh guest
+//! Zero-copy rejuvenation moves every nested guest to a fresh guest
 //! hypervisor without copying memory, and rolls back on any failure.
 
 mod common;

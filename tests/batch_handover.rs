@@ -11,29 +11,11 @@ use std::time::Duration;
 
 use common::*;
 use vmbeam_vmm::api::parse_fault;
-use vmbeam_vmm::config::{VmmConfig, Workload};
-use vmbeam_vmm::control::events::EventLog;
 use vmbeam_vmm::migration::rejuvenate::RejuvenateOptions;
 use vmbeam_vmm::vmm::Vmm;
 
 fn started(test: &str, line: &str, nested: u32) -> (Vmm, common::TempDir) {
-    let dir = temp_dir(test);
-    let vmm = vmm(
-        &dir,
-        VmmConfig {
-            nested,
-            workloads: vec![Workload::Memtouch, Workload::Ticker],
-            ..Default::default()
-        },
-    );
-    vmm.set_event_log(EventLog::open(&dir.join("events.jsonl")).unwrap());
-    vmm.start(line).unwrap();
-    for i in 0..nested {
-        wait_console(&dir, &format!("l2-{i}"), Duration::from_secs(120), |t| {
-            t.lines().count() >= 3
-        });
-    }
-    (vmm, dir)
+    started_with_events(test, line, nested, Duration::from_secs(120))
 }
 
 /// The events logged so far whose `event` is `name`.

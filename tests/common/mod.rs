@@ -74,6 +74,33 @@ pub fn vmm(dir: &Path, config: VmmConfig) -> Vmm {
     Vmm::new(config, vmbeam::images(None).unwrap()).unwrap()
 }
 
+/// A VMM with consoles and events (`events.jsonl`) in a fresh directory,
+/// running host VM line `line` with `nested` guests (memtouch and ticker in
+/// turn), returned once every guest has printed three lines (each within
+/// `boot`).
+pub fn started_with_events(test: &str, line: &str, nested: u32, boot: Duration) -> (Vmm, TempDir) {
+    let dir = temp_dir(test);
+    let vmm = vmm(
+        &dir,
+        VmmConfig {
+            nested,
+            workloads: vec![
+                vmbeam_vmm::config::Workload::Memtouch,
+                vmbeam_vmm::config::Workload::Ticker,
+            ],
+            ..Default::default()
+        },
+    );
+    vmm.set_event_log(
+        vmbeam_vmm::control::events::EventLog::open(&dir.join("events.jsonl")).unwrap(),
+    );
+    vmm.start(line).unwrap();
+    for i in 0..nested {
+        wait_console(&dir, &format!("l2-{i}"), boot, |t| t.lines().count() >= 3);
+    }
+    (vmm, dir)
+}
+
 /// The text of console `name` in `dir`: a nested guest's (`l2-0`, file
 /// `l2-0.log`) or one generation of a host VM line's (`hv0/g2`: the lines
 /// tagged `[g2] ` in `hv0.l1.log`, without the tag).
